@@ -1,0 +1,216 @@
+"""Model hyper-parameters: `ModelArgs`, its named presets, and readers for HF and Meta configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file that does not describe a Llama model we can build."""
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1's frequency scaling (`rope_type: "llama3"`), as in Meta's `apply_scaling`."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    ffn_dim: int = 14336  # hidden size of the SwiGLU feed-forward
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 8192  # the model's context length
+    tie_embeddings: bool = False
+    head_dim: int | None = None  # dim // n_heads unless a config says otherwise
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelArgs:
+        """A preset by name, e.g. "llama-3-8b", "llama-3.1-70b", "llama-3.2-1b" (case-insensitive)."""
+        key = name.lower().replace("meta-llama/", "").replace("meta-", "").replace("_", "-")
+        key = key.removesuffix("-instruct")
+        if key not in PRESETS:
+            raise ConfigError(f"unknown model name {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[key])
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any] | str | Path) -> ModelArgs:
+        """From a transformers `config.json` (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        if not isinstance(config, dict):
+            config = _read_json(Path(config))
+        model_type = config.get("model_type")
+        archs = config.get("architectures") or []
+        if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+            raise ConfigError(
+                f"not a Llama model: model_type={model_type!r}, architectures={archs!r} "
+                "(expected model_type 'llama' and LlamaForCausalLM)"
+            )
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if key not in config:
+                raise ConfigError(f"config.json is missing {key!r}")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act {config['hidden_act']!r} (Llama uses 'silu')")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise ConfigError("attention_bias / mlp_bias are not part of Llama 3 and are not supported")
+        rope = dict(config.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling = config.get("rope_scaling") or rope
+        n_heads = config["num_attention_heads"]
+        return cls(
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            vocab_size=config.get("vocab_size", 128256),
+            ffn_dim=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=_rope_scaling(scaling),
+            max_seq_len=config.get("max_position_embeddings", 8192),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+        )
+
+    @classmethod
+    def from_meta_params(cls, params: dict[str, Any] | str | Path) -> ModelArgs:
+        """From Meta's `params.json` (ffn size derived as in Meta's `FeedForward`)."""
+        if not isinstance(params, dict):
+            params = _read_json(Path(params))
+        for key in ("dim", "n_layers", "n_heads"):
+            if key not in params:
+                raise ConfigError(f"params.json is missing {key!r}")
+        dim, n_heads = params["dim"], params["n_heads"]
+        hidden = int(2 * (4 * dim) / 3)
+        if params.get("ffn_dim_multiplier") is not None:
+            hidden = int(params["ffn_dim_multiplier"] * hidden)
+        multiple_of = params.get("multiple_of", 256)
+        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        scaling = None
+        if params.get("use_scaled_rope"):
+            # Meta's reference hard-codes factor 8 for 3.1; 3.2 1B/3B ship `rope_scaling_factor: 32`.
+            scaling = RopeScaling(factor=float(params.get("rope_scaling_factor", 8.0)))
+        vocab = params.get("vocab_size", -1)
+        return cls(
+            dim=dim,
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            vocab_size=vocab if vocab > 0 else 128256,
+            ffn_dim=hidden,
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_seq_len=131072 if scaling else 8192,
+            tie_embeddings=bool(params.get("tie_embeddings", False)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        hd = self.head_dim
+        attn = self.dim * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        ffn = 3 * self.dim * self.ffn_dim
+        per_layer = attn + ffn + 2 * self.dim
+        emb = self.vocab_size * self.dim
+        return self.n_layers * per_layer + self.dim + emb * (1 if self.tie_embeddings else 2)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"unsupported rope scaling type {kind!r} (supported: 'default', 'llama3')")
+    return RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def rope_frequencies(args: ModelArgs) -> list[float]:
+    """Inverse frequencies theta^(-2i/d) for i < head_dim/2, with Llama 3.1 scaling applied."""
+    hd = args.head_dim
+    freqs = [1.0 / (args.rope_theta ** (2 * i / hd)) for i in range(hd // 2)]
+    s = args.rope_scaling
+    if s is None:
+        return freqs
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor
+            )
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return out
+
+
+_L3 = dict(vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5, n_kv_heads=8)
+_SCALED = dict(rope_scaling=RopeScaling(factor=8.0), max_seq_len=131072)
+
+PRESETS: dict[str, ModelArgs] = {
+    "llama-3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim=14336, max_seq_len=8192, **_L3),
+    "llama-3-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, ffn_dim=28672, max_seq_len=8192, **_L3),
+    "llama-3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim=14336, **_SCALED, **_L3),
+    "llama-3.1-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, ffn_dim=28672, **_SCALED, **_L3),
+    "llama-3.1-405b": ModelArgs(dim=16384, n_layers=126, n_heads=128, ffn_dim=53248, **_SCALED, **_L3),
+    "llama-3.2-1b": ModelArgs(
+        dim=2048, n_layers=16, n_heads=32, ffn_dim=8192, tie_embeddings=True, max_seq_len=131072,
+        rope_scaling=RopeScaling(factor=32.0), **_L3,
+    ),
+    "llama-3.2-3b": ModelArgs(
+        dim=3072, n_layers=28, n_heads=24, ffn_dim=8192, tie_embeddings=True, max_seq_len=131072,
+        rope_scaling=RopeScaling(factor=32.0), **_L3,
+    ),
+    # Not a released model: the Llama-3-shaped 155M config the CPU benchmarks use (DESIGN.md).
+    "llama-3-155m": ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1536, vocab_size=128256,
+                              rope_theta=500000.0, max_seq_len=8192),
+}
