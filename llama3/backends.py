@@ -1,0 +1,84 @@
+"""Chooses the implementation of the fused ops: plain PyTorch (`TorchOps`) or Triton kernels.
+
+This is the one place a backend is picked. Both compute the same function; the Triton one fuses
+the residual add into RMSNorm, RoPE into the KV-cache write, and uses flash-decoding for the
+one-token decode step.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from llama3.model import KVCache, TorchOps
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_ops(backend: str, device: torch.device | str) -> type[TorchOps]:
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        if device.type != "cuda":
+            return TorchOps
+        if not triton_available():
+            warnings.warn("triton is not installed: using the PyTorch backend on CUDA (slower)", stacklevel=3)
+            return TorchOps
+        return TritonOps
+    if backend == "torch":
+        return TorchOps
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and not interpret:
+        raise RuntimeError(
+            f"backend='triton' runs on CUDA devices, not {device.type}; "
+            "set TRITON_INTERPRET=1 before importing llama3 to run the kernels on CPU (slow, for tests)"
+        )
+    return TritonOps
+
+
+class TritonOps(TorchOps):
+    name = "triton"
+
+    @staticmethod
+    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        from llama3.kernels.rms_norm import rms_norm
+
+        return rms_norm(x, weight, eps, residual)
+
+    @staticmethod
+    def rope_and_cache(q, k, v, cos, sin, cache: KVCache | None, input_pos):
+        if cache is None:  # the cache-free forward is not a hot path
+            return TorchOps.rope_and_cache(q, k, v, cos, sin, cache, input_pos)
+        from llama3.kernels.rope import rope_and_cache
+
+        B = q.shape[0]
+        q = rope_and_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos)
+        return q, cache.k[:B], cache.v[:B]
+
+    @staticmethod
+    def attention(q, keys, values, mask, seq_start, input_pos):
+        if q.shape[1] != 1 or mask is None:  # prefill: PyTorch SDPA (flash attention on CUDA)
+            return TorchOps.attention(q, keys, values, mask, seq_start, input_pos)
+        from llama3.kernels.decode_attention import decode_attention
+
+        return decode_attention(q[:, 0], keys, values, seq_start, input_pos).unsqueeze(1)
+
+    @staticmethod
+    def swiglu(gate_up: Tensor) -> Tensor:
+        from llama3.kernels.swiglu import swiglu
+
+        return swiglu(gate_up)

@@ -1,0 +1,355 @@
+"""Loading checkpoints: HF safetensors directories, Meta's `consolidated.*.pth`, GGUF files, hub repo ids.
+
+Every format is turned into HF tensor names first (one naming to check and report errors in),
+then mapped onto our modules. The model is built on the meta device and each tensor is
+materialised once, straight into the target device and dtype, so peak host memory stays near one
+copy of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llama3.config import ConfigError, ModelArgs
+from llama3.model import Transformer, rope_inv_freq
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing files, missing/unexpected tensors, wrong shapes."""
+
+
+HF_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "original/tokenizer.model",
+]
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve(src: str | os.PathLike) -> Path:
+    """A local directory or file as is; otherwise a Hugging Face repo id, downloaded (or read from the cache)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    text = str(src)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint not found: {src} (neither a local path nor a 'owner/name' repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HF_ALLOW_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{text} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline mode: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
+        ) from None
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(
+            f"could not download {text}: {e}. Gated repos (meta-llama/*) need an accepted license and "
+            "a token (`hf auth login` or HF_TOKEN)."
+        ) from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    src: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str = "auto",
+    quantize: str | None = None,
+    progress: bool = True,
+) -> Transformer:
+    """Builds a `Transformer` from a checkpoint. Defaults: CUDA if present else CPU, bfloat16."""
+    if quantize is not None:
+        raise NotImplementedError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = _parse_dtype(dtype)
+    path = resolve(src)
+    args, tensors, count = open_checkpoint(path, progress)
+    model = build_model(args, tensors, count, device, dtype, progress, source=str(path))
+    model.set_backend(backend)
+    return model
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(names)}")
+        dtype = names[dtype]
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; choose float32, float16 or bfloat16")
+    return dtype
+
+
+HFTensors = Callable[[], Iterator[tuple[str, Tensor]]]
+
+
+def open_checkpoint(path: Path, progress: bool = True) -> tuple[ModelArgs, HFTensors, int]:
+    """Finds the format at `path`; returns its ModelArgs and a lazy stream of HF-named tensors."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _open_gguf(path, progress)
+        raise CheckpointError(f"{path}: expected a directory or a .gguf file")
+    if (path / "config.json").exists():
+        return _open_hf(path)
+    if (path / "params.json").exists():
+        return _open_meta(path)
+    if (path / "original" / "params.json").exists():
+        return _open_meta(path / "original")
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _open_gguf(ggufs[0], progress)
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one")
+    raise CheckpointError(
+        f"{path}: no config.json (Hugging Face layout), params.json (Meta layout) or .gguf file found"
+    )
+
+
+def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
+    args = ModelArgs.from_hf_config(path / "config.json")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        raise CheckpointError(
+            f"{path}: no model.safetensors or model.safetensors.index.json"
+            + (f" (found {', '.join(found)})" if found else "")
+            + (" — .bin/.pt pickles are not loaded; convert them to safetensors" if list(path.glob("*.bin")) else "")
+        )
+    missing = [s for s in shards if not (path / s).exists()]
+    if missing:
+        raise CheckpointError(f"{path}: missing shard files {', '.join(missing)}")
+    from safetensors import safe_open
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for shard in shards:
+            with safe_open(path / shard, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    count = 0
+    for shard in shards:
+        with safe_open(path / shard, framework="pt") as f:
+            count += len(f.keys())
+    return args, tensors, count
+
+
+# Meta's original names -> HF names; q/k additionally need the RoPE permutation (see _meta_to_hf).
+_META_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# How Meta's model-parallel shards split each tensor: column-parallel along 0, row-parallel along 1.
+_META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
+    params = json.loads((path / "params.json").read_text())
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{path}: params.json found but no consolidated.*.pth shard files")
+    numbers = [int(re.search(r"consolidated\.(\d+)\.pth", s.name).group(1)) for s in shards]
+    if numbers != list(range(len(shards))):
+        raise CheckpointError(f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}")
+    # mmap keeps the shards on disk until each tensor is needed; weights_only refuses arbitrary pickles
+    states = [torch.load(s, map_location="cpu", mmap=True, weights_only=True) for s in shards]
+    if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in states[0]:
+        params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
+    args = ModelArgs.from_meta_params(params)
+    if "output.weight" not in states[0]:
+        args.tie_embeddings = True
+
+    def merged(name: str) -> Tensor:
+        parts = [s[name] for s in states]
+        if len(parts) == 1 or parts[0].dim() == 1:  # norms are replicated on every shard
+            return parts[0]
+        kind = name.split(".")[-2]
+        if kind not in _META_SHARD_DIM:
+            raise CheckpointError(f"{path}: do not know how to merge sharded tensor {name!r}")
+        return torch.cat(parts, dim=_META_SHARD_DIM[kind])
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for name in states[0]:
+            if name.endswith("rope.freqs"):  # Meta's recomputable buffer, not a weight
+                continue
+            yield _meta_to_hf(name, merged(name), args)
+
+    return args, tensors, len(states[0])
+
+
+def permute_meta_to_hf(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
+    """Meta's interleaved RoPE pairs (x[2i], x[2i+1]) -> HF's rotate-half pairs (x[i], x[i + D/2]), per head."""
+    rows = w.shape[1:]
+    return w.reshape(n_heads, head_dim // 2, 2, *rows).transpose(1, 2).reshape(n_heads * head_dim, *rows)
+
+
+def _meta_to_hf(name: str, t: Tensor, args: ModelArgs) -> tuple[str, Tensor]:
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    key = m.group(2) if m else name
+    if key not in _META_TO_HF:
+        return name, t  # reported as unexpected by build_model
+    if key == "attention.wq.weight":
+        t = permute_meta_to_hf(t, args.n_heads, args.head_dim)
+    elif key == "attention.wk.weight":
+        t = permute_meta_to_hf(t, args.n_kv_heads, args.head_dim)
+    hf = _META_TO_HF[key]
+    return (f"model.layers.{m.group(1)}.{hf}" if m else hf), t
+
+
+def _open_gguf(path: Path, progress: bool) -> tuple[ModelArgs, HFTensors, int]:
+    try:
+        from llama3 import gguf
+    except ImportError as e:  # the `gguf` package is an optional extra
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}") from None
+    args = gguf.read_gguf_config(path)
+    state = gguf.load_gguf_state_dict(path, dtype=torch.float32, device="cpu", progress=progress)
+    return args, lambda: iter(state.items()), len(state)
+
+
+def expected_hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF Llama checkpoint for `args` must hold, with its shape."""
+    D, H, KVH = args.head_dim, args.n_heads, args.n_kv_heads
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.dim), "model.norm.weight": (args.dim,)}
+    if not args.tie_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, args.dim)
+    for i in range(args.n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (H * D, args.dim),
+            p + "self_attn.k_proj.weight": (KVH * D, args.dim),
+            p + "self_attn.v_proj.weight": (KVH * D, args.dim),
+            p + "self_attn.o_proj.weight": (args.dim, H * D),
+            p + "mlp.gate_proj.weight": (args.ffn_dim, args.dim),
+            p + "mlp.up_proj.weight": (args.ffn_dim, args.dim),
+            p + "mlp.down_proj.weight": (args.dim, args.ffn_dim),
+            p + "input_layernorm.weight": (args.dim,),
+            p + "post_attention_layernorm.weight": (args.dim,),
+        }
+    return shapes
+
+
+def _fused_name(hf_name: str) -> tuple[str, int, int]:
+    """Our parameter name for an HF tensor, its slot in that parameter and the number of slots.
+
+    q, k, v are fused into `wqkv` (3 slots), gate and up into `w13` (2 slots).
+    """
+    simple = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+    if hf_name in simple:
+        return simple[hf_name], 0, 1
+    i, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name).groups()
+    ours = {
+        "self_attn.q_proj.weight": ("attention.wqkv.weight", 0),
+        "self_attn.k_proj.weight": ("attention.wqkv.weight", 1),
+        "self_attn.v_proj.weight": ("attention.wqkv.weight", 2),
+        "self_attn.o_proj.weight": ("attention.wo.weight", 0),
+        "mlp.gate_proj.weight": ("feed_forward.w13.weight", 0),
+        "mlp.up_proj.weight": ("feed_forward.w13.weight", 1),
+        "mlp.down_proj.weight": ("feed_forward.w2.weight", 0),
+        "input_layernorm.weight": ("attention_norm.weight", 0),
+        "post_attention_layernorm.weight": ("ffn_norm.weight", 0),
+    }[rest]
+    n_slots = {"attention.wqkv.weight": 3, "feed_forward.w13.weight": 2}.get(ours[0], 1)
+    return f"layers.{i}.{ours[0]}", ours[1], n_slots
+
+
+def build_model(
+    args: ModelArgs,
+    tensors: HFTensors,
+    count: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+    source: str = "checkpoint",
+) -> Transformer:
+    """Materialises a meta-device `Transformer` from HF-named tensors, checking names and shapes."""
+    expected = expected_hf_shapes(args)
+    parts: dict[str, dict[int, Tensor]] = {}
+    state: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    bar = _progress(count, f"loading {Path(source).name}", progress and _checkpoint_bytes(args) > 2**30)
+    for name, t in tensors():
+        bar.update(1)
+        if name not in expected:
+            if not (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings)):
+                unexpected.append(name)
+            continue
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]} for this config"
+            )
+        if not t.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
+        ours, slot, n_slots = _fused_name(name)
+        parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
+        if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
+            p = parts.pop(ours)
+            state[ours] = torch.cat([p[i] for i in range(n_slots)]) if n_slots > 1 else p[0]
+        del expected[name]
+    bar.close()
+    if expected or unexpected:
+        msg = [f"{source} does not match the Llama config:"]
+        if expected:
+            msg.append(f"missing tensors ({len(expected)}): {', '.join(sorted(expected)[:10])}")
+        if unexpected:
+            msg.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:10])}")
+        raise CheckpointError(" ".join(msg))
+
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:  # assign=True made two Parameters; share one again
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(args, device)
+    return model.eval()
+
+
+def _checkpoint_bytes(args: ModelArgs) -> int:
+    return args.num_params() * 2
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "open_checkpoint", "build_model", "resolve"]

@@ -1,0 +1,249 @@
+"""The Llama 3 transformer in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Read top to bottom: the math of each op (`TorchOps`), then the modules in the paper's order. The
+Triton backend (`llama3.backends`) subclasses `TorchOps` and swaps in fused kernels; the modules
+never ask which backend they run on.
+
+Shapes: B batch, T new tokens, S cache slots, H query heads, KVH key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llama3.config import ModelArgs
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> Tensor:
+    """Inverse frequencies theta^(-2i/D), fp32, with Llama 3.1's wavelength-dependent scaling.
+
+    Computed with the same fp32 ops as transformers so angles (and logits) agree to the last bit.
+    """
+    D = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    L = s.original_max_position_embeddings
+    wavelen = 2 * torch.pi / inv_freq
+    # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, the band between blended
+    scaled = torch.where(wavelen > L / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (L / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    in_band = (wavelen >= L / s.high_freq_factor) & (wavelen <= L / s.low_freq_factor)
+    return torch.where(in_band, blended, scaled)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the rotate-half convention of HF checkpoints: pairs (x[i], x[i + D/2]).
+
+    x: (B, T, heads, D); cos, sin: (B, T, D/2) fp32. Rotated in fp32, as Meta's reference does.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer, written in place at slots `input_pos`.
+
+    Fixed shapes and in-place writes keep the decode step free of allocation and host syncs, so a
+    CUDA graph can capture it.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, KVH, S, D)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class TorchOps:
+    """The reference math of the ops a backend may fuse. Subclasses must compute the same function."""
+
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (norm(h) * weight, h) with h = x + residual: the residual add is fused with the norm."""
+        h = x if residual is None else x + residual
+        hf = h.float()
+        normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * normed.to(h.dtype), h
+
+    @staticmethod
+    def rope_and_cache(
+        q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, input_pos: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotates q and k; with a cache, writes k and v at `input_pos` and returns the whole cache.
+
+        Returns q (B, T, H, D) and keys, values as (B, KVH, S or T, D).
+        """
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if cache is None:
+            return q, k, v
+        B = q.shape[0]
+        cache.k[:B].index_copy_(2, input_pos, k)
+        cache.v[:B].index_copy_(2, input_pos, v)
+        return q, cache.k[:B], cache.v[:B]
+
+    @staticmethod
+    def attention(
+        q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, seq_start: Tensor | None,
+        input_pos: Tensor | None,
+    ) -> Tensor:
+        """Softmax attention, each group of H/KVH query heads sharing one key/value head.
+
+        q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool or None for causal.
+        Returns (B, T, H, D).
+        """
+        q = q.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != keys.shape[1]
+        )
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def swiglu(gate_up: Tensor) -> Tensor:
+        """silu(gate) * up, with gate and up side by side in the last dimension (one fused matmul)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        # q, k and v in one matmul: one read of the input, one launch
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos, seq_start, ops: type[TorchOps]) -> Tensor:
+        B, T, _ = x.shape
+        H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, KVH * D, KVH * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
+        q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, self.cache, input_pos)
+        out = ops.attention(q, keys, values, mask, seq_start, input_pos)  # (B, T, H, D)
+        return self.wo(out.reshape(B, T, H * D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # gate (w1) and up (w3), fused
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
+
+    def forward(self, x: Tensor, ops: type[TorchOps]) -> Tensor:
+        return self.w2(ops.swiglu(self.w13(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, residual, cos, sin, mask, input_pos, seq_start, ops) -> tuple[Tensor, Tensor]:
+        """Pre-norm block. Returns (block output, residual stream before it) so the next norm can fuse the add."""
+        normed, h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps, residual)
+        attn = self.attention(normed, cos, sin, mask, input_pos, seq_start, ops)
+        normed, h = ops.rms_norm(attn, self.ffn_norm.weight, self.ffn_norm.eps, h)
+        return self.feed_forward(normed, ops), h
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args, self.tok_embeddings.weight.device), persistent=False)
+        self.ops: type[TorchOps] = TorchOps
+        self.max_batch_size = self.max_seq_len = 0
+
+    @classmethod
+    def from_pretrained(cls, src, device=None, dtype=None, backend: str = "auto", quantize=None, progress=True):
+        """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`."""
+        from llama3.checkpoint import load_model
+
+        return load_model(src, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` would round the RoPE frequencies to bf16; recompute them in fp32 on the new device.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.args, self.inv_freq.device)
+        return self
+
+    def set_backend(self, backend: str) -> None:
+        """"torch", "triton" or "auto" (triton on CUDA, torch elsewhere). The one place a backend is chosen."""
+        from llama3.backends import get_ops
+
+        self.ops = get_ops(backend, self.tok_embeddings.weight.device)
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocates the static KV cache. Needed before calling the model with `input_pos`."""
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"cache length {max_seq_len} exceeds the model's context of {self.args.max_seq_len}")
+        if max_batch_size == self.max_batch_size and max_seq_len == self.max_seq_len:
+            return
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(
+                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, w.dtype, w.device
+            )
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def forward(
+        self, tokens: Tensor, input_pos: Tensor | None = None, seq_start: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+
+        Without `input_pos` the whole sequence is attended causally and no cache is touched. With it,
+        tokens are written at cache slots `input_pos` (T,) and attend to everything cached so far.
+        `seq_start` (B,) is each row's first real slot: ragged prompts are left-padded, and a row's
+        positions count from its own start, so a padded row computes what it would compute alone.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            mask = None
+        else:
+            if self.max_seq_len == 0:
+                raise RuntimeError("call setup_cache(max_batch_size, max_seq_len) before passing input_pos")
+            if seq_start is None:
+                seq_start = torch.zeros(B, dtype=torch.long, device=tokens.device)
+            positions = (input_pos[None, :] - seq_start[:, None]).clamp(min=0)  # (B, T)
+            slots = torch.arange(self.max_seq_len, device=tokens.device)
+            # a query at slot i sees slots seq_start..i; padding queries see only themselves (no empty softmax)
+            seen = (slots[None, None, :] >= seq_start[:, None, None]) & (slots[None, None, :] <= input_pos[None, :, None])
+            mask = (seen | (slots[None, None, :] == input_pos[None, :, None])).unsqueeze(1)  # (B, 1, T, S)
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        cos, sin = angles.cos(), angles.sin()
+
+        x, residual = self.tok_embeddings(tokens), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, mask, input_pos, seq_start, self.ops)
+        if last_only:
+            x, residual = x[:, -1:], residual[:, -1:]
+        x, _ = self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)
+        return self.output(x)

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random checkpoints written by transformers, and the real Llama 3 tokenizer file.
+
+Nothing here reaches the network: checkpoints are made in the test, the tokenizer file comes from the
+`llama-models` package the setup command installs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (must be set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
+
+# Tiny configs covering the variants: Llama 3 (GQA), 3.1 (llama3 rope scaling), 3.2 (tied), MQA, MHA.
+TINY_CONFIGS = {
+    "llama3-gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "llama3.1-scaled": dict(
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+    ),
+    "llama3.2-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def tiny_hf_config(vocab_size: int = 512, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def save_tiny_hf(path: Path, seed: int = 0, vocab_size: int = 512, max_shard_size=None, **overrides):
+    """Saves a random LlamaForCausalLM to `path` with transformers; returns the (fp32, eval) HF model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_hf_config(vocab_size, **overrides)).eval()
+    # random init leaves norms at 1.0; perturb them so a swapped or skipped norm would show in the logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    """Factory: tiny_hf(name_or_overrides) -> (checkpoint dir, HF model)."""
+
+    def make(variant: str = "llama3-gqa", **overrides):
+        d = tmp_path / variant
+        model = save_tiny_hf(d, **{**TINY_CONFIGS.get(variant, {}), **overrides})
+        return d, model
+
+    return make
+
+
+def llama3_tokenizer_file() -> Path:
+    spec = importlib.util.find_spec("llama_models")  # found, not imported: it needs packages we do not install
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the llama-models package is missing; run the README's setup command")
+    path = Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != LLAMA3_TOKENIZER_SHA256:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {LLAMA3_TOKENIZER_SHA256}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path() -> Path:
+    return llama3_tokenizer_file()
