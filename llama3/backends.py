@@ -70,12 +70,13 @@ class TritonOps(TorchOps):
         return q, cache.k[:B], cache.v[:B]
 
     @staticmethod
-    def attention(q, keys, values, mask, seq_start, input_pos):
+    def attention(q, keys, values, mask, input_pos):
         if q.shape[1] != 1 or mask is None:  # prefill: PyTorch SDPA (flash attention on CUDA)
-            return TorchOps.attention(q, keys, values, mask, seq_start, input_pos)
+            return TorchOps.attention(q, keys, values, mask, input_pos)
         from llama3.kernels.decode_attention import decode_attention
 
-        return decode_attention(q[:, 0], keys, values, seq_start, input_pos).unsqueeze(1)
+        # one new token per row: row b attends to cache slots 0..input_pos[b]
+        return decode_attention(q[:, 0], keys, values, input_pos[:, 0]).unsqueeze(1)
 
     @staticmethod
     def swiglu(gate_up: Tensor) -> Tensor:

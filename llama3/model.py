@@ -79,25 +79,22 @@ class TorchOps:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Rotates q and k; with a cache, writes k and v at `input_pos` and returns the whole cache.
 
-        Returns q (B, T, H, D) and keys, values as (B, KVH, S or T, D).
+        input_pos is (B, T). Returns q (B, T, H, D) and keys, values as (B, KVH, S or T, D).
         """
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
-            return q, k, v
+            return q, k.transpose(1, 2), v.transpose(1, 2)
         B = q.shape[0]
-        cache.k[:B].index_copy_(2, input_pos, k)
-        cache.v[:B].index_copy_(2, input_pos, v)
+        rows = torch.arange(B, device=q.device)[:, None]
+        cache.k[rows, :, input_pos] = k  # in place: no allocation, capturable in a CUDA graph
+        cache.v[rows, :, input_pos] = v
         return q, cache.k[:B], cache.v[:B]
 
     @staticmethod
-    def attention(
-        q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, seq_start: Tensor | None,
-        input_pos: Tensor | None,
-    ) -> Tensor:
+    def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         """Softmax attention, each group of H/KVH query heads sharing one key/value head.
 
-        q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool or None for causal.
+        q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool, or None for causal.
         Returns (B, T, H, D).
         """
         q = q.transpose(1, 2)
@@ -122,13 +119,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, seq_start, ops: type[TorchOps]) -> Tensor:
+    def forward(self, x, cos, sin, mask, input_pos, ops: type[TorchOps]) -> Tensor:
         B, T, _ = x.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, KVH * D, KVH * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
         q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, self.cache, input_pos)
-        out = ops.attention(q, keys, values, mask, seq_start, input_pos)  # (B, T, H, D)
+        out = ops.attention(q, keys, values, mask, input_pos)  # (B, T, H, D)
         return self.wo(out.reshape(B, T, H * D))
 
 
@@ -157,10 +154,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, residual, cos, sin, mask, input_pos, seq_start, ops) -> tuple[Tensor, Tensor]:
+    def forward(self, x, residual, cos, sin, mask, input_pos, ops) -> tuple[Tensor, Tensor]:
         """Pre-norm block. Returns (block output, residual stream before it) so the next norm can fuse the add."""
         normed, h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps, residual)
-        attn = self.attention(normed, cos, sin, mask, input_pos, seq_start, ops)
+        attn = self.attention(normed, cos, sin, mask, input_pos, ops)
         normed, h = ops.rms_norm(attn, self.ffn_norm.weight, self.ffn_norm.eps, h)
         return self.feed_forward(normed, ops), h
 
@@ -212,38 +209,33 @@ class Transformer(nn.Module):
             )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    def forward(
-        self, tokens: Tensor, input_pos: Tensor | None = None, seq_start: Tensor | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
-        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_pos: Tensor | None = None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) at `logits_pos`.
 
-        Without `input_pos` the whole sequence is attended causally and no cache is touched. With it,
-        tokens are written at cache slots `input_pos` (T,) and attend to everything cached so far.
-        `seq_start` (B,) is each row's first real slot: ragged prompts are left-padded, and a row's
-        positions count from its own start, so a padded row computes what it would compute alone.
+        Without `input_pos` the sequence is attended causally from position 0 and no cache is touched.
+        With it, token (b, t) is written at cache slot input_pos[b, t] (a (T,) input_pos serves every
+        row) and attends to slots 0..input_pos[b, t]. A slot is a position: ragged batches are padded
+        on the right, so every row computes exactly what it would compute alone.
+        `logits_pos` (B,) picks one position per row (the last real token) so a prefill does not pay
+        for the full (B, T, vocab) output projection.
         """
         B, T = tokens.shape
         if input_pos is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-            mask = None
+            positions, mask = torch.arange(T, device=tokens.device).expand(B, T), None
         else:
             if self.max_seq_len == 0:
                 raise RuntimeError("call setup_cache(max_batch_size, max_seq_len) before passing input_pos")
-            if seq_start is None:
-                seq_start = torch.zeros(B, dtype=torch.long, device=tokens.device)
-            positions = (input_pos[None, :] - seq_start[:, None]).clamp(min=0)  # (B, T)
+            positions = input_pos.expand(B, T)
             slots = torch.arange(self.max_seq_len, device=tokens.device)
-            # a query at slot i sees slots seq_start..i; padding queries see only themselves (no empty softmax)
-            seen = (slots[None, None, :] >= seq_start[:, None, None]) & (slots[None, None, :] <= input_pos[None, :, None])
-            mask = (seen | (slots[None, None, :] == input_pos[None, :, None])).unsqueeze(1)  # (B, 1, T, S)
+            mask = (slots <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S): causal over the cache
         angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
         cos, sin = angles.cos(), angles.sin()
 
         x, residual = self.tok_embeddings(tokens), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, mask, input_pos, seq_start, self.ops)
-        if last_only:
-            x, residual = x[:, -1:], residual[:, -1:]
+            x, residual = layer(x, residual, cos, sin, mask, positions if mask is not None else None, self.ops)
+        if logits_pos is not None:
+            rows = torch.arange(B, device=tokens.device)
+            x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)
         x, _ = self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)
         return self.output(x)
