@@ -54,7 +54,9 @@ class TritonOps(TorchOps):
     name = "triton"
 
     @staticmethod
-    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def rms_norm(
+        x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         from llama3.kernels.rms_norm import rms_norm
 
         return rms_norm(x, weight, eps, residual)

@@ -46,7 +46,9 @@ def resolve(src: str | os.PathLike) -> Path:
         return path
     text = str(src)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"checkpoint not found: {src} (neither a local path nor a 'owner/name' repo id)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {src} (neither a local path nor a 'owner/name' repo id)"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -92,8 +94,14 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+        }
         if dtype not in names:
             raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(names)}")
         dtype = names[dtype]
@@ -121,7 +129,9 @@ def open_checkpoint(path: Path, progress: bool = True) -> tuple[ModelArgs, HFTen
     if len(ggufs) == 1:
         return _open_gguf(ggufs[0], progress)
     if len(ggufs) > 1:
-        raise CheckpointError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one")
+        raise CheckpointError(
+            f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one"
+        )
     raise CheckpointError(
         f"{path}: no config.json (Hugging Face layout), params.json (Meta layout) or .gguf file found"
     )
@@ -140,7 +150,11 @@ def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
         raise CheckpointError(
             f"{path}: no model.safetensors or model.safetensors.index.json"
             + (f" (found {', '.join(found)})" if found else "")
-            + (" — .bin/.pt pickles are not loaded; convert them to safetensors" if list(path.glob("*.bin")) else "")
+            + (
+                " — .bin/.pt pickles are not loaded; convert them to safetensors"
+                if list(path.glob("*.bin"))
+                else ""
+            )
         )
     missing = [s for s in shards if not (path / s).exists()]
     if missing:
@@ -176,7 +190,17 @@ _META_TO_HF = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 # How Meta's model-parallel shards split each tensor: column-parallel along 0, row-parallel along 1.
-_META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+_META_SHARD_DIM = {
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "output": 0,
+    "wo": 1,
+    "w2": 1,
+    "tok_embeddings": 1,
+}
 
 
 def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
@@ -186,7 +210,9 @@ def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
         raise CheckpointError(f"{path}: params.json found but no consolidated.*.pth shard files")
     numbers = [int(re.search(r"consolidated\.(\d+)\.pth", s.name).group(1)) for s in shards]
     if numbers != list(range(len(shards))):
-        raise CheckpointError(f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}")
+        raise CheckpointError(
+            f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}"
+        )
     # mmap keeps the shards on disk until each tensor is needed; weights_only refuses arbitrary pickles
     states = [torch.load(s, map_location="cpu", mmap=True, weights_only=True) for s in shards]
     if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in states[0]:
@@ -236,7 +262,9 @@ def _open_gguf(path: Path, progress: bool) -> tuple[ModelArgs, HFTensors, int]:
     try:
         from llama3 import gguf
     except ImportError as e:  # the `gguf` package is an optional extra
-        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}") from None
+        raise CheckpointError(
+            f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}"
+        ) from None
     args = gguf.read_gguf_config(path)
     state = gguf.load_gguf_state_dict(path, dtype=torch.float32, device="cpu", progress=progress)
     return args, lambda: iter(state.items()), len(state)
@@ -269,8 +297,11 @@ def _fused_name(hf_name: str) -> tuple[str, int, int]:
 
     q, k, v are fused into `wqkv` (3 slots), gate and up into `w13` (2 slots).
     """
-    simple = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-              "lm_head.weight": "output.weight"}
+    simple = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in simple:
         return simple[hf_name], 0, 1
     i, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name).groups()
@@ -307,7 +338,9 @@ def build_model(
     for name, t in tensors():
         bar.update(1)
         if name not in expected:
-            if not (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings)):
+            if not (
+                name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings)
+            ):
                 unexpected.append(name)
             continue
         if tuple(t.shape) != expected[name]:
@@ -315,7 +348,9 @@ def build_model(
                 f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]} for this config"
             )
         if not t.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
+            raise CheckpointError(
+                f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor"
+            )
         ours, slot, n_slots = _fused_name(name)
         parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up

@@ -22,7 +22,9 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
     Computed with the same fp32 ops as transformers so angles (and logits) agree to the last bit.
     """
     D = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    inv_freq = 1.0 / (
+        args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D)
+    )
     s = args.rope_scaling
     if s is None:
         return inv_freq
@@ -66,7 +68,9 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def rms_norm(
+        x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Returns (norm(h) * weight, h) with h = x + residual: the residual add is fused with the norm."""
         h = x if residual is None else x + residual
         hf = h.float()
@@ -75,7 +79,13 @@ class TorchOps:
 
     @staticmethod
     def rope_and_cache(
-        q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, input_pos: Tensor | None
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        input_pos: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Rotates q and k; with a cache, writes k and v at `input_pos` and returns the whole cache.
 
@@ -91,7 +101,9 @@ class TorchOps:
         return q, cache.k[:B], cache.v[:B]
 
     @staticmethod
-    def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def attention(
+        q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None
+    ) -> Tensor:
         """Softmax attention, each group of H/KVH query heads sharing one key/value head.
 
         q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool, or None for causal.
@@ -172,16 +184,22 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_inv_freq(args, self.tok_embeddings.weight.device), persistent=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(args, self.tok_embeddings.weight.device), persistent=False
+        )
         self.ops: type[TorchOps] = TorchOps
         self.max_batch_size = self.max_seq_len = 0
 
     @classmethod
-    def from_pretrained(cls, src, device=None, dtype=None, backend: str = "auto", quantize=None, progress=True):
+    def from_pretrained(
+        cls, src, device=None, dtype=None, backend: str = "auto", quantize=None, progress=True
+    ):
         """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`."""
         from llama3.checkpoint import load_model
 
-        return load_model(src, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
+        return load_model(
+            src, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress
+        )
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` would round the RoPE frequencies to bf16; recompute them in fp32 on the new device.
@@ -191,7 +209,7 @@ class Transformer(nn.Module):
         return self
 
     def set_backend(self, backend: str) -> None:
-        """"torch", "triton" or "auto" (triton on CUDA, torch elsewhere). The one place a backend is chosen."""
+        """ "torch", "triton" or "auto" (triton on CUDA, torch elsewhere). The one place a backend is chosen."""
         from llama3.backends import get_ops
 
         self.ops = get_ops(backend, self.tok_embeddings.weight.device)
@@ -199,7 +217,9 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocates the static KV cache. Needed before calling the model with `input_pos`."""
         if max_seq_len > self.args.max_seq_len:
-            raise ValueError(f"cache length {max_seq_len} exceeds the model's context of {self.args.max_seq_len}")
+            raise ValueError(
+                f"cache length {max_seq_len} exceeds the model's context of {self.args.max_seq_len}"
+            )
         if max_batch_size == self.max_batch_size and max_seq_len == self.max_seq_len:
             return
         w = self.tok_embeddings.weight
@@ -209,7 +229,9 @@ class Transformer(nn.Module):
             )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, input_pos: Tensor | None = None, logits_pos: Tensor | None = None
+    ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) at `logits_pos`.
 
         Without `input_pos` the sequence is attended causally from position 0 and no cache is touched.
@@ -233,7 +255,9 @@ class Transformer(nn.Module):
 
         x, residual = self.tok_embeddings(tokens), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, mask, positions if mask is not None else None, self.ops)
+            x, residual = layer(
+                x, residual, cos, sin, mask, positions if mask is not None else None, self.ops
+            )
         if logits_pos is not None:
             rows = torch.arange(B, device=tokens.device)
             x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)

@@ -1,0 +1,385 @@
+"""Generation: a prefill then one-token decode steps over the static KV cache, sampling on the device.
+
+Ragged batches are padded on the right: row b's prompt fills cache slots 0..len_b-1 and its n-th new
+token goes to slot len_b + n, exactly where it would go if the row ran alone. Every decode step has
+the same shapes, so on CUDA the whole step (all layers, the output projection and sampling) is
+captured once in a CUDA graph and replayed per token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llama3.chat_format import chat_format_for
+from llama3.model import Transformer
+from llama3.tokenizer import Tokenizer
+
+Message = dict[str, str]
+Dialog = list[Message]
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, generator=None) -> Tensor:
+    """logits (B, V) -> token ids (B,), on the device, with no host sync (so it can be graph-captured).
+
+    temperature 0 is greedy. top_k keeps the k most likely tokens, top_p the smallest set whose
+    probability reaches top_p (Meta's `sample_top_p`: a token is kept if the mass before it is < p).
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p).
+    # Unlike torch.multinomial it needs no renormalisation and no host sync.
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / race).argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+
+
+class DecodeStep:
+    """One decode step (forward of one token per row + sampling), eager or as a replayed CUDA graph."""
+
+    def __init__(
+        self, model: Transformer, batch_size: int, params: SamplingParams, generator, use_graph: bool
+    ):
+        self.model, self.params, self.generator = model, params, generator
+        self.graph = None
+        if use_graph:
+            self._capture(batch_size)
+
+    def _eager(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        logits = self.model(tokens, input_pos)
+        p = self.params
+        return sample(logits[:, -1], p.temperature, p.top_p, p.top_k, self.generator)
+
+    def _capture(self, batch_size: int) -> None:
+        device = self.model.inv_freq.device
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        # slot 0 only: capture runs before the prefill, which overwrites whatever the warm-up wrote there
+        self.input_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, autotuning, allocator
+            for _ in range(2):
+                self._eager(self.tokens, self.input_pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            self.next_tokens = self._eager(self.tokens, self.input_pos)
+        self.graph = graph
+
+    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        if self.graph is None:
+            return self._eager(tokens, input_pos)
+        self.tokens.copy_(tokens)
+        self.input_pos.copy_(input_pos)
+        self.graph.replay()
+        return self.next_tokens.clone()  # the static buffer is overwritten by the next replay
+
+
+class Llama:
+    """A model, its tokenizer and chat format, and the generation loop over a static KV cache."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_seq_len: int | None = None,
+        max_batch_size: int | None = None,
+        cuda_graphs: bool | None = None,
+        chat_format=None,
+    ):
+        if tokenizer.n_words > model.args.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}"
+            )
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self._chat_format = chat_format
+        self.device = model.tok_embeddings.weight.device
+        # None: grow the cache to what each call needs; an int fixes it (and bounds memory)
+        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and os.environ.get("LLAMA3_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = cuda_graphs
+        self._steps: dict[tuple, DecodeStep] = {}
+        self._generator = torch.Generator(device=self.device)
+        self.last_stats: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+        quantize: str | None = None,
+        max_seq_len: int | None = None,
+        max_batch_size: int | None = None,
+        progress: bool = True,
+        cuda_graphs: bool | None = None,
+    ) -> Llama:
+        """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id."""
+        from llama3.checkpoint import load_model, resolve
+
+        path = resolve(src)
+        model = load_model(
+            path, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress
+        )
+        gguf_file = path if path.suffix == ".gguf" else next(iter(sorted(path.glob("*.gguf"))), None)
+        if gguf_file is not None and not (path.is_dir() and (path / "config.json").exists()):
+            from llama3.gguf import load_gguf_tokenizer
+
+            tokenizer = load_gguf_tokenizer(gguf_file)
+        else:
+            tokenizer = Tokenizer.from_pretrained(path)
+        return cls(
+            model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs
+        )
+
+    @property
+    def chat_format(self):
+        if self._chat_format is None:
+            self._chat_format = chat_format_for(self.tokenizer)
+        return self._chat_format
+
+    # -- token level --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """The new tokens of each prompt, up to (not including) its first stop token.
+
+        stop_tokens None uses the tokenizer's; [] never stops. temperature 0 is greedy.
+        """
+        out: list[list[int]] = [[] for _ in prompt_tokens]
+        for step in self.generate_stream(
+            prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop_tokens, seed, sync_every=8
+        ):
+            for row, token in enumerate(step):
+                if token is not None:
+                    out[row].append(token)
+        return out
+
+    @torch.inference_mode()
+    def generate_stream(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        seed: int | None = None,
+        sync_every: int = 1,
+    ) -> Iterator[list[int | None]]:
+        """Yields, per decode step, each row's new token (None once the row has stopped).
+
+        Tokens stay on the device for `sync_every` steps between host reads; the stop check needs
+        the only sync.
+        """
+        params = SamplingParams(temperature, top_p, top_k)
+        prompts = self._check_prompts(prompt_tokens, max_new_tokens)
+        if max_new_tokens == 0:
+            return
+        B, lengths = len(prompts), [len(p) for p in prompts]
+        L = max(lengths)
+        self._ensure_cache(B, L + max_new_tokens)
+        stops = self.tokenizer.stop_tokens if stop_tokens is None else list(stop_tokens)
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=self.device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())  # follows torch.manual_seed
+        self._generator.manual_seed(seed)
+        step = self._decode_step(B, params)  # captured (if at all) before the prefill fills the cache
+
+        t0 = time.perf_counter()
+        tokens = torch.zeros(B, L, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            tokens[row, : len(p)] = torch.tensor(p)
+        tokens = tokens.to(self.device)
+        pos = torch.tensor(lengths, device=self.device)  # slot of each row's next token
+        logits = self.model(tokens, torch.arange(L, device=self.device), logits_pos=pos - 1)
+        next_tok = sample(logits[:, -1], params.temperature, params.top_p, params.top_k, self._generator)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        pending: list[tuple[Tensor, Tensor]] = []
+        finished = [False] * B
+        first_token_at = None
+        for i in range(max_new_tokens):
+            stopped = torch.isin(next_tok, stop_ids) if stops else torch.zeros_like(done)
+            pending.append((next_tok, done | stopped))  # a row emits nothing once done
+            done = done | stopped
+            last = i == max_new_tokens - 1
+            if len(pending) >= sync_every or last:
+                step_tokens = torch.stack([t for t, _ in pending]).tolist()  # the host sync
+                step_done = torch.stack([d for _, d in pending]).tolist()
+                for tok_row, done_row in zip(step_tokens, step_done, strict=True):
+                    finished = [f or d for f, d in zip(finished, done_row, strict=True)]
+                    yield [None if f else t for t, f in zip(tok_row, finished, strict=True)]
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                pending.clear()
+                if all(finished) or last:
+                    break
+            next_tok = step(next_tok[:, None], pos[:, None])
+            pos = pos + 1
+        elapsed = time.perf_counter() - t0
+        n = i + 1
+        self.last_stats = {
+            "time_to_first_token_s": (first_token_at or time.perf_counter()) - t0,
+            "decode_steps": n,
+            "seconds": elapsed,
+            "tokens_per_second": (n - 1) / max(elapsed - ((first_token_at or t0) - t0), 1e-9)
+            if n > 1
+            else 0.0,
+        }
+
+    def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
+        key = (batch_size, params)
+        if key not in self._steps:
+            use_graph = self.cuda_graphs and self.device.type == "cuda"
+            try:
+                self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, use_graph)
+            except RuntimeError as e:  # same numbers either way; only the speed differs
+                warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3)
+                self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, False)
+        return self._steps[key]
+
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
+            raise TypeError("prompt_tokens must be a list of token-id lists, e.g. [[128000, 9906]]")
+        if not prompt_tokens:
+            raise ValueError("prompt_tokens is empty: pass at least one prompt")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        vocab = self.model.args.vocab_size
+        prompts = []
+        for row, p in enumerate(prompt_tokens):
+            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+                raise TypeError(f"prompt {row} must be a list of token ids, got {type(p).__name__}")
+            if len(p) == 0:
+                raise ValueError(f"prompt {row} is empty; a prompt needs at least one token (e.g. BOS)")
+            bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {row} has token ids outside [0, {vocab}): {bad[:5]}")
+            prompts.append(list(p))
+        need = max(len(p) for p in prompts) + max_new_tokens
+        limit = min(self.model.args.max_seq_len, self.max_seq_len or self.model.args.max_seq_len)
+        if need > limit:
+            raise ValueError(
+                f"longest prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{need} exceeds the {'cache' if self.max_seq_len else 'model context'} length of {limit}"
+            )
+        if self.max_batch_size is not None and len(prompts) > self.max_batch_size:
+            raise ValueError(f"batch of {len(prompts)} prompts exceeds max_batch_size={self.max_batch_size}")
+        return prompts
+
+    def _ensure_cache(self, batch_size: int, seq_len: int) -> None:
+        m = self.model
+        if self.max_seq_len is not None or self.max_batch_size is not None:
+            B, S = self.max_batch_size or batch_size, self.max_seq_len or seq_len
+            if (
+                m.max_batch_size < batch_size
+                or m.max_seq_len < seq_len
+                or (m.max_batch_size, m.max_seq_len) != (B, S)
+            ):
+                m.setup_cache(max(B, batch_size), max(S, seq_len))
+                self._steps.clear()
+            return
+        if m.max_batch_size >= batch_size and m.max_seq_len >= seq_len:
+            return
+        # grow in steps of 256 slots so a chat does not reallocate (and recapture graphs) every turn
+        S = min(-(-seq_len // 256) * 256, m.args.max_seq_len)
+        m.setup_cache(max(batch_size, m.max_batch_size), max(S, m.max_seq_len))
+        self._steps.clear()
+
+    # -- text level ---------------------------------------------------------------------------
+
+    def text_completion(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 256,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Continues each prompt (encoded with BOS); returns the new text only."""
+        tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
+        out = self.generate(tokens, max_new_tokens, temperature, top_p, top_k, stop_tokens, seed)
+        return [self.tokenizer.decode(t) for t in out]
+
+    def chat_completion(
+        self,
+        dialogs: Sequence[Dialog],
+        max_new_tokens: int = 512,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[Message]:
+        """The assistant's reply to each dialog, as {"role": "assistant", "content": ...}."""
+        tokens = [self.chat_format.encode_dialog_prompt(d) for d in dialogs]
+        out = self.generate(tokens, max_new_tokens, temperature, top_p, top_k, self._chat_stops(), seed)
+        return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in out]
+
+    def stream_completion(self, prompt: str, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+        """Yields the continuation of one prompt as text pieces, UTF-8 safe."""
+        yield from self._stream_text(self.tokenizer.encode(prompt, bos=True), max_new_tokens, **kwargs)
+
+    def stream_chat(self, dialog: Dialog, max_new_tokens: int = 512, **kwargs) -> Iterator[str]:
+        """Yields the assistant's reply to one dialog as text pieces."""
+        kwargs.setdefault("stop_tokens", self._chat_stops())
+        yield from self._stream_text(self.chat_format.encode_dialog_prompt(dialog), max_new_tokens, **kwargs)
+
+    def _stream_text(self, tokens: list[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
+        decoder = self.tokenizer.stream_decoder()
+        for (token,) in self.generate_stream([tokens], max_new_tokens, **kwargs):
+            if token is None:
+                break
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
+
+    def _chat_stops(self) -> list[int]:
+        return sorted(set(self.chat_format.stop_tokens) | set(self.tokenizer.stop_tokens))
