@@ -47,6 +47,8 @@ def _rope_and_cache_kernel(
     k_cache_ptr,
     v_cache_ptr,
     input_pos_ptr,
+    stride_pb,
+    stride_pt,
     seq_len,
     n_heads,
     n_kv_heads,
@@ -102,7 +104,7 @@ def _rope_and_cache_kernel(
     tl.store(out_ptrs + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
 
     # k -> rotated, rounded to k's dtype (what the unfused code would hold), stored at its slot.
-    slot = tl.load(input_pos_ptr + t).to(tl.int64)
+    slot = tl.load(input_pos_ptr + b * stride_pb + t * stride_pt).to(tl.int64)
     k_row = b * stride_kb + t * stride_kt
     k1, k2, heads, cols, mask = _rotate_heads(
         k_ptr, k_row, stride_kh, stride_kd, n_kv_heads, cos, sin, HALF, BLOCK_KVH, BLOCK_HALF
@@ -135,7 +137,8 @@ def rope_and_cache(
     q: [B, T, H, D]; k, v: [B, T, KVH, D] (views of a fused qkv output are fine: any strides);
     cos, sin: [B, T, D/2] float32, per row so that left-padded ragged batches get their own
     positions; k_cache, v_cache: [B_max, KVH, S, D] with B <= B_max (rows 0..B-1 are written);
-    input_pos: LongTensor [T] of cache slots, the same for every row.
+    input_pos: LongTensor of cache slots, [T] (shared by every row) or [B, T] (per row, e.g. an
+    expanded view: any strides); read on the device, so no host sync.
     """
     batch, seq_len, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
@@ -165,8 +168,12 @@ def rope_and_cache(
             )
         if cache.stride(3) != 1:
             raise ValueError(f"rope_and_cache: {name} must be contiguous in its last dimension")
-    if input_pos.shape != (seq_len,):
-        raise ValueError(f"rope_and_cache: input_pos is {tuple(input_pos.shape)}, expected ({seq_len},)")
+    if input_pos.shape not in ((seq_len,), (batch, seq_len)):
+        raise ValueError(
+            f"rope_and_cache: input_pos is {tuple(input_pos.shape)}, "
+            f"expected ({seq_len},) or ({batch}, {seq_len})"
+        )
+    input_pos = input_pos.expand(batch, seq_len)  # a [T] input_pos gets batch stride 0
 
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
@@ -185,6 +192,7 @@ def rope_and_cache(
         k_cache,
         v_cache,
         input_pos,
+        *input_pos.stride(),
         seq_len,
         n_heads,
         n_kv_heads,
@@ -223,7 +231,10 @@ def rope_and_cache_reference(
     input_pos: torch.Tensor,
 ) -> torch.Tensor:
     """The unfused PyTorch version: rotate, then index the caches with input_pos (in place)."""
-    batch = q.shape[0]
-    k_cache[:batch, :, input_pos] = apply_rope_reference(k, cos, sin).transpose(1, 2).to(k_cache.dtype)
-    v_cache[:batch, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
+    batch, seq_len = q.shape[:2]
+    rows = torch.arange(batch, device=q.device)[:, None]
+    slots = input_pos.expand(batch, seq_len)
+    # cache[rows, :, slots] is indexed as (B, T, KVH, D): the advanced indices come first
+    k_cache[rows, :, slots] = apply_rope_reference(k, cos, sin).to(k_cache.dtype)
+    v_cache[rows, :, slots] = v.to(v_cache.dtype)
     return apply_rope_reference(q, cos, sin)
