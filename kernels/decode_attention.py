@@ -1,4 +1,4 @@
-"""Flash-decoding: attention of one new query token per row over a static, left-padded KV cache.
+"""Flash-decoding: attention of one new query token per row over a static KV cache.
 
 Decode attention is memory-bound: every step reads the whole valid part of the K and V cache once.
 To keep an H100 busy when the batch is small, the cache length is split among `num_splits`
@@ -6,10 +6,11 @@ programs per (row, KV head) ("split-K"); each writes a partial softmax (running 
 unnormalized output) and a second small kernel combines the splits. With grouped-query attention
 one program serves all H / KVH query heads that share a KV head, so each K/V block is read once.
 
-CUDA graphs: the number of valid slots changes every step but is read inside the kernel from the
-device tensor `input_pos`, and the grid depends only on (B, KVH, S), so one captured graph replays
-at every step. The valid span of a row is divided among its splits at run time, so the work stays
-balanced whether 10 or 100,000 slots are filled, and splits with nothing to do exit at once.
+CUDA graphs: the number of valid slots changes every step (and per row, in a ragged batch) but is
+read inside the kernel from the device tensor `input_pos`, and the grid depends only on
+(B, KVH, S), so one captured graph replays at every step. The valid span of a row is divided among
+its splits at run time, so the work stays balanced whether 10 or 100,000 slots are filled, and
+splits with nothing to do exit at once.
 
 Numerics: q @ k^T and p @ v run on tensor cores with fp32 accumulation; the softmax statistics
 and the output accumulator are fp32. As in FlashAttention, the probabilities are rounded to the
@@ -30,6 +31,7 @@ def _decode_attention_split_kernel(
     v_cache_ptr,
     seq_start_ptr,
     input_pos_ptr,
+    stride_pos,
     partial_acc_ptr,
     partial_max_ptr,
     partial_sum_ptr,
@@ -45,6 +47,7 @@ def _decode_attention_split_kernel(
     stride_vb,
     stride_vh,
     stride_vs,
+    HAS_SEQ_START: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,9 +59,11 @@ def _decode_attention_split_kernel(
     b = pid_bh // n_kv_heads
     kv_head = pid_bh % n_kv_heads
 
-    # Valid slots of this row: [seq_start[b], input_pos[0]]; the left padding before it is skipped.
-    lo = tl.load(seq_start_ptr + b).to(tl.int32)
-    hi = tl.load(input_pos_ptr).to(tl.int32) + 1
+    # Valid slots of this row: [seq_start[b] (or 0), input_pos[b]]; the rest is never read.
+    lo = 0
+    if HAS_SEQ_START:
+        lo = tl.load(seq_start_ptr + b).to(tl.int32)
+    hi = tl.load(input_pos_ptr + b * stride_pos).to(tl.int32) + 1
     # This split's share of them, in whole blocks so that only the last block of a split is partial.
     chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
@@ -163,17 +168,19 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    seq_start: torch.Tensor,
     input_pos: torch.Tensor,
     scale: float | None = None,
+    *,
+    seq_start: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token per row over cache slots seq_start[b] .. input_pos[0].
+    """Attention of one query token per row over cache slots seq_start[b] .. input_pos[b], inclusive.
 
     q: [B, H, D] (already rotated); k_cache, v_cache: [B_max, KVH, S, D], rows 0..B-1 used;
-    seq_start: LongTensor [B], the first valid slot of each left-padded row; input_pos: LongTensor
-    [1] on the device, the slot of the current token (must be >= every seq_start). scale defaults
-    to 1/sqrt(D). num_splits overrides the split count chosen from B, KVH and S.
+    input_pos: LongTensor [B] (per row: right-padded ragged batches) or [1] (shared), on the device:
+    the slot of the current token. seq_start: optional LongTensor [B], the first valid slot of each
+    row (for left-padded batches; default 0); must be <= input_pos. scale defaults to 1/sqrt(D).
+    num_splits overrides the split count chosen from B, KVH and S.
     Returns [B, H, D] in q's dtype. No host synchronization: safe to capture in a CUDA graph.
     """
     batch, n_heads, head_dim = q.shape
@@ -196,11 +203,12 @@ def decode_attention(
         raise ValueError(
             f"decode_attention: {n_heads} query heads is not a multiple of {n_kv_heads} KV heads"
         )
-    if seq_start.shape != (batch,) or input_pos.numel() != 1:
+    if input_pos.numel() not in (1, batch) or input_pos.dim() != 1:
         raise ValueError(
-            f"decode_attention: seq_start is {tuple(seq_start.shape)} (expected ({batch},)) and "
-            f"input_pos is {tuple(input_pos.shape)} (expected (1,))"
+            f"decode_attention: input_pos is {tuple(input_pos.shape)}, expected ({batch},) or (1,)"
         )
+    if seq_start is not None and seq_start.shape != (batch,):
+        raise ValueError(f"decode_attention: seq_start is {tuple(seq_start.shape)}, expected ({batch},)")
     if q.stride(-1) != 1:
         q = q.contiguous()
     group = n_heads // n_kv_heads
@@ -226,8 +234,9 @@ def decode_attention(
         q,
         k_cache,
         v_cache,
-        seq_start,
+        input_pos if seq_start is None else seq_start,  # not read without a seq_start
         input_pos,
+        0 if input_pos.numel() == 1 else input_pos.stride(0),
         partial_acc,
         partial_max,
         partial_sum,
@@ -239,6 +248,7 @@ def decode_attention(
         q.stride(1),
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
+        HAS_SEQ_START=seq_start is not None,
         GROUP=group,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
@@ -268,9 +278,10 @@ def decode_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    seq_start: torch.Tensor,
     input_pos: torch.Tensor,
     scale: float | None = None,
+    *,
+    seq_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch: fp32 softmax over the valid slots of each row, every query head its KV head."""
     batch, n_heads, head_dim = q.shape
@@ -280,6 +291,7 @@ def decode_attention_reference(
     values = v_cache[:batch].float().repeat_interleave(n_heads // n_kv_heads, dim=1)
     scores = torch.einsum("bhd,bhsd->bhs", q.float(), keys) * scale
     slots = torch.arange(max_seq_len, device=q.device)
-    valid = (slots[None, :] >= seq_start[:, None]) & (slots[None, :] <= input_pos.reshape(1, 1))  # (B, S)
+    first = 0 if seq_start is None else seq_start[:, None]
+    valid = (slots[None, :] >= first) & (slots[None, :] <= input_pos[:, None])  # (B or 1, S)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     return torch.einsum("bhs,bhsd->bhd", torch.softmax(scores, dim=-1), values).to(q.dtype)
