@@ -1,0 +1,245 @@
+"""Each Triton kernel against its PyTorch reference, on odd shapes.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors, in fp32 and fp16 (the
+interpreter computes bf16 wrongly); bf16 cases run only on CUDA and are skipped here. Shapes are
+small because the interpreter costs about 2 ms per program.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must be set before triton decorates the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from llama3.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from llama3.kernels.gemv import gemv, gemv_reference  # noqa: E402
+from llama3.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+from llama3.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
+from llama3.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")
+    ),
+]
+# Room for a one-ulp difference in a rounded intermediate (fp32 sums in another order, exp2 vs exp).
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 123), (2, 5, 80), (1, 1, 256)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_hf_rounding(
+    shape: tuple[int, ...], dtype: torch.dtype, with_residual: bool
+) -> None:
+    torch.manual_seed(0)
+    x = randn(*shape, dtype=dtype, scale=3.0)
+    weight = randn(shape[-1], dtype=dtype)
+    residual = randn(*shape, dtype=dtype) if with_residual else None
+    out, hidden = rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_hidden = rms_norm_reference(x, weight, 1e-5, residual)
+    assert out.dtype == dtype and out.shape == x.shape
+    if with_residual:
+        torch.testing.assert_close(hidden, ref_hidden, atol=0, rtol=0)  # one rounding of x + residual
+    else:
+        assert hidden is x
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 2 * 123), (2, 3, 2 * 80), (1, 2 * 1500)])  # 1500: two column blocks
+def test_swiglu_matches_silu_gate_times_up(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    gate_up = randn(*shape, dtype=dtype, scale=3.0)
+    out = swiglu(gate_up)
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(out, swiglu_reference(gate_up), **TOL[dtype])
+
+
+def _qkv_views(batch: int, seq_len: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """q, k, v as the model makes them: strided views into one fused qkv projection output."""
+    qkv = randn(batch, seq_len, (n_heads + 2 * n_kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    return (
+        q.view(batch, seq_len, n_heads, head_dim),
+        k.view(batch, seq_len, n_kv_heads, head_dim),
+        v.view(batch, seq_len, n_kv_heads, head_dim),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, max_batch, seq_len, n_heads, n_kv_heads, head_dim, max_seq_len, per_row_pos",
+    [
+        (2, 3, 3, 8, 2, 24, 11, False),  # prefill chunk, GQA, fewer rows than the cache holds
+        (3, 3, 1, 4, 1, 80, 20, True),  # decode, MQA, D/2 = 40 not a power of two, per-row slots
+        (2, 2, 5, 4, 4, 16, 9, True),  # MHA, per-row slots
+    ],
+)
+def test_rope_and_cache_rotates_and_writes_only_input_pos(
+    batch: int,
+    max_batch: int,
+    seq_len: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    max_seq_len: int,
+    per_row_pos: bool,
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(0)
+    q, k, v = _qkv_views(batch, seq_len, n_heads, n_kv_heads, head_dim, dtype)
+    if per_row_pos:  # each row at its own slots, as in a right-padded ragged batch
+        input_pos = torch.stack([torch.arange(seq_len) + 2 * b + 1 for b in range(batch)]).to(DEVICE)
+    else:
+        input_pos = torch.arange(2, 2 + seq_len, device=DEVICE)
+    angles = input_pos.expand(batch, seq_len)[..., None].float() * torch.rand(head_dim // 2, device=DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    k_cache = randn(max_batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
+    v_cache = randn(max_batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_old, v_old = k_cache.clone(), v_cache.clone()
+
+    q_rot = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+    q_ref = rope_and_cache_reference(q, k, v, cos, sin, k_ref, v_ref, input_pos)
+
+    assert q_rot.shape == q.shape and q_rot.dtype == dtype
+    torch.testing.assert_close(q_rot, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k_cache, k_ref, **TOL[dtype])
+    torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0)  # v is copied, not computed
+    # every slot not named by input_pos, and every row beyond the batch, keeps its old contents
+    written = torch.zeros(max_batch, max_seq_len, dtype=torch.bool, device=DEVICE)
+    written[torch.arange(batch, device=DEVICE)[:, None], input_pos.expand(batch, seq_len)] = True
+    untouched = (~written)[:, None, :].expand(max_batch, n_kv_heads, max_seq_len)
+    assert torch.equal(k_cache[untouched], k_old[untouched])
+    assert torch.equal(v_cache[untouched], v_old[untouched])
+
+
+def _poison_outside(cache: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> None:
+    """Fill slots outside [first[b], last[b]] with large values, so any leak into the output shows."""
+    slots = torch.arange(cache.shape[2], device=cache.device)
+    outside = (slots[None, :] < first[:, None]) | (slots[None, :] > last[:, None])
+    cache[: len(first)].masked_fill_(outside[:, None, :, None], 300.0)
+    cache[len(first) :] = 300.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, n_heads, n_kv_heads, head_dim, max_seq_len, last, first, num_splits",
+    [
+        (2, 8, 2, 24, 37, [30, 30], None, None),  # GQA (4 heads per KV head), shared position
+        (3, 4, 4, 80, 100, [99, 40, 70], None, 3),  # MHA, D = 80, per-row positions, 3 splits
+        (2, 4, 1, 16, 70, [0, 69], None, 2),  # MQA; a row with one valid slot, a split with none
+        (2, 6, 2, 32, 45, [44, 44], [0, 9], 8),  # 3 heads per group; left padding; more splits than blocks
+        (3, 8, 2, 16, 90, [89, 10, 50], [5, 3, 50], 4),  # left padding with per-row positions
+    ],
+)
+def test_decode_attention_matches_softmax_over_valid_slots(
+    batch: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    max_seq_len: int,
+    last: list[int],
+    first: list[int] | None,
+    num_splits: int | None,
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(0)
+    q = randn(batch, n_heads, head_dim, dtype=dtype)
+    k_cache = randn(batch + 1, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
+    v_cache = randn(batch + 1, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
+    input_pos = torch.tensor(last[:1] if len(set(last)) == 1 else last, device=DEVICE)
+    seq_start = None if first is None else torch.tensor(first, device=DEVICE)
+    valid_first = torch.zeros(batch, dtype=torch.long, device=DEVICE) if seq_start is None else seq_start
+    _poison_outside(k_cache, valid_first, input_pos.expand(batch))
+    _poison_outside(v_cache, valid_first, input_pos.expand(batch))
+
+    out = decode_attention(q, k_cache, v_cache, input_pos, seq_start=seq_start, num_splits=num_splits)
+    ref = decode_attention_reference(q, k_cache, v_cache, input_pos, seq_start=seq_start)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_decode_attention_with_one_valid_slot_returns_its_value() -> None:
+    q = randn(1, 4, 16, dtype=torch.float32)
+    k_cache = randn(1, 2, 20, 16, dtype=torch.float32)
+    v_cache = randn(1, 2, 20, 16, dtype=torch.float32)
+    out = decode_attention(
+        q, k_cache, v_cache, torch.tensor([7], device=DEVICE), seq_start=torch.tensor([7], device=DEVICE)
+    )
+    expected = v_cache[0, :, 7].repeat_interleave(2, dim=0)  # heads 0, 1 read KV head 0; 2, 3 head 1
+    torch.testing.assert_close(out[0], expected)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_decode_attention_replays_in_a_cuda_graph_at_new_positions() -> None:
+    torch.manual_seed(0)
+    q = randn(2, 8, 64, dtype=torch.bfloat16)
+    k_cache = randn(2, 2, 300, 64, dtype=torch.bfloat16)
+    v_cache = randn(2, 2, 300, 64, dtype=torch.bfloat16)
+    input_pos = torch.tensor([5, 17], device=DEVICE)
+    decode_attention(q, k_cache, v_cache, input_pos)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k_cache, v_cache, input_pos)
+    for positions in ([5, 17], [123, 299], [0, 64]):
+        input_pos.copy_(torch.tensor(positions))
+        graph.replay()
+        ref = decode_attention_reference(q, k_cache, v_cache, input_pos)
+        torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows, n, k, num_splits",
+    [((1,), 100, 300, None), ((3,), 70, 80, 1), ((8,), 33, 513, 3), ((2, 1), 129, 1000, 2)],
+)
+def test_gemv_matches_fp32_matmul(
+    rows: tuple[int, ...], n: int, k: int, num_splits: int | None, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(0)
+    x = randn(*rows, k, dtype=dtype)
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    out = gemv(x, weight, num_splits)
+    assert out.shape == (*rows, n) and out.dtype == dtype
+    torch.testing.assert_close(out, gemv_reference(x, weight), **TOL[dtype])
+
+
+def test_transformers_imports_beside_the_kernels_directory() -> None:
+    """The repo root (first on sys.path under pytest or `python -m`) holds a `kernels/` directory,
+    the name of Hugging Face's kernel hub package that transformers probes for and imports."""
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        f"assert spec is not None and spec.origin.startswith({str(REPO_ROOT)!r}), spec\n"
+        "import kernels\n"
+        "assert 'triton' not in sys.modules, 'importing kernels must not import triton'\n"
+        "import transformers\n"
+        "from transformers import LlamaConfig\n"
+        "LlamaConfig()\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
