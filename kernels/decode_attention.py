@@ -147,14 +147,10 @@ def _decode_attention_combine_kernel(
     out = tl.sum(split_acc * weight[:, None], axis=0) / tl.sum(split_sum * weight, axis=0)
     b = pid // n_heads
     head = pid % n_heads
-    tl.store(
-        out_ptr + b * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask
-    )
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
-def _default_num_splits(
-    batch: int, n_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device
-) -> int:
+def _default_num_splits(batch: int, n_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
     """Enough splits for a few waves of programs over the GPU, but at least a block per split.
 
     Depends only on shapes (not on how many slots are filled), so the grid is fixed for a CUDA graph.
@@ -186,11 +182,7 @@ def decode_attention(
     batch, n_heads, head_dim = q.shape
     n_kv_heads, max_seq_len = k_cache.shape[1], k_cache.shape[2]
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if (
-            cache.dim() != 4
-            or cache.shape[0] < batch
-            or cache.shape[1:] != (n_kv_heads, max_seq_len, head_dim)
-        ):
+        if cache.dim() != 4 or cache.shape[0] < batch or cache.shape[1:] != (n_kv_heads, max_seq_len, head_dim):
             raise ValueError(
                 f"decode_attention: {name} is {tuple(cache.shape)}, expected "
                 f"(>={batch}, {n_kv_heads}, {max_seq_len}, {head_dim}) to match q {tuple(q.shape)}"
@@ -200,13 +192,9 @@ def decode_attention(
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"decode_attention: k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     if n_heads % n_kv_heads:
-        raise ValueError(
-            f"decode_attention: {n_heads} query heads is not a multiple of {n_kv_heads} KV heads"
-        )
+        raise ValueError(f"decode_attention: {n_heads} query heads is not a multiple of {n_kv_heads} KV heads")
     if input_pos.numel() not in (1, batch) or input_pos.dim() != 1:
-        raise ValueError(
-            f"decode_attention: input_pos is {tuple(input_pos.shape)}, expected ({batch},) or (1,)"
-        )
+        raise ValueError(f"decode_attention: input_pos is {tuple(input_pos.shape)}, expected ({batch},) or (1,)")
     if seq_start is not None and seq_start.shape != (batch,):
         raise ValueError(f"decode_attention: seq_start is {tuple(seq_start.shape)}, expected ({batch},)")
     if q.stride(-1) != 1:

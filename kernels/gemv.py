@@ -137,9 +137,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, num_splits: int | None = None) -
     )
     if num_splits > 1:
         block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
-            target, out, num_splits, m * n, BLOCK=block, num_warps=4
-        )
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, num_splits, m * n, BLOCK=block, num_warps=4)
     return out
 
 

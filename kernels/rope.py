@@ -152,16 +152,9 @@ def rope_and_cache(
         )
     for name, table in (("cos", cos), ("sin", sin)):
         if table.shape != (batch, seq_len, half):
-            raise ValueError(
-                f"rope_and_cache: {name} is {tuple(table.shape)}, expected {(batch, seq_len, half)}"
-            )
+            raise ValueError(f"rope_and_cache: {name} is {tuple(table.shape)}, expected {(batch, seq_len, half)}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if (
-            cache.dim() != 4
-            or cache.shape[0] < batch
-            or cache.shape[1] != n_kv_heads
-            or cache.shape[3] != head_dim
-        ):
+        if cache.dim() != 4 or cache.shape[0] < batch or cache.shape[1] != n_kv_heads or cache.shape[3] != head_dim:
             raise ValueError(
                 f"rope_and_cache: {name} is {tuple(cache.shape)}, expected "
                 f"(>={batch}, {n_kv_heads}, max_seq_len, {head_dim})"
@@ -170,8 +163,7 @@ def rope_and_cache(
             raise ValueError(f"rope_and_cache: {name} must be contiguous in its last dimension")
     if input_pos.shape not in ((seq_len,), (batch, seq_len)):
         raise ValueError(
-            f"rope_and_cache: input_pos is {tuple(input_pos.shape)}, "
-            f"expected ({seq_len},) or ({batch}, {seq_len})"
+            f"rope_and_cache: input_pos is {tuple(input_pos.shape)}, expected ({seq_len},) or ({batch}, {seq_len})"
         )
     input_pos = input_pos.expand(batch, seq_len)  # a [T] input_pos gets batch stride 0
 

@@ -28,9 +28,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [
     torch.float32,
     torch.float16,
-    pytest.param(
-        torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")
-    ),
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")),
 ]
 # Room for a one-ulp difference in a rounded intermediate (fp32 sums in another order, exp2 vs exp).
 TOL = {
@@ -47,9 +45,7 @@ def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 123), (2, 5, 80), (1, 1, 256)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_hf_rounding(
-    shape: tuple[int, ...], dtype: torch.dtype, with_residual: bool
-) -> None:
+def test_rms_norm_matches_hf_rounding(shape: tuple[int, ...], dtype: torch.dtype, with_residual: bool) -> None:
     torch.manual_seed(0)
     x = randn(*shape, dtype=dtype, scale=3.0)
     weight = randn(shape[-1], dtype=dtype)
