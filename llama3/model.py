@@ -136,7 +136,8 @@ class Attention(nn.Module):
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, KVH * D, KVH * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
-        q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, self.cache, input_pos)
+        cache = self.cache if input_pos is not None else None  # a cache-free forward must not touch it
+        q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, cache, input_pos)
         out = ops.attention(q, keys, values, mask, input_pos)  # (B, T, H, D)
         return self.wo(out.reshape(B, T, H * D))
 
