@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,8 +214,7 @@ def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
         raise CheckpointError(
             f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}"
         )
-    # mmap keeps the shards on disk until each tensor is needed; weights_only refuses arbitrary pickles
-    states = [torch.load(s, map_location="cpu", mmap=True, weights_only=True) for s in shards]
+    states = [_load_meta_shard(s) for s in shards]
     if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in states[0]:
         params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
     args = ModelArgs.from_meta_params(params)
@@ -237,6 +237,18 @@ def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
             yield _meta_to_hf(name, merged(name), args)
 
     return args, tensors, len(states[0])
+
+
+def _load_meta_shard(path: Path) -> dict[str, Tensor]:
+    # mmap keeps the shards on disk until each tensor is needed; weights_only refuses arbitrary pickles
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), str(e))
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors, and checkpoints are unpickled with "
+            f"weights_only=True so that loading one cannot run code ({reason})"
+        ) from None
 
 
 def permute_meta_to_hf(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
