@@ -67,9 +67,7 @@ class SamplingParams:
 class DecodeStep:
     """One decode step (forward of one token per row + sampling), eager or as a replayed CUDA graph."""
 
-    def __init__(
-        self, model: Transformer, batch_size: int, params: SamplingParams, generator, use_graph: bool
-    ):
+    def __init__(self, model: Transformer, batch_size: int, params: SamplingParams, generator, use_graph: bool):
         self.model, self.params, self.generator = model, params, generator
         self.graph = None
         if use_graph:
@@ -121,9 +119,7 @@ class Llama:
         chat_format=None,
     ):
         if tokenizer.n_words > model.args.vocab_size:
-            raise ValueError(
-                f"tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}"
-            )
+            raise ValueError(f"tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self._chat_format = chat_format
         self.device = model.tok_embeddings.weight.device
@@ -153,9 +149,7 @@ class Llama:
         from llama3.checkpoint import load_model, resolve
 
         path = resolve(src)
-        model = load_model(
-            path, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress
-        )
+        model = load_model(path, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
         gguf_file = path if path.suffix == ".gguf" else next(iter(sorted(path.glob("*.gguf"))), None)
         if gguf_file is not None and not (path.is_dir() and (path / "config.json").exists()):
             from llama3.gguf import load_gguf_tokenizer
@@ -163,9 +157,7 @@ class Llama:
             tokenizer = load_gguf_tokenizer(gguf_file)
         else:
             tokenizer = Tokenizer.from_pretrained(path)
-        return cls(
-            model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs
-        )
+        return cls(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
 
     @property
     def chat_format(self):
@@ -246,7 +238,7 @@ class Llama:
             pending.append((next_tok, done | stopped))  # a row emits nothing once done
             done = done | stopped
             last = i == max_new_tokens - 1
-            if len(pending) >= sync_every or last:
+            if len(pending) >= sync_every or last or i == 0:  # the first token at once: time to first token
                 step_tokens = torch.stack([t for t, _ in pending]).tolist()  # the host sync
                 step_done = torch.stack([d for _, d in pending]).tolist()
                 for tok_row, done_row in zip(step_tokens, step_done, strict=True):
@@ -265,9 +257,7 @@ class Llama:
             "time_to_first_token_s": (first_token_at or time.perf_counter()) - t0,
             "decode_steps": n,
             "seconds": elapsed,
-            "tokens_per_second": (n - 1) / max(elapsed - ((first_token_at or t0) - t0), 1e-9)
-            if n > 1
-            else 0.0,
+            "tokens_per_second": (n - 1) / max(elapsed - ((first_token_at or t0) - t0), 1e-9) if n > 1 else 0.0,
         }
 
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
@@ -314,11 +304,7 @@ class Llama:
         m = self.model
         if self.max_seq_len is not None or self.max_batch_size is not None:
             B, S = self.max_batch_size or batch_size, self.max_seq_len or seq_len
-            if (
-                m.max_batch_size < batch_size
-                or m.max_seq_len < seq_len
-                or (m.max_batch_size, m.max_seq_len) != (B, S)
-            ):
+            if m.max_batch_size < batch_size or m.max_seq_len < seq_len or (m.max_batch_size, m.max_seq_len) != (B, S):
                 m.setup_cache(max(B, batch_size), max(S, seq_len))
                 self._steps.clear()
             return

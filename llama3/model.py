@@ -22,9 +22,7 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
     Computed with the same fp32 ops as transformers so angles (and logits) agree to the last bit.
     """
     D = args.head_dim
-    inv_freq = 1.0 / (
-        args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D)
-    )
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
     s = args.rope_scaling
     if s is None:
         return inv_freq
@@ -68,9 +66,7 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def rms_norm(
-        x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (norm(h) * weight, h) with h = x + residual: the residual add is fused with the norm."""
         h = x if residual is None else x + residual
         hf = h.float()
@@ -101,14 +97,21 @@ class TorchOps:
         return q, cache.k[:B], cache.v[:B]
 
     @staticmethod
-    def attention(
-        q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None
-    ) -> Tensor:
+    def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         """Softmax attention, each group of H/KVH query heads sharing one key/value head.
 
         q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool, or None for causal.
         Returns (B, T, H, D).
         """
+        B, T, H, D = q.shape
+        KVH = keys.shape[1]
+        if T == 1 and mask is not None:
+            # Decode: one query per row. Two small matmuls per KV group beat SDPA's kernels on this shape.
+            q = q.view(B, KVH, H // KVH, D)  # query head h reads key/value head h // (H / KVH)
+            scores = (q @ keys.transpose(-1, -2)).float() * D**-0.5  # (B, KVH, H/KVH, S)
+            scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))
+            out = torch.softmax(scores, dim=-1).to(values.dtype) @ values  # (B, KVH, H/KVH, D)
+            return out.view(B, 1, H, D)
         q = q.transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != keys.shape[1]
@@ -185,22 +188,16 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer(
-            "inv_freq", rope_inv_freq(args, self.tok_embeddings.weight.device), persistent=False
-        )
+        self.register_buffer("inv_freq", rope_inv_freq(args, self.tok_embeddings.weight.device), persistent=False)
         self.ops: type[TorchOps] = TorchOps
         self.max_batch_size = self.max_seq_len = 0
 
     @classmethod
-    def from_pretrained(
-        cls, src, device=None, dtype=None, backend: str = "auto", quantize=None, progress=True
-    ):
+    def from_pretrained(cls, src, device=None, dtype=None, backend: str = "auto", quantize=None, progress=True):
         """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`."""
         from llama3.checkpoint import load_model
 
-        return load_model(
-            src, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress
-        )
+        return load_model(src, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` would round the RoPE frequencies to bf16; recompute them in fp32 on the new device.
@@ -218,9 +215,7 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocates the static KV cache. Needed before calling the model with `input_pos`."""
         if max_seq_len > self.args.max_seq_len:
-            raise ValueError(
-                f"cache length {max_seq_len} exceeds the model's context of {self.args.max_seq_len}"
-            )
+            raise ValueError(f"cache length {max_seq_len} exceeds the model's context of {self.args.max_seq_len}")
         if max_batch_size == self.max_batch_size and max_seq_len == self.max_seq_len:
             return
         w = self.tok_embeddings.weight
@@ -230,9 +225,7 @@ class Transformer(nn.Module):
             )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    def forward(
-        self, tokens: Tensor, input_pos: Tensor | None = None, logits_pos: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_pos: Tensor | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) at `logits_pos`.
 
         Without `input_pos` the sequence is attended causally from position 0 and no cache is touched.
@@ -256,9 +249,7 @@ class Transformer(nn.Module):
 
         x, residual = self.tok_embeddings(tokens), None
         for layer in self.layers:
-            x, residual = layer(
-                x, residual, cos, sin, mask, positions if mask is not None else None, self.ops
-            )
+            x, residual = layer(x, residual, cos, sin, mask, positions if mask is not None else None, self.ops)
         if logits_pos is not None:
             rows = torch.arange(B, device=tokens.device)
             x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)

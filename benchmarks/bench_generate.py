@@ -1,0 +1,278 @@
+"""Decode speed and time to first token: our engine against transformers' `generate`, same run, same shapes.
+
+    python benchmarks/bench_generate.py                      # CPU: 155M Llama-3-shaped config, bf16 + fp32
+    python benchmarks/bench_generate.py --device cuda         # GPU: Llama-3-8B shape, bf16, batch 1 and 8,
+                                                              # 2048-token prefill, peak memory
+    python benchmarks/bench_generate.py --model path.gguf     # a real checkpoint (e.g. the embedded SmolLM2)
+
+Random weights are made on the device (no download). Results go to benchmarks/results/generate-<device>.json
+and .md. Decode tokens/s counts the steps after the first token: (new_tokens - 1) / (total - time to first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama3 import Llama, ModelArgs, Transformer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class NullTokenizer:
+    """Generation on random weights needs no text: just the vocabulary size and no stop tokens."""
+
+    def __init__(self, n_words: int):
+        self.n_words, self.stop_tokens = n_words, []
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, backend: str) -> Transformer:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight in the target dtype: an 8B model in fp32 would not fit twice
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.set_backend(backend)
+    return model.eval()
+
+
+def hf_model_like(model: Transformer):
+    """transformers' LlamaForCausalLM with the same shapes and weights as `model`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = model.args
+    cfg = LlamaConfig(
+        vocab_size=a.vocab_size,
+        hidden_size=a.dim,
+        intermediate_size=a.ffn_dim,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        rms_norm_eps=a.norm_eps,
+        rope_theta=a.rope_theta,
+        max_position_embeddings=a.max_seq_len,
+        tie_word_embeddings=a.tie_embeddings,
+        head_dim=a.head_dim,
+    )
+    w = model.tok_embeddings.weight
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    hf = hf.to_empty(device=w.device).to(w.dtype)
+    hf.model.rotary_emb.inv_freq = model.inv_freq.clone()
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(w)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        if not a.tie_embeddings:
+            hf.lm_head.weight.copy_(model.output.weight)
+        D = a.head_dim
+        for ours, theirs in zip(model.layers, hf.model.layers, strict=True):
+            q, k, v = ours.attention.wqkv.weight.split([a.n_heads * D, a.n_kv_heads * D, a.n_kv_heads * D])
+            theirs.self_attn.q_proj.weight.copy_(q)
+            theirs.self_attn.k_proj.weight.copy_(k)
+            theirs.self_attn.v_proj.weight.copy_(v)
+            theirs.self_attn.o_proj.weight.copy_(ours.attention.wo.weight)
+            gate, up = ours.feed_forward.w13.weight.chunk(2)
+            theirs.mlp.gate_proj.weight.copy_(gate)
+            theirs.mlp.up_proj.weight.copy_(up)
+            theirs.mlp.down_proj.weight.copy_(ours.feed_forward.w2.weight)
+            theirs.input_layernorm.weight.copy_(ours.attention_norm.weight)
+            theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm.weight)
+    return hf.eval()
+
+
+def time_ours(llm: Llama, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    prompts = [[(7 * i + 13 * j) % 1000 + 100 for j in range(prompt_len)] for i in range(batch)]
+    llm.generate(prompts, min(new_tokens, 8), temperature=0)  # warm-up: cache, graph capture, autotuning
+    best = None
+    for _ in range(repeats):
+        sync(llm.device)
+        llm.generate(prompts, new_tokens, temperature=0)
+        s = llm.last_stats
+        if best is None or s["tokens_per_second"] > best["tokens_per_second"]:
+            best = dict(s)
+    return {
+        "decode_tok_s": best["tokens_per_second"] * batch,
+        "ttft_ms": best["time_to_first_token_s"] * 1000,
+        "per_row_tok_s": best["tokens_per_second"],
+    }
+
+
+def time_hf(hf, batch: int, prompt_len: int, new_tokens: int, repeats: int, static: bool) -> dict:
+    device = hf.device
+    x = torch.tensor([[(7 * i + 13 * j) % 1000 + 100 for j in range(prompt_len)] for i in range(batch)], device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if static:
+        kw["cache_implementation"] = "static"
+
+    def run(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(device)
+        return time.perf_counter() - t
+
+    run(min(new_tokens, 8))
+    run(min(new_tokens, 8))  # a second warm-up: compiled generate recompiles once on the first decode shapes
+    ttft = min(run(1) for _ in range(repeats))
+    total = min(run(new_tokens) for _ in range(repeats))
+    tok_s = (new_tokens - 1) / max(total - ttft, 1e-9)
+    return {"decode_tok_s": tok_s * batch, "ttft_ms": ttft * 1000, "per_row_tok_s": tok_s}
+
+
+def time_prefill(llm: Llama, prompt_len: int, repeats: int) -> dict:
+    tokens = [[(13 * j) % 1000 + 100 for j in range(prompt_len)]]
+    llm.generate(tokens, 1, temperature=0)
+    times = []
+    for _ in range(repeats):
+        llm.generate(tokens, 1, temperature=0)
+        times.append(llm.last_stats["time_to_first_token_s"])
+    return {"prefill_tokens": prompt_len, "prefill_tok_s": prompt_len / min(times), "ttft_ms": min(times) * 1000}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", help="ModelArgs preset (default: llama-3-155m on CPU, llama-3-8b on CUDA)")
+    p.add_argument("--model", help="a real checkpoint instead of random weights (dir, .gguf or repo id)")
+    p.add_argument(
+        "--dtypes", default=None, help="comma-separated (default: bfloat16,float32 on CPU, bfloat16 on CUDA)"
+    )
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1 on CPU, 1,8 on CUDA)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
+    p.add_argument("--new-tokens", type=int, default=None, help="default: 64 on CPU, 128 on CUDA")
+    p.add_argument(
+        "--prefill-len", type=int, default=None, help="long-prompt prefill (default: 2048 on CUDA, off on CPU)"
+    )
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument(
+        "--hf-eager", action="store_true", help="on CUDA also time transformers' eager dynamic-cache generate"
+    )
+    p.add_argument("--out", default=None, help="results file stem (default: benchmarks/results/generate-<device>)")
+    a = p.parse_args()
+
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    dtypes = (a.dtypes or ("bfloat16" if cuda else "bfloat16,float32")).split(",")
+    batches = [int(b) for b in (a.batches or ("1,8" if cuda else "1")).split(",")]
+    prompt_len = a.prompt_len or (128 if cuda else 32)
+    new_tokens = a.new_tokens or (128 if cuda else 64)
+    prefill_len = a.prefill_len if a.prefill_len is not None else (2048 if cuda else 0)
+    preset = a.preset or ("llama-3-8b" if cuda else "llama-3-155m")
+
+    rows: list[dict] = []
+    extra: dict = {}
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(0)
+        if a.model:
+            llm = Llama.from_pretrained(a.model, device=device, dtype=dtype, backend=a.backend)
+            name = str(a.model)
+        else:
+            model = random_model(ModelArgs.from_name(preset), device, dtype, a.backend)
+            llm, name = Llama(model, NullTokenizer(model.args.vocab_size)), preset
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        weights_gb = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values()) / 1e9
+        for batch in batches:
+            r = time_ours(llm, batch, prompt_len, new_tokens, a.repeats)
+            rows.append({"system": f"llama3 ({llm.model.ops.name})", "dtype": dtype_name, "batch": batch, **r})
+            print(rows[-1], flush=True)
+        if cuda:
+            extra["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            extra["weights_gb"] = weights_gb
+            cache = llm.model.layers[0].attention.cache
+            extra["kv_cache_gb"] = 2 * cache.k.numel() * cache.k.element_size() * len(llm.model.layers) / 1e9
+        if prefill_len:
+            extra["prefill"] = time_prefill(llm, prefill_len, a.repeats)
+            print(extra["prefill"], flush=True)
+        if not a.no_transformers:
+            hf = hf_model_like(llm.model)
+            model_ref = llm.model
+            del llm
+            if not a.model:
+                del model
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            modes = [("transformers static+compile", True)] + ([("transformers eager", False)] if a.hf_eager else [])
+            if not cuda:
+                modes = [("transformers generate", False)]
+            for label, static in modes:
+                for batch in batches:
+                    r = time_hf(hf, batch, prompt_len, new_tokens, a.repeats, static)
+                    rows.append({"system": label, "dtype": dtype_name, "batch": batch, **r})
+                    print(rows[-1], flush=True)
+            del hf, model_ref
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    result = {
+        "benchmark": "generate",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": a.model or preset,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "rows": rows,
+        **extra,
+    }
+    stem = Path(a.out) if a.out else RESULTS / f"generate-{device.type}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"Decode, {result['model']}, prompt {prompt_len} tokens, {new_tokens} new, greedy. "
+        f"{result['machine']}, torch {result['torch']}, {result['date']}.",
+        "",
+        "| system | dtype | batch | decode tok/s | time to first token (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['system']} | {r['dtype']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} |" for r in rows
+    ]
+    if "prefill" in extra:
+        pf = extra["prefill"]
+        lines += ["", f"Prefill of {pf['prefill_tokens']} tokens: {pf['prefill_tok_s']:.0f} tok/s."]
+    if "peak_gpu_memory_gb" in extra:
+        lines += [
+            f"Peak GPU memory {extra['peak_gpu_memory_gb']:.2f} GB (weights {extra['weights_gb']:.2f} GB, "
+            f"KV cache {extra['kv_cache_gb']:.2f} GB)."
+        ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
