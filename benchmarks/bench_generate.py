@@ -196,10 +196,9 @@ def main() -> None:
         torch.manual_seed(0)
         if a.model:
             llm = Llama.from_pretrained(a.model, device=device, dtype=dtype, backend=a.backend)
-            name = str(a.model)
         else:
             model = random_model(ModelArgs.from_name(preset), device, dtype, a.backend)
-            llm, name = Llama(model, NullTokenizer(model.args.vocab_size)), preset
+            llm = Llama(model, NullTokenizer(model.args.vocab_size))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         weights_gb = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values()) / 1e9
