@@ -172,3 +172,17 @@ def test_temperature_scales_the_distribution(temperature):
     expected = torch.softmax(logits[0] / temperature, dim=-1)
     # 4 standard errors of a binomial proportion
     assert torch.all((freq - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_replay_gives_the_eager_tokens(checkpoint, backend):
+    d = checkpoint[0]
+    graphed = Llama.from_pretrained(d, device="cuda", dtype=torch.float32, backend=backend, cuda_graphs=True)
+    eager = Llama.from_pretrained(d, device="cuda", dtype=torch.float32, backend=backend, cuda_graphs=False)
+    prompts = encode_all(graphed)
+    for kwargs in ({"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "seed": 7}):
+        a = graphed.generate(prompts, 24, stop_tokens=[], **kwargs)
+        b = eager.generate(prompts, 24, stop_tokens=[], **kwargs)
+        assert a == b
+    assert any(s.graph is not None for s in graphed._steps.values())
