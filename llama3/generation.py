@@ -216,10 +216,10 @@ class Llama:
         self._ensure_cache(B, L + max_new_tokens)
         stops = self.tokenizer.stop_tokens if stop_tokens is None else list(stop_tokens)
         stop_ids = torch.tensor(stops, dtype=torch.long, device=self.device)
+        step = self._decode_step(B, params)  # captured (if at all) before the prefill fills the cache
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())  # follows torch.manual_seed
-        self._generator.manual_seed(seed)
-        step = self._decode_step(B, params)  # captured (if at all) before the prefill fills the cache
+        self._generator.manual_seed(seed)  # after the capture, whose warm-up draws random numbers
 
         t0 = time.perf_counter()
         tokens = torch.zeros(B, L, dtype=torch.long)
