@@ -89,8 +89,7 @@ class ChatFormat:
         """The same prompt as text (what the official Jinja template renders)."""
         _validate(messages, self.roles)
         turns = "".join(
-            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-            for m in messages
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
         )
         return f"<|begin_of_text|>{turns}<|start_header_id|>assistant<|end_header_id|>\n\n"
 
@@ -142,8 +141,7 @@ class ChatMLFormat:
         """The same prompt as text."""
         bos = self.tokenizer.decode([self.tokenizer.bos_id]) if self.add_bos else ""
         turns = "".join(
-            f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-            for m in self._with_default_system(messages)
+            f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in self._with_default_system(messages)
         )
         return f"{bos}{turns}<|im_start|>assistant\n"
 

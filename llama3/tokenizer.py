@@ -443,7 +443,8 @@ class Tokenizer:
         """Token ids of `text`, optionally framed by bos / eos.
 
         Special-token text in `text` is encoded as the plain text it is, unless its name is in
-        `allowed_special` ("all" allows every special token). Lone surrogates become U+FFFD.
+        `allowed_special` ("all" allows every special token). Long input is cut where Meta's
+        tokenizer cuts it, so the ids are Meta's for any input. Lone surrogates become U+FFFD.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
