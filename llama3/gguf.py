@@ -16,9 +16,9 @@ Two things differ from an HF checkpoint and are undone here:
   than as config keys; we recover the `RopeScaling` that produces those divisors (see
   `_rope_scaling_from_freqs`) and check that it does.
 
-The file is parsed with the `gguf` package (llama.cpp's own reader); the dequantization is ours, in
-torch, so it runs on whatever device the weights are going to (the tests check it bit for bit against
-`gguf.quants.dequantize`).
+The header is parsed here (the format is simple, and gguf-py's reader takes seconds on a large
+vocabulary); the dequantization is ours too, in torch, so it runs on whatever device the weights go
+to. The tests check both against gguf-py and transformers' GGUF loader, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import os
 import re
 import struct
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from llama3.config import ModelArgs, RopeScaling, rope_frequencies
 from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, _bytes_to_unicode
@@ -106,6 +107,7 @@ _GGML_TYPES = {
     35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17),
 }
+_BLOCK_BYTES = {name: size for name, _, size in _GGML_TYPES.values()}
 # metadata value type id -> struct format; 8 is a string, 9 an array
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -196,6 +198,8 @@ def _open(path: str | os.PathLike[str]) -> _GGUF:
                 hint = " (a big-endian file?)" if version > 0xFFFF else ""
                 raise ValueError(f"GGUF version {version} is not supported (2 and 3 are){hint}")
             n_tensors, n_kv = h.unpack("QQ")
+            if max(n_tensors, n_kv) > len(buf):  # each takes several bytes: a corrupt count
+                raise ValueError(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in {len(buf)} bytes")
             metadata = {}
             for _ in range(n_kv):
                 key = h.string()
@@ -205,10 +209,14 @@ def _open(path: str | os.PathLike[str]) -> _GGUF:
             for _ in range(n_tensors):
                 name = h.string()
                 (n_dims,) = h.unpack("I")
+                if n_dims > 4:  # GGML_MAX_DIMS
+                    raise ValueError(f"tensor {name!r} has {n_dims} dimensions (at most 4)")
                 dims = h.unpack("Q" * n_dims)
                 type_id, offset = h.unpack("IQ")
                 infos.append((name, tuple(reversed(dims)), type_id, offset))
             alignment = metadata.get("general.alignment", 32)
+            if not isinstance(alignment, int) or alignment <= 0:
+                raise ValueError(f"general.alignment is {alignment!r}")
             data_start = -(-h.pos // alignment) * alignment
     except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
         raise GGUFError(f"{path}: not a readable GGUF file (corrupt or truncated?): {e}") from None
@@ -216,8 +224,9 @@ def _open(path: str | os.PathLike[str]) -> _GGUF:
     tensors = {}
     for name, shape, type_id, offset in infos:
         type_name, block, type_size = _GGML_TYPES.get(type_id, (f"<unknown ggml type {type_id}>", 0, 0))
-        n = math.prod(shape)
-        nbytes = n // block * type_size if block else None
+        if block and shape and shape[-1] % block:
+            raise GGUFError(f"{path}: tensor {name} of shape {shape} does not split into {type_name} blocks of {block}")
+        nbytes = math.prod(shape) // block * type_size if block else None
         if nbytes is not None and data_start + offset + nbytes > size:
             raise GGUFError(
                 f"{path}: tensor {name} ({type_name}, shape {shape}) ends at byte {data_start + offset + nbytes} "
@@ -384,7 +393,7 @@ def _nibbles(qs: Tensor) -> Tensor:
 
 
 def _bits(b: Tensor, n_bits: int) -> Tensor:
-    """Each byte's bits (n, ..., k) -> (n, ..., n_bits, k): the values (b >> shift) & mask, lowest shift first."""
+    """Bytes (..., k) -> their n_bits-wide fields (..., 8 // n_bits, k), lowest bits first."""
     width = 8 // n_bits
     shifts = torch.arange(0, 8, n_bits, dtype=torch.uint8, device=b.device).view(width, 1)
     return (b.unsqueeze(-2) >> shifts) & ((1 << n_bits) - 1)
@@ -481,18 +490,18 @@ def _q6_k(b: Tensor) -> Tensor:  # ql[128], qh[64], scales[16] int8, d
     return (d * q).reshape(n, QK_K)
 
 
-# type name -> (values per block, bytes per block, dequantizer); F32/F16/BF16 are handled as plain views
-_DEQUANTIZERS: dict[str, tuple[int, int, Callable[[Tensor], Tensor]]] = {
-    "Q4_0": (32, 18, _q4_0),
-    "Q4_1": (32, 20, _q4_1),
-    "Q5_0": (32, 22, _q5_0),
-    "Q5_1": (32, 24, _q5_1),
-    "Q8_0": (32, 34, _q8_0),
-    "Q2_K": (QK_K, 84, _q2_k),
-    "Q3_K": (QK_K, 110, _q3_k),
-    "Q4_K": (QK_K, 144, _q4_k),
-    "Q5_K": (QK_K, 176, _q5_k),
-    "Q6_K": (QK_K, 210, _q6_k),
+# type name -> dequantizer; F32/F16/BF16 are plain views
+_DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
 }
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SUPPORTED_TYPES = (*_FLOATS, *_DEQUANTIZERS)
@@ -508,8 +517,8 @@ def dequantize(raw: Tensor, type_name: str, shape: tuple[int, ...], dtype: torch
         return raw.view(_FLOATS[type_name]).reshape(shape).to(dtype)
     if type_name not in _DEQUANTIZERS:
         raise GGUFError(f"unsupported tensor type {type_name} (supported: {', '.join(SUPPORTED_TYPES)})")
-    block_size, type_size, fn = _DEQUANTIZERS[type_name]
-    return fn(raw.view(-1, type_size)).reshape(shape).to(dtype)
+    type_size = _BLOCK_BYTES[type_name]
+    return _DEQUANTIZERS[type_name](raw.view(-1, type_size)).reshape(shape).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -586,13 +595,37 @@ def load_gguf_state_dict(
     """The weights of a llama GGUF as an HF Llama state dict: HF names, HF shapes, dequantized to `dtype`.
 
     q_proj/k_proj come out in HF's rotate-half row order; `lm_head.weight` is absent when the file ties
-    it to the embedding (as in an HF checkpoint with `tie_word_embeddings`). Quantized blocks are copied
-    to `device` as bytes and expanded there.
+    it to the embedding (as in an HF checkpoint with `tie_word_embeddings`).
     """
-    from tqdm.auto import tqdm
+    return dict(iter_gguf_state_dict(path, dtype=dtype, device=device, progress=progress))
 
+
+def iter_gguf_state_dict(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Iterator[tuple[str, Tensor]]:
+    """`load_gguf_state_dict` one tensor at a time, so a caller can place each before the next is read.
+
+    The whole file is checked first (every tensor present, of the expected shape and a supported type),
+    so a bad file fails before minutes of dequantizing. Quantized blocks are copied to `device` as bytes
+    (smaller than their expansion) and expanded there.
+    """
     f = _open(path)
     args = _config(f)
+    tensors = _check_tensors(f, args)
+    for hf, t in tqdm(tensors.items(), desc=f"Loading {f.path.name}", unit="tensor", disable=not progress):
+        w = dequantize(f.read(t).to(device), t.type_name, t.shape, dtype)
+        if hf.endswith("q_proj.weight"):
+            w = _unpermute_qk(w, args.n_heads)
+        elif hf.endswith("k_proj.weight"):
+            w = _unpermute_qk(w, args.n_kv_heads)
+        yield hf, w.to(dtype).contiguous()
+
+
+def _check_tensors(f: _GGUF, args: ModelArgs) -> dict[str, _TensorInfo]:
+    """{HF name: tensor} for every weight `args` needs; a GGUFError listing everything that is off."""
     expected = _expected_shapes(args)
     by_hf_name, unexpected = {}, []
     for t in f.tensors.values():
@@ -602,31 +635,22 @@ def load_gguf_state_dict(
         elif t.name not in _CONFIG_TENSORS:
             unexpected.append(t.name)
     missing = [name for name in expected if name not in by_hf_name]
-    if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} tensor(s) (HF names): {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected tensor(s) for a {args.n_layers}-layer llama: {_listing(unexpected)}")
-        raise GGUFError(f"{f.path}: " + "; ".join(problems))
-
-    state = {}
-    for hf, t in tqdm(by_hf_name.items(), desc=f"Loading {Path(path).name}", unit="tensor", disable=not progress):
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) (HF names): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) for a {args.n_layers}-layer llama: {_listing(unexpected)}")
+    for hf, t in by_hf_name.items():
         if t.shape != expected[hf]:
-            raise GGUFError(f"{f.path}: tensor {t.name} ({hf}) has shape {t.shape}, expected {expected[hf]}")
+            problems.append(f"tensor {t.name} ({hf}) has shape {t.shape}, expected {expected[hf]}")
         if t.type_name not in SUPPORTED_TYPES:
-            raise GGUFError(
-                f"{f.path}: tensor {t.name} has type {t.type_name}, which this reader does not dequantize "
+            problems.append(
+                f"tensor {t.name} has type {t.type_name}, which this reader does not dequantize "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
-        # bytes go to the device as they are (smaller than the expansion) and are dequantized there
-        w = dequantize(f.read(t).to(device), t.type_name, t.shape, dtype)
-        if hf.endswith("q_proj.weight"):
-            w = _unpermute_qk(w, args.n_heads)
-        elif hf.endswith("k_proj.weight"):
-            w = _unpermute_qk(w, args.n_kv_heads)
-        state[hf] = w.to(dtype).contiguous()
-    return state
+    if problems:
+        raise GGUFError(f"{f.path}: " + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else ""))
+    return by_hf_name
 
 
 def _listing(names: list[str], limit: int = 12) -> str:
