@@ -82,10 +82,16 @@ def hf_model_like(model: Transformer):
         head_dim=a.head_dim,
     )
     w = model.tok_embeddings.weight
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    hf = hf.to_empty(device=w.device).to(w.dtype)
-    hf.model.rotary_emb.inv_freq = model.inv_freq.clone()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(w.dtype)  # allocate in the target dtype: an fp32 8B copy would not fit beside ours
+    try:
+        with torch.device("meta"):
+            hf = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    hf = hf.to_empty(device=w.device)
+    hf.model.rotary_emb.inv_freq = model.inv_freq.clone()  # to_empty left the buffers uninitialised
+    hf.model.rotary_emb.original_inv_freq = model.inv_freq.clone()
     with torch.no_grad():
         hf.model.embed_tokens.weight.copy_(w)
         hf.model.norm.weight.copy_(model.norm.weight)

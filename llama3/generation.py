@@ -266,7 +266,7 @@ class Llama:
             use_graph = self.cuda_graphs and self.device.type == "cuda"
             try:
                 self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, use_graph)
-            except RuntimeError as e:  # same numbers either way; only the speed differs
+            except (RuntimeError, AttributeError) as e:  # same numbers either way; only the speed differs
                 warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3)
                 self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, False)
         return self._steps[key]

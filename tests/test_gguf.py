@@ -134,8 +134,12 @@ def smollm2() -> Path:
 @pytest.fixture(scope="module")
 def smollm2_hf(smollm2):
     """transformers' model from the same file (it dequantizes with gguf-py and un-permutes q/k itself)."""
+    import importlib.util
+
     from transformers import LlamaForCausalLM
 
+    if importlib.util.find_spec("accelerate") is None:
+        pytest.fail("transformers loads GGUF weights only with `accelerate` installed: pip install accelerate==1.15.0")
     return LlamaForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32)
 
 
@@ -172,6 +176,11 @@ def test_smollm2_weights_in_bf16_are_the_fp32_weights_rounded(smollm2, smollm2_h
 
 
 @pytest.fixture(scope="module")
+def smollm2_tok(smollm2):
+    return load_gguf_tokenizer(smollm2)
+
+
+@pytest.fixture(scope="module")
 def smollm2_hf_tokenizer(smollm2):
     """transformers' GGUF tokenizer, with SmolLM2's own pre-tokenizer.
 
@@ -191,18 +200,18 @@ def smollm2_hf_tokenizer(smollm2):
     return tokenizer
 
 
-def test_smollm2_tokenizer_ids_equal_transformers(smollm2, smollm2_hf_tokenizer):
-    tok = load_gguf_tokenizer(smollm2)
+def test_smollm2_tokenizer_ids_equal_transformers(smollm2_tok, smollm2_hf_tokenizer):
+    tok = smollm2_tok
     for text in CORPUS:
         expected = smollm2_hf_tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
         assert tok.encode(text) == expected, text
         assert tok.decode(expected) == text
 
 
-def test_smollm2_tokenizer_every_token_alone_equals_transformers(smollm2, smollm2_hf_tokenizer):
+def test_smollm2_tokenizer_every_token_alone_equals_transformers(smollm2_tok, smollm2_hf_tokenizer):
     """Each vocabulary entry's text, tokenized: where tiktoken's rank-ordered merging could diverge
     from the merge list (a pair that is a token but not a listed merge), it would show here."""
-    tok = load_gguf_tokenizer(smollm2)
+    tok = smollm2_tok
     texts = [tok.decode([i]) for i in range(17, tok.n_words)]  # 0-16 are the special tokens
     texts = [t for t in texts if "\ufffd" not in t]  # partial UTF-8 sequences
     assert len(texts) > 45000
@@ -211,8 +220,8 @@ def test_smollm2_tokenizer_every_token_alone_equals_transformers(smollm2, smollm
     assert not mismatches, mismatches[:5]
 
 
-def test_smollm2_tokenizer_specials_and_stops(smollm2, smollm2_hf_tokenizer):
-    tok = load_gguf_tokenizer(smollm2)
+def test_smollm2_tokenizer_specials_and_stops(smollm2_tok, smollm2_hf_tokenizer):
+    tok = smollm2_tok
     assert tok.n_words == 49152
     assert (tok.bos_id, tok.eos_id) == (1, 2)  # <|im_start|>, <|im_end|>
     assert tok.special_tokens["<|endoftext|>"] == 0 and len(tok.special_tokens) == 17
@@ -224,9 +233,9 @@ def test_smollm2_tokenizer_specials_and_stops(smollm2, smollm2_hf_tokenizer):
     )
 
 
-def test_smollm2_tokenizer_drops_bytes_its_vocabulary_lacks(smollm2, smollm2_hf_tokenizer):
+def test_smollm2_tokenizer_drops_bytes_its_vocabulary_lacks(smollm2_tok, smollm2_hf_tokenizer):
     """SmolLM2 has no token for byte 0x04; tiktoken would panic, HF drops the byte: so do we."""
-    tok = load_gguf_tokenizer(smollm2)
+    tok = smollm2_tok
     for text in ["a\x04b", "x \x04\x06 y", "\x1d"]:
         assert tok.encode(text) == smollm2_hf_tokenizer.encode(text, add_special_tokens=False), repr(text)
 
