@@ -241,7 +241,7 @@ class Transformer(nn.Module):
         else:
             if self.max_seq_len == 0:
                 raise RuntimeError("call setup_cache(max_batch_size, max_seq_len) before passing input_pos")
-            positions = input_pos.expand(B, T)
+            positions = input_pos.expand(B, T).contiguous()  # index_put is 100x slower on stride-0 indices
             slots = torch.arange(self.max_seq_len, device=tokens.device)
             mask = (slots <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S): causal over the cache
         angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
