@@ -47,9 +47,7 @@ def resolve(src: str | os.PathLike) -> Path:
         return path
     text = str(src)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(
-            f"checkpoint not found: {src} (neither a local path nor a 'owner/name' repo id)"
-        )
+        raise FileNotFoundError(f"checkpoint not found: {src} (neither a local path nor a 'owner/name' repo id)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -130,9 +128,7 @@ def open_checkpoint(path: Path, progress: bool = True) -> tuple[ModelArgs, HFTen
     if len(ggufs) == 1:
         return _open_gguf(ggufs[0], progress)
     if len(ggufs) > 1:
-        raise CheckpointError(
-            f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one"
-        )
+        raise CheckpointError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one")
     raise CheckpointError(
         f"{path}: no config.json (Hugging Face layout), params.json (Meta layout) or .gguf file found"
     )
@@ -151,11 +147,7 @@ def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
         raise CheckpointError(
             f"{path}: no model.safetensors or model.safetensors.index.json"
             + (f" (found {', '.join(found)})" if found else "")
-            + (
-                " — .bin/.pt pickles are not loaded; convert them to safetensors"
-                if list(path.glob("*.bin"))
-                else ""
-            )
+            + (" — .bin/.pt pickles are not loaded; convert them to safetensors" if list(path.glob("*.bin")) else "")
         )
     missing = [s for s in shards if not (path / s).exists()]
     if missing:
@@ -211,9 +203,7 @@ def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
         raise CheckpointError(f"{path}: params.json found but no consolidated.*.pth shard files")
     numbers = [int(re.search(r"consolidated\.(\d+)\.pth", s.name).group(1)) for s in shards]
     if numbers != list(range(len(shards))):
-        raise CheckpointError(
-            f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}"
-        )
+        raise CheckpointError(f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}")
     states = [_load_meta_shard(s) for s in shards]
     if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in states[0]:
         params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
@@ -274,9 +264,7 @@ def _open_gguf(path: Path, progress: bool) -> tuple[ModelArgs, HFTensors, int]:
     try:
         from llama3 import gguf
     except ImportError as e:  # the `gguf` package is an optional extra
-        raise CheckpointError(
-            f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}"
-        ) from None
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}") from None
     args = gguf.read_gguf_config(path)
     state = gguf.load_gguf_state_dict(path, dtype=torch.float32, device="cpu", progress=progress)
     return args, lambda: iter(state.items()), len(state)
@@ -350,9 +338,7 @@ def build_model(
     for name, t in tensors():
         bar.update(1)
         if name not in expected:
-            if not (
-                name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings)
-            ):
+            if not (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_embeddings)):
                 unexpected.append(name)
             continue
         if tuple(t.shape) != expected[name]:
@@ -360,11 +346,10 @@ def build_model(
                 f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]} for this config"
             )
         if not t.is_floating_point():
-            raise CheckpointError(
-                f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor"
-            )
+            raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
         ours, slot, n_slots = _fused_name(name)
-        parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
+        # a private copy: a tensor left on the file's mmap would keep the whole shard mapped
+        parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype, copy=True)
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
             p = parts.pop(ours)
             state[ours] = torch.cat([p[i] for i in range(n_slots)]) if n_slots > 1 else p[0]
