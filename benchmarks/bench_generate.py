@@ -16,6 +16,7 @@ import datetime
 import gc
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -113,44 +114,58 @@ def hf_model_like(model: Transformer):
     return hf.eval()
 
 
-def time_ours(llm: Llama, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    prompts = [[(7 * i + 13 * j) % 1000 + 100 for j in range(prompt_len)] for i in range(batch)]
-    llm.generate(prompts, min(new_tokens, 8), temperature=0)  # warm-up: cache, graph capture, autotuning
-    best = None
-    for _ in range(repeats):
-        sync(llm.device)
-        llm.generate(prompts, new_tokens, temperature=0)
-        s = llm.last_stats
-        if best is None or s["tokens_per_second"] > best["tokens_per_second"]:
-            best = dict(s)
-    return {
-        "decode_tok_s": best["tokens_per_second"] * batch,
-        "ttft_ms": best["time_to_first_token_s"] * 1000,
-        "per_row_tok_s": best["tokens_per_second"],
-    }
+def prompts_for(batch: int, prompt_len: int) -> list[list[int]]:
+    return [[(7 * i + 13 * j) % 1000 + 100 for j in range(prompt_len)] for i in range(batch)]
 
 
-def time_hf(hf, batch: int, prompt_len: int, new_tokens: int, repeats: int, static: bool) -> dict:
-    device = hf.device
-    x = torch.tensor([[(7 * i + 13 * j) % 1000 + 100 for j in range(prompt_len)] for i in range(batch)], device=device)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    if static:
-        kw["cache_implementation"] = "static"
+class Ours:
+    """One timed generate call of our engine: decode tokens/s after the first token, and time to first token."""
 
-    def run(n: int) -> float:
-        sync(device)
+    def __init__(self, llm: Llama, batch: int, prompt_len: int, new_tokens: int):
+        self.llm, self.prompts, self.new_tokens = llm, prompts_for(batch, prompt_len), new_tokens
+        llm.generate(self.prompts, min(new_tokens, 8), temperature=0)  # warm-up: cache, graph capture, autotune
+
+    def __call__(self) -> dict:
+        sync(self.llm.device)
+        self.llm.generate(self.prompts, self.new_tokens, temperature=0)
+        s = self.llm.last_stats
+        return {"tok_s": s["tokens_per_second"], "ttft_ms": s["time_to_first_token_s"] * 1000}
+
+
+class Transformers:
+    """The same measurement for transformers' generate: total time minus a one-token generate."""
+
+    def __init__(self, hf, batch: int, prompt_len: int, new_tokens: int, static: bool):
+        self.hf, self.new_tokens = hf, new_tokens
+        self.x = torch.tensor(prompts_for(batch, prompt_len), device=hf.device)
+        self.kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        if static:
+            self.kw["cache_implementation"] = "static"
+        self.run(min(new_tokens, 8))
+        self.run(min(new_tokens, 8))  # a second warm-up: compiled generate recompiles once for decode shapes
+
+    def run(self, n: int) -> float:
+        sync(self.hf.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
-        sync(device)
+            out = self.hf.generate(self.x, max_new_tokens=n, min_new_tokens=n, **self.kw)
+        sync(self.hf.device)
+        assert out.shape[1] == self.x.shape[1] + n
         return time.perf_counter() - t
 
-    run(min(new_tokens, 8))
-    run(min(new_tokens, 8))  # a second warm-up: compiled generate recompiles once on the first decode shapes
-    ttft = min(run(1) for _ in range(repeats))
-    total = min(run(new_tokens) for _ in range(repeats))
-    tok_s = (new_tokens - 1) / max(total - ttft, 1e-9)
-    return {"decode_tok_s": tok_s * batch, "ttft_ms": ttft * 1000, "per_row_tok_s": tok_s}
+    def __call__(self) -> dict:
+        ttft = self.run(1)
+        total = self.run(self.new_tokens)
+        return {"tok_s": (self.new_tokens - 1) / max(total - ttft, 1e-9), "ttft_ms": ttft * 1000}
+
+
+def interleaved(runners: dict, repeats: int) -> dict[str, dict]:
+    """Alternates the systems run by run (machines drift; a shared VM drifts a lot) and keeps medians."""
+    samples: dict[str, list[dict]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            samples[name].append(run())
+    return {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
 
 
 def time_prefill(llm: Llama, prompt_len: int, repeats: int) -> dict:
@@ -178,7 +193,7 @@ def main() -> None:
         "--prefill-len", type=int, default=None, help="long-prompt prefill (default: 2048 on CUDA, off on CPU)"
     )
     p.add_argument("--backend", default="auto")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per system; medians reported")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument(
         "--hf-eager", action="store_true", help="on CUDA also time transformers' eager dynamic-cache generate"
@@ -207,37 +222,40 @@ def main() -> None:
             llm = Llama(model, NullTokenizer(model.args.vocab_size))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        weights_gb = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values()) / 1e9
-        for batch in batches:
-            r = time_ours(llm, batch, prompt_len, new_tokens, a.repeats)
-            rows.append({"system": f"llama3 ({llm.model.ops.name})", "dtype": dtype_name, "batch": batch, **r})
-            print(rows[-1], flush=True)
-        if cuda:
-            extra["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            extra["weights_gb"] = weights_gb
-            cache = llm.model.layers[0].attention.cache
-            extra["kv_cache_gb"] = 2 * cache.k.numel() * cache.k.element_size() * len(llm.model.layers) / 1e9
+        ours_name = f"llama3 ({llm.model.ops.name})"
+        ours = {batch: Ours(llm, batch, prompt_len, new_tokens) for batch in batches}  # warm-ups
         if prefill_len:
             extra["prefill"] = time_prefill(llm, prefill_len, a.repeats)
             print(extra["prefill"], flush=True)
-        if not a.no_transformers:
-            hf = hf_model_like(llm.model)
-            model_ref = llm.model
-            del llm
-            if not a.model:
-                del model
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            modes = [("transformers static+compile", True)] + ([("transformers eager", False)] if a.hf_eager else [])
-            if not cuda:
-                modes = [("transformers generate", False)]
-            for label, static in modes:
-                for batch in batches:
-                    r = time_hf(hf, batch, prompt_len, new_tokens, a.repeats, static)
-                    rows.append({"system": label, "dtype": dtype_name, "batch": batch, **r})
-                    print(rows[-1], flush=True)
-            del hf, model_ref
+        if cuda:  # before the baseline model exists: this is our own peak
+            extra["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            extra["weights_gb"] = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values()) / 1e9
+            cache = llm.model.layers[0].attention.cache
+            extra["kv_cache_gb"] = 2 * cache.k.numel() * cache.k.element_size() * len(llm.model.layers) / 1e9
+        hf = None if a.no_transformers else hf_model_like(llm.model)
+        for batch in batches:
+            runners = {ours_name: ours[batch]}
+            if hf is not None:
+                if cuda:
+                    runners["transformers static+compile"] = Transformers(hf, batch, prompt_len, new_tokens, True)
+                    if a.hf_eager:
+                        runners["transformers eager"] = Transformers(hf, batch, prompt_len, new_tokens, False)
+                else:
+                    runners["transformers generate"] = Transformers(hf, batch, prompt_len, new_tokens, False)
+            for name, r in interleaved(runners, a.repeats).items():
+                rows.append(
+                    {
+                        "system": name,
+                        "dtype": dtype_name,
+                        "batch": batch,
+                        "decode_tok_s": r["tok_s"] * batch,
+                        "ttft_ms": r["ttft_ms"],
+                    }
+                )
+                print(rows[-1], flush=True)
+        del llm, hf
+        if not a.model:
+            del model
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

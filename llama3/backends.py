@@ -54,18 +54,25 @@ class TritonOps(TorchOps):
     name = "triton"
 
     @staticmethod
-    def rms_norm(
-        x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
+        return angles.cos(), angles.sin()  # (B, T, D/2): the kernel pairs x[i] with x[i + D/2] itself
+
+    @staticmethod
+    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         from llama3.kernels.rms_norm import rms_norm
 
         return rms_norm(x, weight, eps, residual)
 
     @staticmethod
     def rope_and_cache(q, k, v, cos, sin, cache: KVCache | None, input_pos):
-        if cache is None:  # the cache-free forward is not a hot path
-            return TorchOps.rope_and_cache(q, k, v, cos, sin, cache, input_pos)
-        from llama3.kernels.rope import rope_and_cache
+        from llama3.kernels.rope import apply_rope_reference, rope_and_cache
+
+        if cache is None:  # the cache-free forward is not a hot path: the kernel's PyTorch reference
+            return (
+                apply_rope_reference(q, cos, sin),
+                apply_rope_reference(k, cos, sin).transpose(1, 2),
+                v.transpose(1, 2),
+            )
 
         B = q.shape[0]
         q = rope_and_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos)

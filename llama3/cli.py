@@ -7,9 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL_HELP = (
-    "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
-)
+DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -40,11 +40,12 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE in the rotate-half convention of HF checkpoints: pairs (x[i], x[i + D/2]).
 
-    x: (B, T, heads, D); cos, sin: (B, T, D/2) fp32. Rotated in fp32, as Meta's reference does.
+    x: (B, T, heads, D); cos = cat(cos, cos), sin = cat(-sin, sin) as (B, T, 1, D) fp32 (see
+    `TorchOps.rope_tables`). Rotated in fp32, as Meta's reference does; the same products and sums as
+    transformers' `x * cos + rotate_half(x) * sin`, so fp32 results agree to the bit.
     """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -67,11 +68,17 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
+    def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles (B, T, D/2), laid out for `rotate`; built once per forward, used by every layer."""
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat((cos, cos), dim=-1).unsqueeze(2), torch.cat((-sin, sin), dim=-1).unsqueeze(2)
+
+    @staticmethod
     def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (norm(h) * weight, h) with h = x + residual: the residual add is fused with the norm."""
         h = x if residual is None else x + residual
-        hf = h.float()
-        normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+        # x / sqrt(mean(x^2) + eps) in fp32, cast back, then scaled: transformers' order of rounding
+        normed = F.rms_norm(h.float(), (h.shape[-1],), eps=eps)
         return weight * normed.to(h.dtype), h
 
     @staticmethod
@@ -107,12 +114,13 @@ class TorchOps:
         B, T, H, D = q.shape
         KVH = keys.shape[1]
         if T == 1 and mask is not None:
-            # Decode: one query per row. Two small matmuls per KV group beat SDPA's kernels on this shape.
-            q = q.view(B, KVH, H // KVH, D)  # query head h reads key/value head h // (H / KVH)
-            scores = (q @ keys.transpose(-1, -2)).float() * D**-0.5  # (B, KVH, H/KVH, S)
-            scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))
-            out = torch.softmax(scores, dim=-1).to(values.dtype) @ values  # (B, KVH, H/KVH, D)
-            return out.view(B, 1, H, D)
+            # Decode: one query per row. Two small fp32 matmuls per KV group beat SDPA's kernels on this
+            # shape (and bf16 matmuls, which CPUs without bf16 units emulate).
+            q = q.view(B, KVH, H // KVH, D).float()  # query head h reads key/value head h // (H / KVH)
+            scores = (q @ keys.float().transpose(-1, -2)) * D**-0.5  # (B, KVH, H/KVH, S)
+            scores = torch.where(mask[:, :, 0, None, :], scores, float("-inf"))
+            out = torch.softmax(scores, dim=-1) @ values.float()  # (B, KVH, H/KVH, D)
+            return out.to(values.dtype).view(B, 1, H, D)
         q = q.transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != keys.shape[1]
@@ -249,8 +257,7 @@ class Transformer(nn.Module):
             positions = input_pos.expand(B, T).contiguous()  # index_put is 100x slower on stride-0 indices
             slots = torch.arange(self.max_seq_len, device=tokens.device)
             mask = (slots <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S): causal over the cache
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = self.ops.rope_tables(positions[..., None].float() * self.inv_freq)  # angles (B, T, D/2)
 
         x, residual = self.tok_embeddings(tokens), None
         for layer in self.layers:
