@@ -261,13 +261,11 @@ def _meta_to_hf(name: str, t: Tensor, args: ModelArgs) -> tuple[str, Tensor]:
 
 
 def _open_gguf(path: Path, progress: bool) -> tuple[ModelArgs, HFTensors, int]:
-    try:
-        from llama3 import gguf
-    except ImportError as e:  # the `gguf` package is an optional extra
-        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package (pip install gguf): {e}") from None
+    from llama3 import gguf
+
     args = gguf.read_gguf_config(path)
-    state = gguf.load_gguf_state_dict(path, dtype=torch.float32, device="cpu", progress=progress)
-    return args, lambda: iter(state.items()), len(state)
+    # dequantized one tensor at a time (build_model places each before the next is read), exact in fp32
+    return args, lambda: gguf.iter_gguf_state_dict(path, progress=False), len(expected_hf_shapes(args))
 
 
 def expected_hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llama3.config import ModelArgs, RopeScaling, rope_frequencies
-from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, _bytes_to_unicode
+from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, bytes_to_unicode
 
 
 class GGUFError(ValueError):
@@ -716,7 +716,7 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if len(types) != len(tokens):
         raise GGUFError(f"{f.path}: {len(tokens)} tokens but {len(types)} token types")
 
-    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     special: dict[str, int] = {}
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):

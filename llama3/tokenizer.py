@@ -182,7 +182,7 @@ def _long_run_regex(max_run: int) -> re.Pattern[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in.
 
     Bytes that are printable Latin-1 stand for themselves; the other 68 (control characters, space,
@@ -223,7 +223,7 @@ def _encoding_from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[st
 
     special_tokens = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
     vocab: dict[str, int] = model["vocab"]
-    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     for token, token_id in vocab.items():
         if token in special_tokens:

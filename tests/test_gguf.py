@@ -568,3 +568,44 @@ def test_unknown_pre_tokenizer(tmp_path, llama3_vocab):
     path = write_llama_gguf(tmp_path / "t.gguf", tiny_llama(), vocab=small)
     with pytest.raises(GGUFError, match="tokenizer.ggml.pre 'qwen2'"):
         load_gguf_tokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model on GGUF weights: logits and greedy text against transformers
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_llm(smollm2):
+    from llama3 import Llama
+
+    return Llama.from_pretrained(smollm2, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_smollm2_logits_equal_transformers(smollm2_llm, smollm2_hf, smollm2_tok):
+    for text in ["The capital of France is", "def fibonacci(n):\n    ", "日本語 and emoji 😀, 12345"]:
+        ids = torch.tensor([smollm2_tok.encode(text)])
+        with torch.no_grad():
+            ours = smollm2_llm.model(ids)
+            theirs = smollm2_hf(ids).logits
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_smollm2_greedy_chat_equals_transformers(smollm2_llm, smollm2_hf):
+    dialog = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = smollm2_llm.chat_format.encode_dialog_prompt(dialog)
+    expected = smollm2_hf.generate(
+        torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(prompt) :].tolist()
+    assert smollm2_llm.generate([prompt], 32, temperature=0, stop_tokens=[]) == [expected]
+    assert "Paris" in smollm2_llm.tokenizer.decode(expected)
+
+
+def test_llama3_gguf_gives_the_hf_checkpoints_logits(llama3_gguf):
+    from llama3 import Transformer
+
+    path, model = llama3_gguf
+    ours = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32, progress=False)
+    ids = torch.randint(0, 128256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), model(ids).logits, atol=1e-4, rtol=0)
