@@ -77,12 +77,19 @@ def load_model(
     quantize: str | None = None,
     progress: bool = True,
 ) -> Transformer:
-    """Builds a `Transformer` from a checkpoint. Defaults: CUDA if present else CPU, bfloat16."""
+    """Builds a `Transformer` from a checkpoint.
+
+    Defaults: CUDA if present else CPU; bfloat16, except float32 for GGUF files, whose dequantized
+    weights (scale x small integer) are exact in float32 and would be rounded a second time in bfloat16
+    (as transformers does, which loads GGUF in float32 too).
+    """
     if quantize is not None:
         raise NotImplementedError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
     device = torch.device(device) if device is not None else default_device()
-    dtype = _parse_dtype(dtype)
     path = resolve(src)
+    if dtype is None and gguf_file(path) is not None:
+        dtype = torch.float32
+    dtype = _parse_dtype(dtype)
     args, tensors, count = open_checkpoint(path, progress)
     model = build_model(args, tensors, count, device, dtype, progress, source=str(path))
     model.set_backend(backend)
@@ -112,23 +119,31 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 HFTensors = Callable[[], Iterator[tuple[str, Tensor]]]
 
 
-def open_checkpoint(path: Path, progress: bool = True) -> tuple[ModelArgs, HFTensors, int]:
-    """Finds the format at `path`; returns its ModelArgs and a lazy stream of HF-named tensors."""
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` stands for: the file itself, or the one .gguf in a directory without an HF/Meta layout."""
     if path.is_file():
         if path.suffix == ".gguf":
-            return _open_gguf(path, progress)
+            return path
         raise CheckpointError(f"{path}: expected a directory or a .gguf file")
+    if any((path / f).exists() for f in ("config.json", "params.json", "original/params.json")):
+        return None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one")
+    return ggufs[0] if ggufs else None
+
+
+def open_checkpoint(path: Path, progress: bool = True) -> tuple[ModelArgs, HFTensors, int]:
+    """Finds the format at `path`; returns its ModelArgs and a lazy stream of HF-named tensors."""
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return _open_gguf(gguf, progress)
     if (path / "config.json").exists():
         return _open_hf(path)
     if (path / "params.json").exists():
         return _open_meta(path)
     if (path / "original" / "params.json").exists():
         return _open_meta(path / "original")
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _open_gguf(ggufs[0], progress)
-    if len(ggufs) > 1:
-        raise CheckpointError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one")
     raise CheckpointError(
         f"{path}: no config.json (Hugging Face layout), params.json (Meta layout) or .gguf file found"
     )

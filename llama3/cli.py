@@ -13,7 +13,9 @@ DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help=DEFAULT_MODEL_HELP)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (float32 for GGUF files)"
+    )
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--max-new-tokens", "-n", type=int, default=None)
     p.add_argument("--temperature", "-t", type=float, default=0.6)

@@ -146,15 +146,15 @@ class Llama:
         cuda_graphs: bool | None = None,
     ) -> Llama:
         """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id."""
-        from llama3.checkpoint import load_model, resolve
+        from llama3.checkpoint import gguf_file, load_model, resolve
 
         path = resolve(src)
         model = load_model(path, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
-        gguf_file = path if path.suffix == ".gguf" else next(iter(sorted(path.glob("*.gguf"))), None)
-        if gguf_file is not None and not (path.is_dir() and (path / "config.json").exists()):
+        gguf = gguf_file(path)
+        if gguf is not None:
             from llama3.gguf import load_gguf_tokenizer
 
-            tokenizer = load_gguf_tokenizer(gguf_file)
+            tokenizer = load_gguf_tokenizer(gguf)
         else:
             tokenizer = Tokenizer.from_pretrained(path)
         return cls(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
@@ -233,32 +233,36 @@ class Llama:
         pending: list[tuple[Tensor, Tensor]] = []
         finished = [False] * B
         first_token_at = None
-        for i in range(max_new_tokens):
-            stopped = torch.isin(next_tok, stop_ids) if stops else torch.zeros_like(done)
-            pending.append((next_tok, done | stopped))  # a row emits nothing once done
-            done = done | stopped
-            last = i == max_new_tokens - 1
-            if len(pending) >= sync_every or last or i == 0:  # the first token at once: time to first token
-                step_tokens = torch.stack([t for t, _ in pending]).tolist()  # the host sync
-                step_done = torch.stack([d for _, d in pending]).tolist()
-                for tok_row, done_row in zip(step_tokens, step_done, strict=True):
-                    finished = [f or d for f, d in zip(finished, done_row, strict=True)]
-                    yield [None if f else t for t, f in zip(tok_row, finished, strict=True)]
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                pending.clear()
-                if all(finished) or last:
-                    break
-            next_tok = step(next_tok[:, None], pos[:, None])
-            pos = pos + 1
-        elapsed = time.perf_counter() - t0
-        n = i + 1
-        self.last_stats = {
-            "time_to_first_token_s": (first_token_at or time.perf_counter()) - t0,
-            "decode_steps": n,
-            "seconds": elapsed,
-            "tokens_per_second": (n - 1) / max(elapsed - ((first_token_at or t0) - t0), 1e-9) if n > 1 else 0.0,
-        }
+        i = 0
+        try:
+            for i in range(max_new_tokens):
+                stopped = torch.isin(next_tok, stop_ids) if stops else torch.zeros_like(done)
+                pending.append((next_tok, done | stopped))  # a row emits nothing once done
+                done = done | stopped
+                last = i == max_new_tokens - 1
+                if len(pending) >= sync_every or last or i == 0:  # the first token at once: time to first token
+                    step_tokens = torch.stack([t for t, _ in pending]).tolist()  # the host sync
+                    step_done = torch.stack([d for _, d in pending]).tolist()
+                    pending.clear()
+                    for tok_row, done_row in zip(step_tokens, step_done, strict=True):
+                        finished = [f or d for f, d in zip(finished, done_row, strict=True)]
+                        if first_token_at is None:
+                            first_token_at = time.perf_counter()
+                        yield [None if f else t for t, f in zip(tok_row, finished, strict=True)]
+                    if all(finished) or last:
+                        break
+                next_tok = step(next_tok[:, None], pos[:, None])
+                pos = pos + 1
+        finally:  # also when the caller stops early (Ctrl-C in the CLI)
+            elapsed = time.perf_counter() - t0
+            ttft = (first_token_at or time.perf_counter()) - t0
+            n = i + 1
+            self.last_stats = {
+                "time_to_first_token_s": ttft,
+                "decode_steps": n,
+                "seconds": elapsed,
+                "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
+            }
 
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
         key = (batch_size, params)
@@ -358,8 +362,8 @@ class Llama:
     def _stream_text(self, tokens: list[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
         decoder = self.tokenizer.stream_decoder()
         for (token,) in self.generate_stream([tokens], max_new_tokens, **kwargs):
-            if token is None:
-                break
+            if token is None:  # stopped; the generator ends by itself (and records its stats)
+                continue
             piece = decoder.push(token)
             if piece:
                 yield piece
