@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,30 +166,6 @@ def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
         high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
     )
-
-
-def rope_frequencies(args: ModelArgs) -> list[float]:
-    """Inverse frequencies theta^(-2i/d) for i < head_dim/2, with Llama 3.1 scaling applied."""
-    hd = args.head_dim
-    freqs = [1.0 / (args.rope_theta ** (2 * i / hd)) for i in range(hd // 2)]
-    s = args.rope_scaling
-    if s is None:
-        return freqs
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < high_wavelen:
-            out.append(f)
-        elif wavelen > low_wavelen:
-            out.append(f / s.factor)
-        else:
-            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-                s.high_freq_factor - s.low_freq_factor
-            )
-            out.append((1 - smooth) * f / s.factor + smooth * f)
-    return out
 
 
 _L3 = dict(vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5, n_kv_heads=8)

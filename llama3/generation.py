@@ -73,8 +73,8 @@ class DecodeStep:
         if use_graph:
             self._capture(batch_size)
 
-    def _eager(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        logits = self.model(tokens, input_pos)
+    def _eager(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None) -> Tensor:
+        logits = self.model(tokens, input_pos, kv_len=kv_len)
         p = self.params
         return sample(logits[:, -1], p.temperature, p.top_p, p.top_k, self.generator)
 
@@ -96,9 +96,10 @@ class DecodeStep:
             self.next_tokens = self._eager(self.tokens, self.input_pos)
         self.graph = graph
 
-    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    def __call__(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+        """Next tokens (B,) after `tokens` (B, 1) at slots `input_pos` (B, 1), all below `kv_len`."""
         if self.graph is None:
-            return self._eager(tokens, input_pos)
+            return self._eager(tokens, input_pos, kv_len)
         self.tokens.copy_(tokens)
         self.input_pos.copy_(input_pos)
         self.graph.replay()
@@ -227,7 +228,7 @@ class Llama:
             tokens[row, : len(p)] = torch.tensor(p)
         tokens = tokens.to(self.device)
         pos = torch.tensor(lengths, device=self.device)  # slot of each row's next token
-        logits = self.model(tokens, torch.arange(L, device=self.device), logits_pos=pos - 1)
+        logits = self.model(tokens, torch.arange(L, device=self.device), logits_pos=pos - 1, kv_len=L)
         next_tok = sample(logits[:, -1], params.temperature, params.top_p, params.top_k, self._generator)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         pending: list[tuple[Tensor, Tensor]] = []
@@ -251,7 +252,7 @@ class Llama:
                         yield [None if f else t for t, f in zip(tok_row, finished, strict=True)]
                     if all(finished) or last:
                         break
-                next_tok = step(next_tok[:, None], pos[:, None])
+                next_tok = step(next_tok[:, None], pos[:, None], kv_len=L + i + 1)  # rows are at most at L + i
                 pos = pos + 1
         finally:  # also when the caller stops early (Ctrl-C in the CLI)
             elapsed = time.perf_counter() - t0

@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llama3.config import ModelArgs, RopeScaling, rope_frequencies
+from llama3.config import ModelArgs, RopeScaling
+from llama3.model import rope_inv_freq
 from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, bytes_to_unicode
 
 
@@ -316,6 +317,11 @@ def _config(f: _GGUF) -> ModelArgs:
 _ORIGINAL_CONTEXT = 8192
 
 
+def _frequencies(args: ModelArgs, scaling: RopeScaling | None) -> np.ndarray:
+    """The model's RoPE frequencies (`rope_inv_freq`) for `args` with `scaling`, as float64."""
+    return rope_inv_freq(ModelArgs(**{**args.to_dict(), "rope_scaling": scaling})).double().numpy()
+
+
 def _rope_scaling_from_freqs(divisors: np.ndarray, args: ModelArgs, path: Any) -> RopeScaling | None:
     """The Llama 3.1 `RopeScaling` whose frequencies equal theta^(-2i/d) / divisors[i].
 
@@ -327,7 +333,7 @@ def _rope_scaling_from_freqs(divisors: np.ndarray, args: ModelArgs, path: Any) -
     """
     if np.allclose(divisors, 1.0, rtol=0, atol=1e-6):
         return None
-    base = np.array(rope_frequencies(ModelArgs(**{**args.to_dict(), "rope_scaling": None})))
+    base = _frequencies(args, None)
     u = base / (2 * math.pi)  # 1 / wavelength, decreasing along the pairs
     factor = float(divisors.max())
     keep = np.isclose(divisors, 1.0, rtol=1e-6)
@@ -335,7 +341,7 @@ def _rope_scaling_from_freqs(divisors: np.ndarray, args: ModelArgs, path: Any) -
     band = ~keep & ~full
 
     def check(s: RopeScaling) -> RopeScaling | None:
-        got = base / np.array(rope_frequencies(ModelArgs(**{**args.to_dict(), "rope_scaling": s})))
+        got = base / _frequencies(args, s)
         return s if np.allclose(got, divisors, rtol=1e-5, atol=0) else None
 
     # Meta's published settings first (Llama 3.1: factor 8, 3.2: factor 32; low 1, high 4, L 8192).

@@ -113,6 +113,8 @@ class TorchOps:
         """
         B, T, H, D = q.shape
         KVH = keys.shape[1]
+        if mask is not None:  # the mask covers the slots in use (kv_len); the rest of the cache is empty
+            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
         if T == 1 and mask is not None:
             # Decode: one query per row. Two small fp32 matmuls per KV group beat SDPA's kernels on this
             # shape (and bf16 matmuls, which CPUs without bf16 units emulate).
@@ -238,7 +240,13 @@ class Transformer(nn.Module):
             )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, logits_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor | None = None,
+        logits_pos: Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) at `logits_pos`.
 
         Without `input_pos` the sequence is attended causally from position 0 and no cache is touched.
@@ -246,7 +254,9 @@ class Transformer(nn.Module):
         row) and attends to slots 0..input_pos[b, t]. A slot is a position: ragged batches are padded
         on the right, so every row computes exactly what it would compute alone.
         `logits_pos` (B,) picks one position per row (the last real token) so a prefill does not pay
-        for the full (B, T, vocab) output projection.
+        for the full (B, T, vocab) output projection. `kv_len`, a bound on the slots in use known on the
+        host (> every input_pos), lets attention skip the empty rest of the cache; a CUDA graph, which
+        must serve every step, leaves it None.
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -255,7 +265,7 @@ class Transformer(nn.Module):
             if self.max_seq_len == 0:
                 raise RuntimeError("call setup_cache(max_batch_size, max_seq_len) before passing input_pos")
             positions = input_pos.expand(B, T).contiguous()  # index_put is 100x slower on stride-0 indices
-            slots = torch.arange(self.max_seq_len, device=tokens.device)
+            slots = torch.arange(kv_len or self.max_seq_len, device=tokens.device)
             mask = (slots <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S): causal over the cache
         cos, sin = self.ops.rope_tables(positions[..., None].float() * self.inv_freq)  # angles (B, T, D/2)
 

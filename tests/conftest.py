@@ -24,9 +24,15 @@ LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1
 TINY_CONFIGS = {
     "llama3-gqa": dict(num_attention_heads=4, num_key_value_heads=2),
     "llama3.1-scaled": dict(
-        num_attention_heads=4, num_key_value_heads=2,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
     "llama3.2-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
@@ -38,9 +44,18 @@ def tiny_hf_config(vocab_size: int = 512, **overrides):
     from transformers import LlamaConfig
 
     kwargs = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)

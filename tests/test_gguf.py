@@ -19,7 +19,7 @@ import pytest
 import tiktoken
 import torch
 
-from llama3.config import ModelArgs, RopeScaling, rope_frequencies
+from llama3.config import ModelArgs, RopeScaling
 from llama3.gguf import (
     GGUFError,
     dequantize,
@@ -28,6 +28,7 @@ from llama3.gguf import (
     load_gguf_tokenizer,
     read_gguf_config,
 )
+from llama3.model import rope_inv_freq
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -397,7 +398,7 @@ def llama3_gguf(tmp_path_factory, llama3_vocab):
 
 def same_args_but_rope(args: ModelArgs, expected: ModelArgs) -> None:
     """Equal ModelArgs, with rope scaling compared by the frequencies it produces."""
-    assert rope_frequencies(args) == pytest.approx(rope_frequencies(expected), rel=1e-6)
+    assert rope_inv_freq(args).tolist() == pytest.approx(rope_inv_freq(expected).tolist(), rel=1e-6)
     assert args.to_dict() | {"rope_scaling": None} == expected.to_dict() | {"rope_scaling": None}
 
 
