@@ -10,7 +10,6 @@ its peak resident set size is VmHWM from /proc/self/status, reset after the impo
 /proc/self/clear_refs, so it belongs to the load alone. (Not getrusage's ru_maxrss: Linux carries it
 over from the parent across fork and exec, so every child would report at least the parent's RSS.)
     ours          Transformer.from_pretrained(dir, device="cpu", dtype=torch.bfloat16)
-    ours-dynamo-preloaded    the same, with torch._dynamo imported before the clock starts (see IMPLS)
     transformers  LlamaForCausalLM.from_pretrained(dir, dtype=torch.bfloat16)
 Imports are timed apart from the load, and the RSS reached after the imports is reported, so that
 "peak - before load" is what loading itself costs; "peak / checkpoint" compares that with the file size.
@@ -38,9 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_PRESET = "llama-3-155m"
-# "ours-dynamo-preloaded" imports torch._dynamo with the other imports: building the model on the meta
-# device runs ops through torch._refs, whose first call imports torch._dynamo (~1.5 s here, once per process)
-IMPLS = ("ours", "ours-dynamo-preloaded", "transformers")
+IMPLS = ("ours", "transformers")
 PROBE_TOKENS = [128000, 9906, 1917, 11, 358, 1097, 264, 1296]  # any ids < vocab; 8 tokens
 
 
@@ -79,9 +76,6 @@ def child(impl: str, path: str) -> dict:
     if impl.startswith("ours"):
         sys.path.insert(0, str(REPO))
         from llama3.model import Transformer
-
-        if impl == "ours-dynamo-preloaded":
-            import torch._dynamo  # noqa: F401
 
         def load():
             return Transformer.from_pretrained(path, device="cpu", dtype=torch.bfloat16, progress=False)

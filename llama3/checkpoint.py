@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -167,19 +168,58 @@ def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
     missing = [s for s in shards if not (path / s).exists()]
     if missing:
         raise CheckpointError(f"{path}: missing shard files {', '.join(missing)}")
-    from safetensors import safe_open
+    headers = {shard: _safetensors_header(path / shard) for shard in shards}
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         for shard in shards:
-            with safe_open(path / shard, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            yield from _read_safetensors(path / shard, *headers[shard])
 
-    count = 0
-    for shard in shards:
-        with safe_open(path / shard, framework="pt") as f:
-            count += len(f.keys())
-    return args, tensors, count
+    return args, tensors, sum(len(entries) for entries, _ in headers.values())
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """The tensor entries of a .safetensors file (name -> dtype, shape, byte range) and where data starts."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt header): {e}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_safetensors(file: Path, header: dict, data_start: int) -> Iterator[tuple[str, Tensor]]:
+    """Each tensor read straight into its own private buffer, in file order.
+
+    Plain reads rather than safetensors' memory map: a mapped file stays resident until every tensor
+    viewing it is gone, which would count a second copy of the checkpoint against host memory.
+    """
+    with open(file, "rb") as f:
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
+            t = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            buffer = t.reshape(-1).view(torch.uint8).numpy()
+            f.seek(data_start + begin)
+            if end - begin != buffer.nbytes or f.readinto(buffer) != buffer.nbytes:
+                raise CheckpointError(f"{file}: tensor {name} is truncated or its byte range does not fit its shape")
+            yield name, t
 
 
 # Meta's original names -> HF names; q/k additionally need the RoPE permutation (see _meta_to_hf).
@@ -361,8 +401,7 @@ def build_model(
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
         ours, slot, n_slots = _fused_name(name)
-        # a private copy: a tensor left on the file's mmap would keep the whole shard mapped
-        parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype, copy=True)
+        parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
             p = parts.pop(ours)
             state[ours] = torch.cat([p[i] for i in range(n_slots)]) if n_slots > 1 else p[0]

@@ -437,3 +437,23 @@ def test_meta_params_derive_ffn_dim_like_meta():
         assert ModelArgs.from_meta_params(params) == ModelArgs.from_name(name), name
         assert meta_ffn_dim(params) == ModelArgs.from_name(name).ffn_dim
     assert math.isclose(ModelArgs.from_meta_params(released["llama-3.1-405b"]).rope_scaling.factor, 8.0)
+
+
+@pytest.mark.parametrize("keep", [4, 100, -64])
+def test_truncated_safetensors_is_named(tiny_hf, keep):
+    d, _ = tiny_hf("llama3-gqa")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:keep] if keep > 0 else data[:keep])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Transformer.from_pretrained(d, device="cpu", dtype=torch.float32)
+
+
+def test_bf16_checkpoint_loads_bit_exact(tiny_hf):
+    d, hf = tiny_hf("llama3-gqa")
+    hf.to(torch.bfloat16).save_pretrained(d)
+    ours = Transformer.from_pretrained(d, device="cpu", dtype=torch.bfloat16)
+    q, k, v = ours.layers[0].attention.wqkv.weight.split([64, 32, 32])
+    assert torch.equal(q, hf.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(v, hf.model.layers[0].self_attn.v_proj.weight)
+    assert torch.equal(ours.tok_embeddings.weight, hf.model.embed_tokens.weight)
