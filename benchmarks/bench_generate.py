@@ -69,19 +69,7 @@ def hf_model_like(model: Transformer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = model.args
-    cfg = LlamaConfig(
-        vocab_size=a.vocab_size,
-        hidden_size=a.dim,
-        intermediate_size=a.ffn_dim,
-        num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads,
-        num_key_value_heads=a.n_kv_heads,
-        rms_norm_eps=a.norm_eps,
-        rope_theta=a.rope_theta,
-        max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=a.tie_embeddings,
-        head_dim=a.head_dim,
-    )
+    cfg = LlamaConfig(**a.to_hf_config())
     w = model.tok_embeddings.weight
     default = torch.get_default_dtype()
     torch.set_default_dtype(w.dtype)  # allocate in the target dtype: an fp32 8B copy would not fit beside ours

@@ -141,23 +141,7 @@ def write_checkpoint(path: Path, preset: str, shard_bytes: int, seed: int = 0) -
     from llama3.config import ModelArgs
 
     a = ModelArgs.from_name(preset)
-    s = a.rope_scaling
-    LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        vocab_size=a.vocab_size,
-        hidden_size=a.dim,
-        intermediate_size=a.ffn_dim,
-        num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads,
-        num_key_value_heads=a.n_kv_heads,
-        head_dim=a.head_dim,
-        rms_norm_eps=a.norm_eps,
-        rope_theta=a.rope_theta,
-        rope_scaling=None if s is None else {"rope_type": "llama3", **vars(s)},
-        max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=a.tie_embeddings,
-        dtype="bfloat16",
-    ).save_pretrained(path)
+    LlamaConfig(**a.to_hf_config(), dtype="bfloat16").save_pretrained(path)
 
     shapes = expected_hf_shapes(a)
     shards: list[list[str]] = [[]]

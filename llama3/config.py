@@ -133,6 +133,26 @@ class ModelArgs:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """The transformers `LlamaConfig` keyword arguments for this model (the inverse of `from_hf_config`)."""
+        s = self.rope_scaling
+        return dict(
+            model_type="llama",
+            architectures=["LlamaForCausalLM"],
+            vocab_size=self.vocab_size,
+            hidden_size=self.dim,
+            intermediate_size=self.ffn_dim,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=None if s is None else {"rope_type": "llama3", **dataclasses.asdict(s)},
+            max_position_embeddings=self.max_seq_len,
+            tie_word_embeddings=self.tie_embeddings,
+        )
+
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         hd = self.head_dim

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from llama3.checkpoint import expected_hf_shapes
 from llama3.config import ModelArgs, RopeScaling
 from llama3.model import rope_inv_freq
 from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, bytes_to_unicode
@@ -558,28 +559,6 @@ def _hf_name(name: str) -> str | None:
     return hf.format(i=m.group(1)) if hf else None
 
 
-def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF checkpoint of `args` holds, with its shape."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.dim), "model.norm.weight": (args.dim,)}
-    if not args.tie_embeddings:
-        shapes["lm_head.weight"] = (args.vocab_size, args.dim)
-    for i in range(args.n_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (args.dim,),
-            p + "self_attn.q_proj.weight": (q, args.dim),
-            p + "self_attn.k_proj.weight": (kv, args.dim),
-            p + "self_attn.v_proj.weight": (kv, args.dim),
-            p + "self_attn.o_proj.weight": (args.dim, q),
-            p + "post_attention_layernorm.weight": (args.dim,),
-            p + "mlp.gate_proj.weight": (args.ffn_dim, args.dim),
-            p + "mlp.up_proj.weight": (args.ffn_dim, args.dim),
-            p + "mlp.down_proj.weight": (args.dim, args.ffn_dim),
-        }
-    return shapes
-
-
 def _unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
     """Undo llama.cpp's q/k row permutation: interleaved RoPE pairs back to HF's rotate-half order.
 
@@ -632,7 +611,7 @@ def iter_gguf_state_dict(
 
 def _check_tensors(f: _GGUF, args: ModelArgs) -> dict[str, _TensorInfo]:
     """{HF name: tensor} for every weight `args` needs; a GGUFError listing everything that is off."""
-    expected = _expected_shapes(args)
+    expected = expected_hf_shapes(args)
     by_hf_name, unexpected = {}, []
     for t in f.tensors.values():
         hf = _hf_name(t.name)

@@ -406,3 +406,13 @@ def test_to_bfloat16_keeps_rope_frequencies_fp32():
     assert torch.equal(model.inv_freq, rope_inv_freq(args))
     model.to(torch.float16).to(torch.float32)
     assert torch.equal(model.inv_freq, rope_inv_freq(args))
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "llama-3.1-70b", "llama-3.2-1b", "llama-3.2-3b"])
+def test_to_hf_config_round_trips_through_transformers(name):
+    from transformers import LlamaConfig
+
+    args = ModelArgs.from_name(name)
+    config = LlamaConfig(**args.to_hf_config()).to_dict()
+    assert (config["hidden_size"], config["num_key_value_heads"]) == (args.dim, args.n_kv_heads)
+    assert ModelArgs.from_hf_config(config) == args
