@@ -254,7 +254,7 @@ def main() -> None:
         "machine": machine(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "model": a.model or preset,
+        "model": Path(a.model).name if a.model else preset,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "rows": rows,
@@ -264,8 +264,8 @@ def main() -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"Decode, {result['model']}, prompt {prompt_len} tokens, {new_tokens} new, greedy. "
-        f"{result['machine']}, torch {result['torch']}, {result['date']}.",
+        f"Decode, {result['model']}, prompt {prompt_len} tokens, {new_tokens} new, greedy; median of "
+        f"{a.repeats} runs, the systems taking turns. {result['machine']}, torch {result['torch']}, {result['date']}.",
         "",
         "| system | dtype | batch | decode tok/s | time to first token (ms) |",
         "|---|---|---|---|---|",
