@@ -61,8 +61,8 @@ def tiny_hf_config(vocab_size: int = 512, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def save_tiny_hf(path: Path, seed: int = 0, vocab_size: int = 512, max_shard_size=None, **overrides):
-    """Saves a random LlamaForCausalLM to `path` with transformers; returns the (fp32, eval) HF model."""
+def tiny_hf_model(seed: int = 0, vocab_size: int = 512, **overrides):
+    """A random transformers LlamaForCausalLM (fp32, eval) of a tiny config."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -72,6 +72,12 @@ def save_tiny_hf(path: Path, seed: int = 0, vocab_size: int = 512, max_shard_siz
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_tiny_hf(path: Path, seed: int = 0, vocab_size: int = 512, max_shard_size=None, **overrides):
+    """Saves a random LlamaForCausalLM to `path` with transformers; returns the (fp32, eval) HF model."""
+    model = tiny_hf_model(seed, vocab_size, **overrides)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return model

@@ -346,16 +346,9 @@ def write_llama_gguf(
 
 
 def tiny_llama(vocab_size: int = 512, seed: int = 0, **overrides):
-    from conftest import tiny_hf_config
-    from transformers import LlamaForCausalLM
+    from conftest import tiny_hf_model
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_hf_config(vocab_size, **overrides)).eval()
-    with torch.no_grad():  # norms away from 1.0 so a swapped norm shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny_hf_model(seed, vocab_size, **overrides)
 
 
 @pytest.fixture(scope="module")
