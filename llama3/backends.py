@@ -7,6 +7,7 @@ one-token decode step.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -18,31 +19,30 @@ from llama3.model import KVCache, TorchOps
 BACKENDS = ("auto", "torch", "triton")
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def triton_missing() -> str | None:
+    """Why the Triton backend cannot load here, or None when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton)"
+    if importlib.util.find_spec("llama3.kernels") is None:  # kernels/ ships as llama3.kernels when installed
+        return "llama3.kernels is not importable: install this package (pip install -e .), not just its checkout"
+    return None
 
 
 def get_ops(backend: str, device: torch.device | str) -> type[TorchOps]:
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return TorchOps
+    missing = triton_missing()
     if backend == "auto":
-        if device.type != "cuda":
-            return TorchOps
-        if not triton_available():
-            warnings.warn("triton is not installed: using the PyTorch backend on CUDA (slower)", stacklevel=3)
+        if missing:  # the same numbers, only slower: say so once
+            warnings.warn(f"using the PyTorch backend on CUDA (slower): {missing}", stacklevel=3)
             return TorchOps
         return TritonOps
-    if backend == "torch":
-        return TorchOps
-    if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    if device.type != "cuda" and not interpret:
+    if missing:
+        raise RuntimeError(f"backend='triton' cannot run: {missing}")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"backend='triton' runs on CUDA devices, not {device.type}; "
             "set TRITON_INTERPRET=1 before importing llama3 to run the kernels on CPU (slow, for tests)"

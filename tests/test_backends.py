@@ -54,3 +54,16 @@ def test_backend_choice():
     assert get_ops("torch", "cpu") is TorchOps
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         get_ops("cuda", "cpu")
+
+
+def test_missing_kernels_package_is_explained(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama3.kernels" else real(name, *a)
+    )
+    with pytest.raises(RuntimeError, match="pip install -e"):
+        get_ops("triton", "cpu")
+    with pytest.warns(UserWarning, match="PyTorch backend on CUDA"):
+        assert get_ops("auto", "cuda") is TorchOps
