@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from llama3.config import ConfigError, ModelArgs
 from llama3.model import Transformer, rope_inv_freq
@@ -387,7 +388,8 @@ def build_model(
     parts: dict[str, dict[int, Tensor]] = {}
     state: dict[str, Tensor] = {}
     unexpected: list[str] = []
-    bar = _progress(count, f"loading {Path(source).name}", progress and _checkpoint_bytes(args) > 2**30)
+    big = args.num_params() * dtype.itemsize > 2**30  # a bar only for loads that take a while
+    bar = tqdm(total=count, desc=f"loading {Path(source).name}", unit="tensor", disable=not (progress and big))
     for name, t in tensors():
         bar.update(1)
         if name not in expected:
@@ -424,16 +426,6 @@ def build_model(
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args, device)
     return model.eval()
-
-
-def _checkpoint_bytes(args: ModelArgs) -> int:
-    return args.num_params() * 2
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "open_checkpoint", "build_model", "resolve"]

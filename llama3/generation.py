@@ -8,7 +8,6 @@ captured once in a CUDA graph and replayed per token.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -127,7 +126,7 @@ class Llama:
         # None: grow the cache to what each call needs; an int fixes it (and bounds memory)
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and os.environ.get("LLAMA3_CUDA_GRAPHS", "1") != "0"
+            cuda_graphs = self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
         self._steps: dict[tuple, DecodeStep] = {}
         self._generator = torch.Generator(device=self.device)

@@ -9,6 +9,8 @@ Shapes: B batch, T new tokens, S cache slots, H query heads, KVH key/value heads
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -208,7 +210,15 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     @classmethod
-    def from_pretrained(cls, src, device=None, dtype=None, backend: str = "auto", quantize=None, progress=True):
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        backend: str = "auto",
+        quantize: str | None = None,
+        progress: bool = True,
+    ) -> Transformer:
         """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`."""
         from llama3.checkpoint import load_model
 
