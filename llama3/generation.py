@@ -64,43 +64,56 @@ class SamplingParams:
 
 
 class DecodeStep:
-    """One decode step (forward of one token per row + sampling), eager or as a replayed CUDA graph."""
+    """One decode step (forward of one token per row + sampling), eager or as a replayed CUDA graph.
 
-    def __init__(self, model: Transformer, batch_size: int, params: SamplingParams, generator, use_graph: bool):
+    With `static=True` the step reads its tokens and positions from fixed buffers and attends over
+    the whole cache (no host-known `kv_len`): the form a CUDA graph captures. On CUDA it is then
+    captured once and replayed; elsewhere the same body runs eagerly (how tests check it on CPU).
+    """
+
+    def __init__(self, model: Transformer, batch_size: int, params: SamplingParams, generator, static: bool):
         self.model, self.params, self.generator = model, params, generator
         self.graph = None
-        if use_graph:
-            self._capture(batch_size)
+        self.static = static
+        if static:
+            device = model.inv_freq.device
+            self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            # slot 0: capture runs before the prefill, which overwrites whatever the warm-up wrote there
+            self.input_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            if device.type == "cuda":
+                self._capture()
 
     def _eager(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None) -> Tensor:
         logits = self.model(tokens, input_pos, kv_len=kv_len)
         p = self.params
         return sample(logits[:, -1], p.temperature, p.top_p, p.top_k, self.generator)
 
-    def _capture(self, batch_size: int) -> None:
-        device = self.model.inv_freq.device
-        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        # slot 0 only: capture runs before the prefill, which overwrites whatever the warm-up wrote there
-        self.input_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    def _static_body(self) -> Tensor:
+        """What the graph captures: fixed input buffers, and every cache slot (masked) in attention."""
+        return self._eager(self.tokens, self.input_pos)
+
+    def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, autotuning, allocator
+        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, kernel choice, allocator
             for _ in range(2):
-                self._eager(self.tokens, self.input_pos)
+                self._static_body()
         torch.cuda.current_stream().wait_stream(stream)
         with torch.cuda.graph(graph):
-            self.next_tokens = self._eager(self.tokens, self.input_pos)
+            self.next_tokens = self._static_body()
         self.graph = graph
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
         """Next tokens (B,) after `tokens` (B, 1) at slots `input_pos` (B, 1), all below `kv_len`."""
-        if self.graph is None:
+        if not self.static:
             return self._eager(tokens, input_pos, kv_len)
         self.tokens.copy_(tokens)
         self.input_pos.copy_(input_pos)
+        if self.graph is None:
+            return self._static_body()
         self.graph.replay()
         return self.next_tokens.clone()  # the static buffer is overwritten by the next replay
 
@@ -267,12 +280,11 @@ class Llama:
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
         key = (batch_size, params)
         if key not in self._steps:
-            use_graph = self.cuda_graphs and self.device.type == "cuda"
-            try:
-                self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, use_graph)
+            try:  # static: captured on CUDA; on a CPU (cuda_graphs=True) the same graph-form step runs eagerly
+                self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, static=self.cuda_graphs)
             except (RuntimeError, AttributeError) as e:  # same numbers either way; only the speed differs
                 warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3)
-                self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, False)
+                self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, static=False)
         return self._steps[key]
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

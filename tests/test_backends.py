@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama3 import Transformer
+from llama3 import Llama, Transformer
 from llama3.backends import TritonOps, get_ops
 from llama3.model import TorchOps
 
@@ -47,6 +47,32 @@ def test_ragged_decode_step_matches(tiny_hf):
             m(tokens, torch.arange(10))
             outs.append(m(tokens[:, :1], pos))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+def fill_cache_with_garbage(model: Transformer, batch: int, slots: int) -> None:
+    model.setup_cache(batch, slots)
+    for layer in model.layers:
+        layer.attention.cache.k.normal_(0, 30)
+        layer.attention.cache.v.normal_(0, 30)
+
+
+class TokenIds:
+    """Generation on token ids needs only the vocabulary size and the stop tokens of a tokenizer."""
+
+    n_words, stop_tokens = 512, []
+
+
+def test_graph_form_decode_step_matches_torch_backend(tiny_hf):
+    """The triton decode step in the form a CUDA graph captures (fixed buffers, the length read on the
+    device by the kernels), with garbage in the cache slots no row has reached yet."""
+    d, _ = tiny_hf("llama3-gqa")
+    load = lambda backend: Transformer.from_pretrained(d, device="cpu", dtype=torch.float32, backend=backend)  # noqa: E731
+    eager = Llama(load("torch"), TokenIds())
+    graph_form = Llama(load("triton"), TokenIds(), cuda_graphs=True)
+    fill_cache_with_garbage(graph_form.model, batch=2, slots=256)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert graph_form.generate(prompts, 8, temperature=0) == eager.generate(prompts, 8, temperature=0)
+    assert all(step.static for step in graph_form._steps.values())
 
 
 def test_backend_choice():

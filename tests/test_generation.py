@@ -174,6 +174,20 @@ def test_temperature_scales_the_distribution(temperature):
     assert torch.all((freq - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-3)
 
 
+def test_graph_form_decode_step_equals_transformers_over_a_stale_cache(checkpoint):
+    """The step a CUDA graph captures (fixed buffers, attention over every cache slot with the unused
+    ones masked, no host-known length), run eagerly on the CPU, with garbage in the cache slots that
+    no row has reached yet."""
+    from test_backends import fill_cache_with_garbage
+
+    d, hf = checkpoint
+    llm = Llama.from_pretrained(d, device="cpu", dtype=torch.float32, cuda_graphs=True)
+    prompts = encode_all(llm)
+    fill_cache_with_garbage(llm.model, batch=2, slots=256)
+    assert llm.generate(prompts[:2], 12, temperature=0, stop_tokens=[]) == [hf_greedy(hf, p, 12) for p in prompts[:2]]
+    assert all(step.static and step.graph is None for step in llm._steps.values())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_replay_gives_the_eager_tokens(checkpoint, backend):
