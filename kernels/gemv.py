@@ -6,6 +6,10 @@ reaches 2.0-2.4 TB/s on the large Llama-3-8B matrices but only 0.6-1.0 TB/s on t
 programs to keep every SM streaming. Splitting K as well gives a few waves of programs for any
 shape; each split writes an fp32 partial and a small kernel sums them in a fixed order, so results
 are deterministic (no atomics).
+
+Whether this beats cuBLAS depends on the GPU and the shape, so it is measured, not assumed:
+`best_num_splits` times cuBLAS and a few split counts on the device the first time a shape is
+seen (outside any CUDA-graph capture) and remembers the winner; None means cuBLAS.
 """
 
 import torch
@@ -139,6 +143,45 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, num_splits: int | None = None) -
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, num_splits, m * n, BLOCK=block, num_warps=4)
     return out
+
+
+_best: dict[tuple, int | None] = {}
+
+
+def best_num_splits(rows: int, weight: torch.Tensor) -> int | None:
+    """The split count with which `gemv` is fastest for `rows` rows of x against `weight`, or None
+    where cuBLAS (`F.linear`) is faster. Measured once per (rows, shape, dtype, device) with CUDA
+    events, the L2 cache flushed before every call so the weight streams from HBM as it does in a
+    decode step. During a CUDA-graph capture nothing can be timed: an unmeasured shape gets cuBLAS.
+    """
+    key = (rows, *weight.shape, weight.dtype, weight.device)
+    if key in _best:
+        return _best[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    n, k = weight.shape
+    x = torch.ones(rows, k, dtype=weight.dtype, device=weight.device)  # values do not change the time
+    default = _num_splits(triton.cdiv(n, 64), k, 128, weight.device)
+    splits = sorted({s for s in (1, default // 2, default, 2 * default) if 1 <= s <= triton.cdiv(k, 128)})
+    candidates = {None: lambda: torch.nn.functional.linear(x, weight)}
+    candidates |= {s: (lambda s=s: gemv(x, weight, s)) for s in splits}
+    l2_flush = torch.empty(128 * 2**20, dtype=torch.uint8, device=weight.device)  # 128 MiB: more than any L2
+    times = {choice: _median_ms(run, l2_flush) for choice, run in candidates.items()}
+    _best[key] = min(times, key=times.get)
+    return _best[key]
+
+
+def _median_ms(run, l2_flush: torch.Tensor, repeats: int = 15) -> float:
+    for _ in range(3):
+        run()  # compile, autotune, lazy initialization
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        l2_flush.zero_()
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[repeats // 2]
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

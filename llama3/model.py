@@ -137,6 +137,11 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    @staticmethod
+    def linear(x: Tensor, weight: Tensor) -> Tensor:
+        """x @ weight.T: every projection, so a backend can pick its own matrix-vector product for decode."""
+        return F.linear(x, weight)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -150,12 +155,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos, ops: type[TorchOps]) -> Tensor:
         B, T, _ = x.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, KVH * D, KVH * D], dim=-1)
+        q, k, v = ops.linear(x, self.wqkv.weight).split([H * D, KVH * D, KVH * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
         cache = self.cache if input_pos is not None else None  # a cache-free forward must not touch it
         q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, cache, input_pos)
         out = ops.attention(q, keys, values, mask, input_pos)  # (B, T, H, D)
-        return self.wo(out.reshape(B, T, H * D))
+        return ops.linear(out.reshape(B, T, H * D), self.wo.weight)
 
 
 class FeedForward(nn.Module):
@@ -165,7 +170,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
 
     def forward(self, x: Tensor, ops: type[TorchOps]) -> Tensor:
-        return self.w2(ops.swiglu(self.w13(x)))
+        return ops.linear(ops.swiglu(ops.linear(x, self.w13.weight)), self.w2.weight)
 
 
 class RMSNorm(nn.Module):
@@ -286,4 +291,4 @@ class Transformer(nn.Module):
             rows = torch.arange(B, device=tokens.device)
             x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)
         x, _ = self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)
-        return self.output(x)
+        return self.ops.linear(x, self.output.weight)
