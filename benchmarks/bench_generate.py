@@ -4,6 +4,10 @@
     python benchmarks/bench_generate.py --device cuda         # GPU: Llama-3-8B shape, bf16, batch 1 and 8,
                                                               # 2048-token prefill, peak memory
     python benchmarks/bench_generate.py --model path.gguf     # a real checkpoint (e.g. the embedded SmolLM2)
+    python benchmarks/bench_generate.py --device cuda --gpt-fast third_party/gpt-fast   # + gpt-fast, batch 1
+
+gpt-fast (github.com/pytorch-labs/gpt-fast) is never part of this repository: put a checkout of its
+model.py and generate.py in an ignored folder (third_party/ is ignored) and pass the folder.
 
 Random weights are made on the device (no download). Results go to benchmarks/results/generate-<device>.json
 and .md. Decode tokens/s counts the steps after the first token: (new_tokens - 1) / (total - time to first).
@@ -19,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -147,6 +152,68 @@ class Transformers:
         return {"tok_s": (self.new_tokens - 1) / max(total - ttft, 1e-9), "ttft_ms": ttft * 1000}
 
 
+class GptFast:
+    """gpt-fast's own model and `generate` loop, its decode step compiled with mode="reduce-overhead" and
+    fullgraph as its generate.py does with --compile; the same shapes with random weights of its own."""
+
+    def __init__(self, model, generate_module, batch: int, prompt_len: int, new_tokens: int):
+        self.model, self.gen, self.batch, self.new_tokens = model, generate_module, batch, new_tokens
+        self.prompt = torch.tensor(prompts_for(1, prompt_len)[0], device=model.output.weight.device)
+        self.run(new_tokens)  # compile; the cache reaches its final size first, so no recompile later
+        self.run(2)
+        self.run(new_tokens)
+
+    @staticmethod
+    def load(path: str, args: ModelArgs, device: torch.device, dtype: torch.dtype):
+        sys.path.insert(0, str(Path(path).resolve()))
+        tokenizer_stub = types.ModuleType("tokenizer")  # its tokenizer module needs sentencepiece; unused here
+        tokenizer_stub.get_tokenizer = None
+        sys.modules.setdefault("tokenizer", tokenizer_stub)
+        import generate as gen  # noqa: PLC0415  (gpt-fast's, from `path`)
+        import model as gf  # noqa: PLC0415
+
+        config = gf.ModelArgs(
+            block_size=args.max_seq_len,
+            vocab_size=args.vocab_size,
+            n_layer=args.n_layers,
+            n_head=args.n_heads,
+            dim=args.dim,
+            intermediate_size=args.ffn_dim,
+            n_local_heads=args.n_kv_heads,
+            rope_base=args.rope_theta,
+            norm_eps=args.norm_eps,
+        )
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = gf.Transformer(config)
+        finally:
+            torch.set_default_dtype(default)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        gen.decode_one_token = torch.compile(gen.decode_one_token, mode="reduce-overhead", fullgraph=True)
+        return model.eval(), gen
+
+    def run(self, n: int) -> float:
+        sync(self.prompt.device)
+        t = time.perf_counter()
+        seq, _ = self.gen.generate(
+            self.model, self.prompt, n, batch_size=self.batch, interactive=False, draft_model=None, temperature=0.0
+        )
+        sync(self.prompt.device)
+        assert seq.shape == (self.batch, self.prompt.numel() + n)
+        return time.perf_counter() - t
+
+    def __call__(self) -> dict:
+        # its loop cannot stop after the prefill's token: time 2 and N tokens, the difference is N - 2 steps
+        two = self.run(2)
+        total = self.run(self.new_tokens)
+        step = (total - two) / (self.new_tokens - 2)
+        return {"tok_s": 1 / max(step, 1e-9), "ttft_ms": (two - step) * 1000}
+
+
 def interleaved(runners: dict, repeats: int) -> dict[str, dict]:
     """Alternates the systems run by run (machines drift; a shared VM drifts a lot) and keeps medians."""
     samples: dict[str, list[dict]] = {name: [] for name in runners}
@@ -186,6 +253,7 @@ def main() -> None:
     p.add_argument(
         "--hf-eager", action="store_true", help="on CUDA also time transformers' eager dynamic-cache generate"
     )
+    p.add_argument("--gpt-fast", default=None, help="folder with gpt-fast's model.py and generate.py (batch 1)")
     p.add_argument("--out", default=None, help="results file stem (default: benchmarks/results/generate-<device>)")
     a = p.parse_args()
 
@@ -198,6 +266,7 @@ def main() -> None:
     prefill_len = a.prefill_len if a.prefill_len is not None else (2048 if cuda else 0)
     preset = a.preset or ("llama-3-8b" if cuda else "llama-3-155m")
 
+    started = time.perf_counter()
     rows: list[dict] = []
     extra: dict = {}
     for dtype_name in dtypes:
@@ -221,6 +290,7 @@ def main() -> None:
             cache = llm.model.layers[0].attention.cache
             extra["kv_cache_gb"] = 2 * cache.k.numel() * cache.k.element_size() * len(llm.model.layers) / 1e9
         hf = None if a.no_transformers else hf_model_like(llm.model)
+        gpt_fast = GptFast.load(a.gpt_fast, llm.model.args, device, dtype) if a.gpt_fast else None
         for batch in batches:
             runners = {ours_name: ours[batch]}
             if hf is not None:
@@ -230,6 +300,8 @@ def main() -> None:
                         runners["transformers eager"] = Transformers(hf, batch, prompt_len, new_tokens, False)
                 else:
                     runners["transformers generate"] = Transformers(hf, batch, prompt_len, new_tokens, False)
+            if gpt_fast is not None and batch == 1:
+                runners["gpt-fast (compiled)"] = GptFast(*gpt_fast, batch, prompt_len, new_tokens)
             for name, r in interleaved(runners, a.repeats).items():
                 rows.append(
                     {
@@ -241,7 +313,7 @@ def main() -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-        del llm, hf
+        del llm, hf, gpt_fast
         if not a.model:
             del model
         gc.collect()
@@ -259,6 +331,7 @@ def main() -> None:
         "new_tokens": new_tokens,
         "rows": rows,
         **extra,
+        "wall_seconds": time.perf_counter() - started,
     }
     stem = Path(a.out) if a.out else RESULTS / f"generate-{device.type}"
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -277,10 +350,13 @@ def main() -> None:
         pf = extra["prefill"]
         lines += ["", f"Prefill of {pf['prefill_tokens']} tokens: {pf['prefill_tok_s']:.0f} tok/s."]
     if "peak_gpu_memory_gb" in extra:
+        budget = extra["weights_gb"] + extra["kv_cache_gb"] + 2**30 / 1e9
         lines += [
-            f"Peak GPU memory {extra['peak_gpu_memory_gb']:.2f} GB (weights {extra['weights_gb']:.2f} GB, "
-            f"KV cache {extra['kv_cache_gb']:.2f} GB)."
+            f"Peak GPU memory {extra['peak_gpu_memory_gb']:.2f} GB: weights {extra['weights_gb']:.2f} GB + KV cache "
+            f"{extra['kv_cache_gb']:.2f} GB + {extra['peak_gpu_memory_gb'] - budget + 2**30 / 1e9:.2f} GB of the rest "
+            f"({'within' if extra['peak_gpu_memory_gb'] <= budget else 'over'} the 1 GiB allowance)."
         ]
+    lines += [f"The whole benchmark took {result['wall_seconds']:.0f} s."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

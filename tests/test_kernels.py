@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # must be set before triton decorates the ker
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llama3.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
-from llama3.kernels.gemv import gemv, gemv_reference  # noqa: E402
+from llama3.kernels.gemv import best_num_splits, gemv, gemv_reference  # noqa: E402
 from llama3.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from llama3.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
 from llama3.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
@@ -219,6 +219,19 @@ def test_gemv_matches_fp32_matmul(
     out = gemv(x, weight, num_splits)
     assert out.shape == (*rows, n) and out.dtype == dtype
     torch.testing.assert_close(out, gemv_reference(x, weight), **TOL[dtype])
+
+
+@pytest.mark.skipif(not CUDA, reason="the GEMV / cuBLAS choice is timed on a CUDA device")
+def test_decode_projection_takes_the_measured_choice_and_either_is_right() -> None:
+    from llama3.backends import TritonOps
+
+    torch.manual_seed(0)
+    x = randn(1, 1, 4096, dtype=torch.bfloat16)
+    weight = randn(6144, 4096, dtype=torch.bfloat16, scale=4096**-0.5)  # Llama-3-8B's fused qkv
+    choice = best_num_splits(1, weight)
+    assert choice is None or 1 <= choice <= 32
+    assert best_num_splits(1, weight) == choice  # measured once, remembered
+    torch.testing.assert_close(TritonOps.linear(x, weight), gemv_reference(x, weight), **TOL[torch.bfloat16])
 
 
 def test_transformers_imports_beside_the_kernels_directory() -> None:
