@@ -126,6 +126,10 @@ class TorchOps:
             out = torch.softmax(scores, dim=-1) @ values.float()  # (B, KVH, H/KVH, D)
             return out.to(values.dtype).view(B, 1, H, D)
         q = q.transpose(1, 2)
+        if mask is not None and q.is_cuda and H != KVH:
+            # Flash attention takes no mask; the memory-efficient kernel takes one but not grouped heads in
+            # every torch release, leaving the O(T^2)-memory math kernel. Expanded heads cost one copy of K, V.
+            keys, values = keys.repeat_interleave(H // KVH, dim=1), values.repeat_interleave(H // KVH, dim=1)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != keys.shape[1]
         )
