@@ -156,12 +156,16 @@ class GptFast:
     """gpt-fast's own model and `generate` loop, its decode step compiled with mode="reduce-overhead" and
     fullgraph as its generate.py does with --compile; the same shapes with random weights of its own."""
 
-    def __init__(self, model, generate_module, batch: int, prompt_len: int, new_tokens: int):
+    # the inductor settings its generate.py sets at import; they apply to its compilation only
+    INDUCTOR = ("coordinate_descent_tuning", "triton.unique_kernel_names", "fx_graph_cache")
+
+    def __init__(self, model, generate_module, inductor: dict, batch: int, prompt_len: int, new_tokens: int):
         self.model, self.gen, self.batch, self.new_tokens = model, generate_module, batch, new_tokens
         self.prompt = torch.tensor(prompts_for(1, prompt_len)[0], device=model.output.weight.device)
-        self.run(new_tokens)  # compile; the cache reaches its final size first, so no recompile later
-        self.run(2)
-        self.run(new_tokens)
+        with torch._inductor.config.patch(inductor):
+            self.run(new_tokens)  # compile; the cache reaches its final size first, so no recompile later
+            self.run(2)
+            self.run(new_tokens)
 
     @staticmethod
     def load(path: str, args: ModelArgs, device: torch.device, dtype: torch.dtype):
@@ -169,8 +173,16 @@ class GptFast:
         tokenizer_stub = types.ModuleType("tokenizer")  # its tokenizer module needs sentencepiece; unused here
         tokenizer_stub.get_tokenizer = None
         sys.modules.setdefault("tokenizer", tokenizer_stub)
+        import torch._inductor.config as inductor
+
+        ours = {key: inductor.get_config_copy()[key] for key in GptFast.INDUCTOR}
         import generate as gen  # noqa: PLC0415  (gpt-fast's, from `path`)
         import model as gf  # noqa: PLC0415
+
+        theirs = {key: inductor.get_config_copy()[key] for key in GptFast.INDUCTOR}
+        for key, value in ours.items():  # transformers' compilation keeps the defaults
+            *section, name = key.split(".")
+            setattr(getattr(inductor, section[0]) if section else inductor, name, value)
 
         config = gf.ModelArgs(
             block_size=args.max_seq_len,
@@ -194,7 +206,7 @@ class GptFast:
             for p in model.parameters():
                 p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
         gen.decode_one_token = torch.compile(gen.decode_one_token, mode="reduce-overhead", fullgraph=True)
-        return model.eval(), gen
+        return model.eval(), gen, theirs
 
     def run(self, n: int) -> float:
         sync(self.prompt.device)
@@ -266,6 +278,8 @@ def main() -> None:
     prefill_len = a.prefill_len if a.prefill_len is not None else (2048 if cuda else 0)
     preset = a.preset or ("llama-3-8b" if cuda else "llama-3-155m")
 
+    # One cache for every run, sized up front: growing it mid-benchmark would recapture graphs in a timed run
+    cache = dict(max_batch_size=max(batches), max_seq_len=max(prompt_len + new_tokens, prefill_len + 1))
     started = time.perf_counter()
     rows: list[dict] = []
     extra: dict = {}
@@ -273,10 +287,10 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
         if a.model:
-            llm = Llama.from_pretrained(a.model, device=device, dtype=dtype, backend=a.backend)
+            llm = Llama.from_pretrained(a.model, device=device, dtype=dtype, backend=a.backend, **cache)
         else:
             model = random_model(ModelArgs.from_name(preset), device, dtype, a.backend)
-            llm = Llama(model, NullTokenizer(model.args.vocab_size))
+            llm = Llama(model, NullTokenizer(model.args.vocab_size), **cache)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         ours_name = f"llama3 ({llm.model.ops.name})"

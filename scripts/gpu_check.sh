@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: the CUDA-only tests (bf16 kernels, CUDA-graph replay, triton vs torch
-# backend) and the GPU benchmark (Llama-3-8B shape, random weights, transformers in the same run).
+# One run on a GPU machine: the CUDA tests (bf16 kernels, CUDA-graph replay, triton vs torch backend,
+# the measured GEMV / cuBLAS choice), the kernels' compile report, and the GPU benchmark (Llama-3-8B
+# shape, random weights, transformers static+compile and optionally gpt-fast in the same run).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR]        # results and logs go to OUT_DIR (default benchmarks/results)
+#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench]   # logs and results go to OUT_DIR
+#                                                           # (default benchmarks/results, all)
+# Each part fits one 10-minute device call: about 2 minutes of tests, 5 to 7 of benchmark (most of it
+# compiling transformers and gpt-fast).
 #
-# Offline machines: the project is installed without build isolation (setuptools must be present), and
-# the tests need the llama-models package for the real tokenizer file; carry its wheel if it is missing
-# (pip download --no-deps llama-models==0.3.0) and install it with --no-deps first.
-# gpt-fast joins the benchmark when third_party/gpt-fast holds its model.py and generate.py (an ignored
-# folder: carry it to the GPU machine, never commit it).
+# Offline GPU machines: put wheels in .whl/ (ignored) and gpt-fast in third_party/gpt-fast (ignored),
+# then carry both to the machine. From this repo:
+#   pip download --no-deps -d .whl llama-models==0.3.0 pytest==9.2.0 pluggy==1.6.0 iniconfig==2.1.0
+#   mkdir -p third_party/gpt-fast    # then copy gpt-fast's model.py, generate.py and LICENSE into it
+# and run `bash scripts/gpu_check.sh $OUT` with carry [".whl", "third_party"]. The llama-models wheel
+# holds the real tokenizer file the generation tests use; pytest is installed only where missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results}
+part=${2:-all}
 mkdir -p "$out"
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if [ -d .whl ]; then
+    python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl
+    python3 -m pip install -q --no-deps --no-index .whl/llama_models-*.whl
+fi
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e .; then
+    # kernels/ ships as llama3.kernels only when installed; for this run, a link does the same
+    echo "pip install -e . failed; linking llama3/kernels for this run"
+    ln -sfn ../kernels llama3/kernels
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pytest -q -x tests/test_kernels.py tests/test_backends.py tests/test_generation.py 2>&1 | tee "$out/gpu-tests.log"
-python3 scripts/kernel_report.py 2>&1 | tee "$out/kernel-report.log"  # compiled for this GPU's toolchain
-gpt_fast=()
-[ -f third_party/gpt-fast/generate.py ] && gpt_fast=(--gpt-fast third_party/gpt-fast)
-python3 benchmarks/bench_generate.py --device cuda "${gpt_fast[@]}" --out "$out/generate-cuda" 2>&1 | tee "$out/gpu-bench.log"
+if [ "$part" != bench ]; then
+    python3 -m pytest -q -rs tests/test_kernels.py tests/test_backends.py tests/test_generation.py 2>&1 | tee "$out/gpu-tests.log"
+    python3 scripts/kernel_report.py 2>&1 | tee "$out/kernel-report.log"  # this machine's triton and ptxas
+fi
+if [ "$part" != tests ]; then
+    gpt_fast=()
+    [ -f third_party/gpt-fast/generate.py ] && gpt_fast=(--gpt-fast third_party/gpt-fast)
+    python3 benchmarks/bench_generate.py --device cuda "${gpt_fast[@]}" --out "$out/generate-cuda" 2>&1 | tee "$out/gpu-bench.log"
+fi
