@@ -7,9 +7,11 @@ programs to keep every SM streaming. Splitting K as well gives a few waves of pr
 shape; each split writes an fp32 partial and a small kernel sums them in a fixed order, so results
 are deterministic (no atomics).
 
-Whether this beats cuBLAS depends on the GPU and the shape, so it is measured, not assumed:
-`best_num_splits` times cuBLAS and a few split counts on the device the first time a shape is
-seen (outside any CUDA-graph capture) and remembers the winner; None means cuBLAS.
+Narrower tiles (`block_n` 16 or 32 weight rows per program) are the other way to more programs,
+with no second kernel. Which way wins, and whether either beats cuBLAS, depends on the GPU and the
+shape, so it is measured, not assumed: `best_gemv_config` times cuBLAS and a few (split, tile)
+choices on the device the first time a shape is seen (outside any CUDA-graph capture) and
+remembers the winner.
 """
 
 import torch
@@ -85,12 +87,16 @@ def _num_splits(n_blocks: int, k: int, block_k: int, device: torch.device) -> in
     return max(1, min(triton.cdiv(4 * n_sm, n_blocks), triton.cdiv(k, block_k)))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
     """Return `x @ weight.T` with fp32 accumulation, in x's dtype.
 
     x: [..., K] with at most 16 rows in all (a decode step); weight: [N, K] in x's dtype, contiguous
-    along K (an nn.Linear weight). num_splits overrides the split of K chosen from the shape.
+    along K (an nn.Linear weight). num_splits overrides the split of K chosen from the shape;
+    block_n (16, 32 or 64) is the number of weight rows a program reads: narrower tiles give more
+    programs, which can replace splitting K (and the second kernel that sums the splits).
     """
+    if block_n not in (16, 32, 64):
+        raise ValueError(f"gemv: block_n must be 16, 32 or 64, got {block_n}")
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"gemv: x has {x.shape[-1]} features but weight is {tuple(weight.shape)} ([N, K])")
@@ -109,8 +115,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, num_splits: int | None = None) -
         return out
 
     # A 64 x 128 bf16 weight tile is 16 KiB: four pipeline stages in flight per program hide the
-    # HBM latency, and 64-wide output tiles give lm_head 2004 programs and o_proj 64 x splits.
-    block_n, block_k = 64, 128
+    # HBM latency; 64-wide output tiles give lm_head 2004 programs and o_proj 64 x splits.
+    block_k = 128
     n_blocks = triton.cdiv(n, block_n)
     if num_splits is None:
         num_splits = _num_splits(n_blocks, k, block_k, x.device)
@@ -145,15 +151,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, num_splits: int | None = None) -
     return out
 
 
-_best: dict[tuple, int | None] = {}
+_best: dict[tuple, tuple[int, int] | None] = {}
 
 
-def best_num_splits(rows: int, weight: torch.Tensor) -> int | None:
-    """The split count with which `gemv` is fastest for `rows` rows of x against `weight`, or None
-    where cuBLAS (`F.linear`) is faster. Measured once per (rows rounded up to a power of two, weight
-    shape, dtype, device) with CUDA events, the L2 cache flushed before every call so the weight
-    streams from HBM as it does in a decode step. During a CUDA-graph capture nothing can be timed:
-    an unmeasured shape gets cuBLAS.
+def best_gemv_config(rows: int, weight: torch.Tensor) -> tuple[int, int] | None:
+    """(num_splits, block_n) with which `gemv` is fastest for `rows` rows of x against `weight`, or
+    None where cuBLAS (`F.linear`) is faster. Measured once per (rows rounded up to a power of two,
+    weight shape, dtype, device) with CUDA events, the L2 cache flushed before every call so the
+    weight streams from HBM as it does in a decode step. During a CUDA-graph capture nothing can be
+    timed: an unmeasured shape gets cuBLAS.
     """
     rows = triton.next_power_of_2(rows)  # 1, 2, 4, 8, 16: both sides' times barely move within a bucket
     key = (rows, *weight.shape, weight.dtype, weight.device)
@@ -163,11 +169,13 @@ def best_num_splits(rows: int, weight: torch.Tensor) -> int | None:
         return None
     n, k = weight.shape
     x = torch.ones(rows, k, dtype=weight.dtype, device=weight.device)  # values do not change the time
-    default = _num_splits(triton.cdiv(n, 64), k, 128, weight.device)
-    splits = sorted({s for s in (1, default // 2, default, 2 * default) if 1 <= s <= triton.cdiv(k, 128)})
     candidates = {None: lambda: torch.nn.functional.linear(x, weight)}
-    candidates |= {s: (lambda s=s: gemv(x, weight, s)) for s in splits}
-    l2_flush = torch.empty(128 * 2**20, dtype=torch.uint8, device=weight.device)  # 128 MiB: more than any L2
+    for block_n in (16, 32, 64):
+        default = _num_splits(triton.cdiv(n, block_n), k, 128, weight.device)
+        for s in {1, default // 2, default} & set(range(1, triton.cdiv(k, 128) + 1)):
+            candidates[(s, block_n)] = lambda s=s, block_n=block_n: gemv(x, weight, s, block_n)
+    # 256 MiB: more than any L2, and zeroing it leaves the host ample time to queue the timed launch
+    l2_flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=weight.device)
     times = {choice: _median_ms(run, l2_flush) for choice, run in candidates.items()}
     _best[key] = min(times, key=times.get)
     return _best[key]

@@ -97,12 +97,12 @@ class TritonOps(TorchOps):
 
     @staticmethod
     def linear(x: Tensor, weight: Tensor) -> Tensor:
-        from llama3.kernels.gemv import best_num_splits, gemv
+        from llama3.kernels.gemv import best_gemv_config, gemv
 
         rows = x.numel() // x.shape[-1]
         if rows > 16:  # prefill: a matrix-matrix product, cuBLAS's home ground
             return F.linear(x, weight)
         if x.device.type != "cuda":  # the interpreter (tests): always the kernel, nothing to time
             return gemv(x, weight)
-        splits = best_num_splits(rows, weight)
-        return F.linear(x, weight) if splits is None else gemv(x, weight, splits)
+        config = best_gemv_config(rows, weight)  # (num_splits, block_n), or None: cuBLAS is faster here
+        return F.linear(x, weight) if config is None else gemv(x, weight, *config)

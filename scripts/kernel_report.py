@@ -207,7 +207,13 @@ def llama3_8b_launches(batch: int = 1, prompt_len: int = 2048, cache_len: int = 
         ("lm_head", vocab, dim),
     ):
         xk = x1 if k == dim else torch.empty(batch, k, **bf16)
-        cases.append((f"gemv {name} {n}x{k}", lambda xk=xk, n=n, k=k: gemv(xk, torch.empty(n, k, **bf16))))
+        for block_n in (16, 64):
+            cases.append(
+                (
+                    f"gemv {name} {n}x{k} /{block_n}",
+                    lambda xk=xk, n=n, k=k, block_n=block_n: gemv(xk, torch.empty(n, k, **bf16), None, block_n),
+                )
+            )
 
     launches: list[Launch] = []
     for label, run in cases:
@@ -233,12 +239,12 @@ def main() -> None:
             print(json.dumps(row | dict(spilled_bytes=c.spilled_bytes, shared_bytes=c.shared_bytes, loads=c.loads)))
         return
     print(f"sm_{a.arch}, Llama-3-8B shapes, bf16, batch {a.batch}")
-    print(f"{'launch':<34} {'regs':>5} {'spill B':>8} {'smem B':>7}  global loads (v4 / v2 / scalar / cp.async)")
+    print(f"{'launch':<38} {'regs':>5} {'spill B':>8} {'smem B':>7}  global loads (v4 / v2 / scalar / cp.async)")
     for launch in llama3_8b_launches(a.batch):
         c = compile_and_inspect(launch, a.arch)
         ld = c.loads
         print(
-            f"{launch.label:<34} {c.registers:>5} {c.spilled_bytes:>8} {c.shared_bytes:>7}  "
+            f"{launch.label:<38} {c.registers:>5} {c.spilled_bytes:>8} {c.shared_bytes:>7}  "
             f"{ld['v4']} / {ld['v2']} / {ld['scalar']} / {ld['cp.async']}"
         )
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # must be set before triton decorates the ker
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llama3.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
-from llama3.kernels.gemv import best_num_splits, gemv, gemv_reference  # noqa: E402
+from llama3.kernels.gemv import best_gemv_config, gemv, gemv_reference  # noqa: E402
 from llama3.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from llama3.kernels.rope import rope_and_cache, rope_and_cache_reference  # noqa: E402
 from llama3.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
@@ -210,13 +210,14 @@ def test_decode_attention_replays_in_a_cuda_graph_at_new_positions() -> None:
     "rows, n, k, num_splits",
     [((1,), 100, 300, None), ((3,), 70, 80, 1), ((8,), 33, 513, 3), ((2, 1), 129, 1000, 2)],
 )
+@pytest.mark.parametrize("block_n", [16, 64])
 def test_gemv_matches_fp32_matmul(
-    rows: tuple[int, ...], n: int, k: int, num_splits: int | None, dtype: torch.dtype
+    rows: tuple[int, ...], n: int, k: int, num_splits: int | None, block_n: int, dtype: torch.dtype
 ) -> None:
     torch.manual_seed(0)
     x = randn(*rows, k, dtype=dtype)
     weight = randn(n, k, dtype=dtype, scale=k**-0.5)
-    out = gemv(x, weight, num_splits)
+    out = gemv(x, weight, num_splits, block_n)
     assert out.shape == (*rows, n) and out.dtype == dtype
     torch.testing.assert_close(out, gemv_reference(x, weight), **TOL[dtype])
 
@@ -228,9 +229,9 @@ def test_decode_projection_takes_the_measured_choice_and_either_is_right() -> No
     torch.manual_seed(0)
     x = randn(1, 1, 4096, dtype=torch.bfloat16)
     weight = randn(6144, 4096, dtype=torch.bfloat16, scale=4096**-0.5)  # Llama-3-8B's fused qkv
-    choice = best_num_splits(1, weight)
-    assert choice is None or 1 <= choice <= 32
-    assert best_num_splits(1, weight) == choice  # measured once, remembered
+    choice = best_gemv_config(1, weight)
+    assert choice is None or (1 <= choice[0] <= 32 and choice[1] in (16, 32, 64))
+    assert best_gemv_config(1, weight) == choice  # measured once, remembered
     torch.testing.assert_close(TritonOps.linear(x, weight), gemv_reference(x, weight), **TOL[torch.bfloat16])
 
 
