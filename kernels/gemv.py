@@ -14,6 +14,8 @@ choices on the device the first time a shape is seen (outside any CUDA-graph cap
 remembers the winner.
 """
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -176,8 +178,13 @@ def best_gemv_config(rows: int, weight: torch.Tensor) -> tuple[int, int] | None:
             candidates[(s, block_n)] = lambda s=s, block_n=block_n: gemv(x, weight, s, block_n)
     # 256 MiB: more than any L2, and zeroing it leaves the host ample time to queue the timed launch
     l2_flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=weight.device)
-    times = {choice: _median_ms(run, l2_flush) for choice, run in candidates.items()}
-    _best[key] = min(times, key=times.get)
+    times = {}
+    for choice, run in candidates.items():
+        try:
+            times[choice] = _median_ms(run, l2_flush)
+        except Exception as e:  # noqa: BLE001  a kernel this GPU or Triton cannot build is simply not a candidate
+            warnings.warn(f"gemv {choice} on {tuple(weight.shape)} failed ({e}); not used", stacklevel=2)
+    _best[key] = min(times, key=times.get)  # cuBLAS is always among them
     return _best[key]
 
 
