@@ -245,6 +245,64 @@ def time_prefill(llm: Llama, prompt_len: int, repeats: int) -> dict:
     return {"prefill_tokens": prompt_len, "prefill_tok_s": prompt_len / min(times), "ttft_ms": min(times) * 1000}
 
 
+class Floor:
+    """A lower bound on a batch-1 decode step: every projection weight once through `linear`, nothing else
+    (on a GPU inside one CUDA graph, so launches cost what they cost in our decode graph)."""
+
+    def __init__(self, model: Transformer, linear):
+        layers = model.layers
+        weights = [w for layer in layers for w in (layer.attention.wqkv.weight, layer.attention.wo.weight)]
+        weights += [w for layer in layers for w in (layer.feed_forward.w13.weight, layer.feed_forward.w2.weight)]
+        weights.append(model.output.weight)
+        self.device = weights[0].device
+        dtype = weights[0].dtype
+        x = {k: torch.randn(1, 1, k, dtype=dtype, device=self.device) for k in {w.shape[1] for w in weights}}
+
+        def step():
+            with torch.inference_mode():
+                for w in weights:
+                    linear(x[w.shape[1]], w)
+
+        step()  # the backend's one-time choices (GEMV or cuBLAS per shape) happen here
+        self.step = step
+        if self.device.type == "cuda":
+            self.step = _graphed(step)
+
+    def __call__(self) -> dict:
+        return {"tok_s": 1000 / _median_ms(self.step, self.device, 5), "ttft_ms": float("nan")}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device memory bandwidth in TB/s, as a 1 GiB copy measures it (bytes read + written)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device, 10)
+    return 2 * src.numel() / ms / 1e9
+
+
+def _graphed(step):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _median_ms(step, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -300,13 +358,19 @@ def main() -> None:
             print(extra["prefill"], flush=True)
         if cuda:  # before the baseline model exists: this is our own peak
             extra["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            extra["weights_gb"] = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values()) / 1e9
-            cache = llm.model.layers[0].attention.cache
-            extra["kv_cache_gb"] = 2 * cache.k.numel() * cache.k.element_size() * len(llm.model.layers) / 1e9
+            extra["weights_gb"] = sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 1e9
+            kv = llm.model.layers[0].attention.cache
+            extra["kv_cache_gb"] = 2 * kv.k.numel() * kv.k.element_size() * len(llm.model.layers) / 1e9
+        if cuda:
+            extra["copy_bandwidth_tb_s"] = copy_bandwidth(device)
         hf = None if a.no_transformers else hf_model_like(llm.model)
         gpt_fast = GptFast.load(a.gpt_fast, llm.model.args, device, dtype) if a.gpt_fast else None
         for batch in batches:
             runners = {ours_name: ours[batch]}
+            if batch == 1:  # every weight once through a matrix-vector product: the floor under any system
+                runners["floor: weights via F.linear"] = Floor(llm.model, torch.nn.functional.linear)
+                if llm.model.ops.name != "torch":  # the torch backend's ops.linear is F.linear
+                    runners["floor: weights via ops.linear"] = Floor(llm.model, llm.model.ops.linear)
             if hf is not None:
                 if cuda:
                     runners["transformers static+compile"] = Transformers(hf, batch, prompt_len, new_tokens, True)
@@ -358,7 +422,10 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['system']} | {r['dtype']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} |" for r in rows
+        f"| {r['system']} | {r['dtype']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
+        + ("-" if r["ttft_ms"] != r["ttft_ms"] else f"{r['ttft_ms']:.0f}")
+        + " |"
+        for r in rows
     ]
     if "prefill" in extra:
         pf = extra["prefill"]
@@ -370,7 +437,17 @@ def main() -> None:
             f"{extra['kv_cache_gb']:.2f} GB + {extra['peak_gpu_memory_gb'] - budget + 2**30 / 1e9:.2f} GB of the rest "
             f"({'within' if extra['peak_gpu_memory_gb'] <= budget else 'over'} the 1 GiB allowance)."
         ]
-    lines += [f"The whole benchmark took {result['wall_seconds']:.0f} s."]
+    if "copy_bandwidth_tb_s" in extra:
+        weights_ms = extra["weights_gb"] / extra["copy_bandwidth_tb_s"]
+        lines += [
+            f"Copy roofline: the weights ({extra['weights_gb']:.2f} GB) at the measured copy bandwidth "
+            f"({extra['copy_bandwidth_tb_s']:.2f} TB/s) take {weights_ms:.2f} ms: "
+            f"{1000 / weights_ms:.0f} tok/s at batch 1."
+        ]
+    lines += [
+        "",
+        f"The whole benchmark took {result['wall_seconds']:.0f} s.",
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
