@@ -138,7 +138,7 @@ class Llama:
         self.device = model.tok_embeddings.weight.device
         # None: grow the cache to what each call needs; an int fixes it (and bounds memory)
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
-        if cuda_graphs is None:
+        if cuda_graphs is None:  # True off CUDA runs the graph's form of the step eagerly: for tests
             cuda_graphs = self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
         self._steps: dict[tuple, DecodeStep] = {}
