@@ -176,8 +176,11 @@ def best_gemv_config(rows: int, weight: torch.Tensor) -> tuple[int, int] | None:
         default = _num_splits(triton.cdiv(n, block_n), k, 128, weight.device)
         for s in {1, default // 2, default} & set(range(1, triton.cdiv(k, 128) + 1)):
             candidates[(s, block_n)] = lambda s=s, block_n=block_n: gemv(x, weight, s, block_n)
-    # 256 MiB: more than any L2, and zeroing it leaves the host ample time to queue the timed launch
-    l2_flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=weight.device)
+    try:  # 256 MiB: more than any L2, and zeroing it leaves the host ample time to queue the timed launch
+        l2_flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=weight.device)
+    except torch.cuda.OutOfMemoryError:  # a full GPU: no room to measure, so no reason to leave cuBLAS
+        _best[key] = None
+        return None
     times = {}
     for choice, run in candidates.items():
         try:

@@ -148,7 +148,8 @@ def _count_loads(ptx: str) -> dict[str, int]:
         "v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
         "v2": len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.", ptx)),
         "scalar": len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b|u|f|s)\d+ ", ptx)),
-        "cp.async": len(re.findall(r"cp\.async\.(?:cg|ca)", ptx)) + len(re.findall(r"cp\.async\.bulk", ptx)),
+        # asynchronous global -> shared copies of 16 bytes (the widest; smaller ones mean a misaligned stream)
+        "cp.async": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], (?:0x10|16)\b", ptx)),
     }
 
 
