@@ -110,8 +110,10 @@ def compile_launch(launch: Launch, arch: int = 90):
     from triton.runtime.jit import JITFunction
 
     jit = JITFunction(launch.kernel)
-    options = {k: launch.kwargs.pop(k) for k in ("num_warps", "num_stages") if k in launch.kwargs}
-    bound = dict(zip(jit.arg_names, launch.args, strict=False)) | launch.kwargs
+    launch_options = ("num_warps", "num_stages")
+    options = {k: v for k, v in launch.kwargs.items() if k in launch_options}
+    kernel_kwargs = {k: v for k, v in launch.kwargs.items() if k not in launch_options}
+    bound = dict(zip(jit.arg_names, launch.args, strict=False)) | kernel_kwargs
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(jit.params):
         value = bound[param.name]
@@ -124,7 +126,6 @@ def compile_launch(launch: Launch, arch: int = 90):
             constexprs[param.name] = spec
         elif spec:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    launch.kwargs.update(options)
     src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 

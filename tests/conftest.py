@@ -106,6 +106,15 @@ def llama3_tokenizer_file() -> Path:
     return path
 
 
+def fill_cache_with_garbage(model, batch: int, slots: int) -> None:
+    """A KV cache of `batch` rows and `slots` slots full of large random values: slots no row has
+    reached must never be read (the graph-form decode step attends over the whole cache, masked)."""
+    model.setup_cache(batch, slots)
+    for layer in model.layers:
+        layer.attention.cache.k.normal_(0, 30)
+        layer.attention.cache.v.normal_(0, 30)
+
+
 @pytest.fixture(scope="session")
 def llama3_tokenizer_path() -> Path:
     return llama3_tokenizer_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fill_cache_with_garbage
 
 from llama3 import Llama, Transformer
 from llama3.backends import TritonOps, get_ops
@@ -52,13 +53,6 @@ def test_ragged_decode_step_matches(tiny_hf):
             m(tokens, torch.arange(10, device=DEVICE))
             outs.append(m(tokens[:, :1], pos))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
-
-
-def fill_cache_with_garbage(model: Transformer, batch: int, slots: int) -> None:
-    model.setup_cache(batch, slots)
-    for layer in model.layers:
-        layer.attention.cache.k.normal_(0, 30)
-        layer.attention.cache.v.normal_(0, 30)
 
 
 class TokenIds:

@@ -178,7 +178,7 @@ def test_graph_form_decode_step_equals_transformers_over_a_stale_cache(checkpoin
     """The step a CUDA graph captures (fixed buffers, attention over every cache slot with the unused
     ones masked, no host-known length), run eagerly on the CPU, with garbage in the cache slots that
     no row has reached yet."""
-    from test_backends import fill_cache_with_garbage
+    from conftest import fill_cache_with_garbage
 
     d, hf = checkpoint
     llm = Llama.from_pretrained(d, device="cpu", dtype=torch.float32, cuda_graphs=True)
