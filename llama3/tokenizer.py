@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import tiktoken
 
+from llama3.config import read_json_object
+
 # Meta's split pattern (meta-llama/llama3 tokenizer.py).
 LLAMA3_PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -213,7 +215,7 @@ def _encoding_from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[st
     such pair; trained ones do not, but their merge order makes the results agree in practice
     (SmolLM2's 49,152-token vocabulary gave identical ids on a 130k-token test), not by construction.
     """
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json_object(path, TokenizerError)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise TokenizerError(f"{path}: model type {model.get('type')!r} is not supported (need byte-level BPE)")
@@ -395,8 +397,8 @@ class Tokenizer:
         Set HF_HUB_OFFLINE=1 to use only the local Hugging Face cache.
         """
         directory = _tokenizer_dir(src)
-        config = _read_json(directory / "tokenizer_config.json") or {}
-        generation_config = _read_json(directory / "generation_config.json") or {}
+        config = read_json_object(directory / "tokenizer_config.json", TokenizerError, missing_ok=True)
+        generation_config = read_json_object(directory / "generation_config.json", TokenizerError, missing_ok=True)
         stop_tokens = generation_config.get("eos_token_id")
         if isinstance(stop_tokens, int):
             stop_tokens = [stop_tokens]
@@ -567,15 +569,6 @@ def _tokenizer_dir(src: str | os.PathLike) -> Path:
     return Path(snapshot_download(str(src), allow_patterns=_TOKENIZER_FILES))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from e
-
-
 def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
     """transformers' lookup: chat_template.jinja, else tokenizer_config.json's (default) template."""
     jinja = directory / "chat_template.jinja"
@@ -592,7 +585,7 @@ def _added_token_names(config: dict[str, Any], tokenizer_json: Path) -> dict[int
     decoder = config.get("added_tokens_decoder")
     if decoder:
         return {int(i): t["content"] for i, t in decoder.items()}
-    data = _read_json(tokenizer_json)
+    data = read_json_object(tokenizer_json, TokenizerError, missing_ok=True)
     if data:
         return {int(t["id"]): t["content"] for t in data.get("added_tokens", [])}
     return {}
