@@ -8,15 +8,17 @@ captured once in a CUDA graph and replayed per token.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from llama3.chat_format import chat_format_for
+from llama3.config import SamplingParams, check_max_new_tokens, check_seed
 from llama3.model import Transformer
 from llama3.tokenizer import Tokenizer
 
@@ -27,8 +29,9 @@ Dialog = list[Message]
 def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, generator=None) -> Tensor:
     """logits (B, V) -> token ids (B,), on the device, with no host sync (so it can be graph-captured).
 
-    temperature 0 is greedy. top_k keeps the k most likely tokens, top_p the smallest set whose
-    probability reaches top_p (Meta's `sample_top_p`: a token is kept if the mass before it is < p).
+    temperature 0 is greedy. top_k keeps the k most likely tokens; top_p keeps, in order of
+    probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does (it
+    zeroes `cumsum - p_i > p`): the smallest set reaching p, plus the token that lands exactly on p.
     """
     if temperature <= 0:
         return logits.float().argmax(dim=-1)  # same index; CPU argmax over bf16 is 2x slower than over fp32
@@ -40,27 +43,12 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, 
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p).
     # Unlike torch.multinomial it needs no renormalisation and no host sync.
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
     return (probs / race).argmax(dim=-1)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
 
 
 class DecodeStep:
@@ -133,6 +121,13 @@ class Llama:
     ):
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}")
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if max_seq_len is not None and max_seq_len > model.args.max_seq_len:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds the model's context of {model.args.max_seq_len} tokens"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         self._chat_format = chat_format
         self.device = model.tok_embeddings.weight.device
@@ -148,7 +143,7 @@ class Llama:
     @classmethod
     def from_pretrained(
         cls,
-        src,
+        src: str | os.PathLike | None = None,
         device=None,
         dtype=None,
         backend: str = "auto",
@@ -158,10 +153,11 @@ class Llama:
         progress: bool = True,
         cuda_graphs: bool | None = None,
     ) -> Llama:
-        """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id."""
-        from llama3.checkpoint import gguf_file, load_model, resolve
+        """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id; with no
+        `src`, the embedded default model (`llama3.default_model()`), offline."""
+        from llama3.checkpoint import default_model, gguf_file, load_model, resolve
 
-        path = resolve(src)
+        path = resolve(default_model() if src is None else src)
         model = load_model(path, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
         gguf = gguf_file(path)
         if gguf is not None:
@@ -171,6 +167,11 @@ class Llama:
         else:
             tokenizer = Tokenizer.from_pretrained(path)
         return cls(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt + new) one row can hold: the model's context, or `max_seq_len` if set."""
+        return self.max_seq_len or self.model.args.max_seq_len
 
     @property
     def chat_format(self):
@@ -221,13 +222,21 @@ class Llama:
         the only sync.
         """
         params = SamplingParams(temperature, top_p, top_k)
+        check_seed(seed)
         prompts = self._check_prompts(prompt_tokens, max_new_tokens)
+        stops = self._check_stop_tokens(stop_tokens)
         if max_new_tokens == 0:
+            self.last_stats = {
+                "time_to_first_token_s": 0.0,
+                "decode_steps": 0,
+                "seconds": 0.0,
+                "tokens_per_second": 0.0,
+                "finish_reasons": ["length"] * len(prompts),
+            }
             return
         B, lengths = len(prompts), [len(p) for p in prompts]
         L = max(lengths)
         self._ensure_cache(B, L + max_new_tokens)
-        stops = self.tokenizer.stop_tokens if stop_tokens is None else list(stop_tokens)
         stop_ids = torch.tensor(stops, dtype=torch.long, device=self.device)
         step = self._decode_step(B, params)  # captured (if at all) before the prefill fills the cache
         if seed is None:
@@ -275,6 +284,7 @@ class Llama:
                 "decode_steps": n,
                 "seconds": elapsed,
                 "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
+                "finish_reasons": ["stop" if f else "length" for f in finished],  # a stop token, or max_new_tokens
             }
 
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
@@ -292,8 +302,7 @@ class Llama:
             raise TypeError("prompt_tokens must be a list of token-id lists, e.g. [[128000, 9906]]")
         if not prompt_tokens:
             raise ValueError("prompt_tokens is empty: pass at least one prompt")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         vocab = self.model.args.vocab_size
         prompts = []
         for row, p in enumerate(prompt_tokens):
@@ -301,12 +310,12 @@ class Llama:
                 raise TypeError(f"prompt {row} must be a list of token ids, got {type(p).__name__}")
             if len(p) == 0:
                 raise ValueError(f"prompt {row} is empty; a prompt needs at least one token (e.g. BOS)")
-            bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+            bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {row} has token ids outside [0, {vocab}): {bad[:5]}")
             prompts.append(list(p))
         need = max(len(p) for p in prompts) + max_new_tokens
-        limit = min(self.model.args.max_seq_len, self.max_seq_len or self.model.args.max_seq_len)
+        limit = self.context_length
         if need > limit:
             raise ValueError(
                 f"longest prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -315,6 +324,17 @@ class Llama:
         if self.max_batch_size is not None and len(prompts) > self.max_batch_size:
             raise ValueError(f"batch of {len(prompts)} prompts exceeds max_batch_size={self.max_batch_size}")
         return prompts
+
+    def _check_stop_tokens(self, stop_tokens: Sequence[int] | None) -> list[int]:
+        if stop_tokens is None:
+            return list(self.tokenizer.stop_tokens)
+        if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Sequence):
+            raise TypeError(f"stop_tokens must be a list of token ids (or None), got {type(stop_tokens).__name__}")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in stop_tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_tokens has ids outside [0, {vocab}): {bad[:5]}")
+        return list(stop_tokens)
 
     def _ensure_cache(self, batch_size: int, seq_len: int) -> None:
         m = self.model
@@ -342,11 +362,17 @@ class Llama:
         top_k: int | None = None,
         stop_tokens: Sequence[int] | None = None,
         seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
     ) -> list[str]:
-        """Continues each prompt (encoded with BOS); returns the new text only."""
+        """Continues each prompt (encoded with BOS); returns the new text only, cut before any `stop` string."""
+        if (
+            isinstance(prompts, str)
+            or not isinstance(prompts, Sequence)
+            or not all(isinstance(p, str) for p in prompts)
+        ):
+            raise TypeError("text_completion takes a list of prompt strings, e.g. ['The capital of France is']")
         tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        out = self.generate(tokens, max_new_tokens, temperature, top_p, top_k, stop_tokens, seed)
-        return [self.tokenizer.decode(t) for t in out]
+        return self._complete(tokens, max_new_tokens, stop, temperature, top_p, top_k, stop_tokens, seed)
 
     def chat_completion(
         self,
@@ -356,32 +382,114 @@ class Llama:
         top_p: float = 0.9,
         top_k: int | None = None,
         seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
     ) -> list[Message]:
         """The assistant's reply to each dialog, as {"role": "assistant", "content": ...}."""
+        if (
+            isinstance(dialogs, (str, Mapping))
+            or not isinstance(dialogs, Sequence)
+            or any(isinstance(d, Mapping) for d in dialogs)
+        ):
+            raise TypeError("chat_completion takes a list of dialogs, each a list of messages: [[{'role': ..., ...}]]")
         tokens = [self.chat_format.encode_dialog_prompt(d) for d in dialogs]
-        out = self.generate(tokens, max_new_tokens, temperature, top_p, top_k, self._chat_stops(), seed)
-        return [{"role": "assistant", "content": self.tokenizer.decode(t)} for t in out]
+        texts = self._complete(tokens, max_new_tokens, stop, temperature, top_p, top_k, self.chat_stop_tokens, seed)
+        return [{"role": "assistant", "content": text} for text in texts]
+
+    def stream(self, prompt_tokens: Sequence[int], max_new_tokens: int = 256, **kwargs) -> Iterator[tuple[int, str]]:
+        """Yields each new token of one prompt with the text it completes (often "" while a UTF-8 character
+        or a possible `stop` string is incomplete). Takes `generate`'s options and `stop`; afterwards
+        `last_stats["finish_reasons"][0]` is "stop" (a stop token or string) or "length"."""
+        for _, token, text in self._stream_rows([prompt_tokens], max_new_tokens, sync_every=1, **kwargs):
+            if token is not None or text:
+                yield token, text
 
     def stream_completion(self, prompt: str, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
         """Yields the continuation of one prompt as text pieces, UTF-8 safe."""
-        yield from self._stream_text(self.tokenizer.encode(prompt, bos=True), max_new_tokens, **kwargs)
+        for _, text in self.stream(self.tokenizer.encode(prompt, bos=True), max_new_tokens, **kwargs):
+            if text:
+                yield text
 
     def stream_chat(self, dialog: Dialog, max_new_tokens: int = 512, **kwargs) -> Iterator[str]:
         """Yields the assistant's reply to one dialog as text pieces."""
-        kwargs.setdefault("stop_tokens", self._chat_stops())
-        yield from self._stream_text(self.chat_format.encode_dialog_prompt(dialog), max_new_tokens, **kwargs)
+        kwargs.setdefault("stop_tokens", self.chat_stop_tokens)
+        for _, text in self.stream(self.chat_format.encode_dialog_prompt(dialog), max_new_tokens, **kwargs):
+            if text:
+                yield text
 
-    def _stream_text(self, tokens: list[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
-        decoder = self.tokenizer.stream_decoder()
-        for (token,) in self.generate_stream([tokens], max_new_tokens, **kwargs):
-            if token is None:  # stopped; the generator ends by itself (and records its stats)
-                continue
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        rest = decoder.flush()
-        if rest:
-            yield rest
+    def _complete(self, prompts: list[list[int]], max_new_tokens: int, stop, *args) -> list[str]:
+        texts = [""] * len(prompts)
+        for row, _, text in self._stream_rows(prompts, max_new_tokens, stop, *args, sync_every=8):
+            texts[row] += text
+        return texts
 
-    def _chat_stops(self) -> list[int]:
+    def _stream_rows(
+        self, prompts, max_new_tokens: int, stop: str | Sequence[str] | None = None, *args, sync_every: int, **kwargs
+    ) -> Iterator[tuple[int, int | None, str]]:
+        """(row, token, text) for each new token of each row; then (row, None, held-back text) as each row ends.
+
+        A row ends at a stop token (not shown), at a `stop` string (cut before it) or at max_new_tokens;
+        the generation ends when every row has.
+        """
+        texts = [TextStream(self.tokenizer, stop) for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        steps = self.generate_stream(prompts, max_new_tokens, *args, sync_every=sync_every, **kwargs)
+        with contextlib.closing(steps):  # also when the caller stops early: the stats get recorded
+            for step in steps:
+                for row, token in enumerate(step):
+                    if reasons[row] is not None:
+                        continue
+                    if token is None:  # a stop token
+                        reasons[row] = "stop"
+                        yield row, None, texts[row].flush()
+                        continue
+                    text = texts[row].push(token)
+                    if texts[row].stopped:  # a stop string
+                        reasons[row] = "stop"
+                    yield row, token, text
+                if all(r is not None for r in reasons):
+                    break
+        for row, reason in enumerate(reasons):
+            if reason is None:
+                reasons[row] = "length"
+                yield row, None, texts[row].flush()
+        self.last_stats["finish_reasons"] = reasons
+
+    @property
+    def chat_stop_tokens(self) -> list[int]:
+        """What ends an assistant turn: the chat format's end-of-turn token and the tokenizer's stop tokens."""
         return sorted(set(self.chat_format.stop_tokens) | set(self.tokenizer.stop_tokens))
+
+
+class TextStream:
+    """One row's new tokens as text, UTF-8 safe, ending before the first of the `stop` strings.
+
+    Text that could still become a stop string is held back until it cannot: the pieces `push`
+    returns never include any part of a stop string, and they concatenate to the decoded text cut
+    at the first stop string (or to all of it, with `flush`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: str | Sequence[str] | None = None):
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        self.stop, self.held, self.stopped = stop, "", False
+        self._decoder = tokenizer.stream_decoder()
+
+    def push(self, token: int) -> str:
+        return "" if self.stopped else self._release(self._decoder.push(token), final=False)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._release(self._decoder.flush(), final=True)
+
+    def _release(self, text: str, final: bool) -> str:
+        text = self.held + text
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[: min(hits)]
+        # hold back the longest tail that is the beginning of a stop string
+        keep = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
