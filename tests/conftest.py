@@ -20,10 +20,20 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 
 LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
-# Tiny configs covering the variants: Llama 3 (GQA), 3.1 (llama3 rope scaling), 3.2 (tied), MQA, MHA.
+# Tiny configs covering the variants: Llama 3 (GQA), 3.1 (llama3 rope scaling), 3.2 (tied; scaling by 32), MQA, MHA.
+# The scaled ones shrink original_max_position_embeddings (8192 in the real models) so that, at rope theta
+# 500000, their frequencies fall in all three bands of the llama3 scaling (wavelength 2*pi/freq against
+# L = original_max_position_embeddings: kept below L/4, divided above L, blended between):
+#   head_dim 32, L 128: wavelengths 6.3, 14.3 | 32.4, 73.6 | 167, ... -> 2 kept, 2 blended, 12 divided;
+#   head_dim 16, L 64: wavelengths 6.3 | 32.4 | 167, 861, ... -> 1 kept, 1 blended, 6 divided.
+# At head_dim 16 successive wavelengths are 5.2x apart, more than the band's 4x: one blended pair at most.
+# The GGUF tests use llama3.1-scaled: llama3/gguf.py cannot fit a scaling to a single blended pair, and
+# refits L as 8192 with low/high factors to 6 digits (exact here: 8192 / 128 = 64).
+# tests/test_model.py recounts the bands from the published formula.
 TINY_CONFIGS = {
     "llama3-gqa": dict(num_attention_heads=4, num_key_value_heads=2),
     "llama3.1-scaled": dict(
+        hidden_size=128,  # head_dim 32: two frequencies in the blended band
         num_attention_heads=4,
         num_key_value_heads=2,
         rope_scaling={
@@ -31,10 +41,22 @@ TINY_CONFIGS = {
             "factor": 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
+            "original_max_position_embeddings": 128,
         },
     ),
     "llama3.2-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3.2-scaled": dict(  # tied, Llama 3.2's factor 32, head_dim 16: one frequency in each band
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
 }

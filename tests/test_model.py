@@ -44,16 +44,54 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def llama3_rope_bands(head_dim: int, theta: float, scaling: dict) -> dict[str, list[float]]:
+    """The published frequencies theta^(-2i/D), sorted into the bands of Llama 3.1's scaling (llama-models'
+    `apply_scaling`, DESIGN.md): wavelength 2*pi/f below L/high_freq_factor kept, above L/low_freq_factor
+    divided by `factor`, blended in between (L = original_max_position_embeddings)."""
+    L = scaling["original_max_position_embeddings"]
+    bands = {"kept": [], "blended": [], "divided": []}
+    for i in range(head_dim // 2):
+        f = theta ** (-2 * i / head_dim)
+        wavelen = 2 * math.pi / f
+        if wavelen < L / scaling["high_freq_factor"]:
+            bands["kept"].append(f)
+        elif wavelen > L / scaling["low_freq_factor"]:
+            bands["divided"].append(f)
+        else:
+            bands["blended"].append(f)
+    return bands
+
+
+def assert_rope_blend_is_exercised(config, scaling: dict, length: int) -> None:
+    """Every band holds a frequency of this config, and over `length` positions a blended frequency turns
+    at least a radian away from both the kept and the divided frequency: a wrong blend shows in the logits."""
+    bands = llama3_rope_bands(config.head_dim, config.rope_parameters["rope_theta"], scaling)
+    assert all(bands.values()), {band: len(freqs) for band, freqs in bands.items()}
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    L = scaling["original_max_position_embeddings"]
+
+    def blend(f: float) -> float:
+        smooth = (L * f / (2 * math.pi) - low) / (high - low)
+        return (1 - smooth) * f / factor + smooth * f
+
+    turn = max(min(f - blend(f), blend(f) - f / factor) * (length - 1) for f in bands["blended"])
+    assert turn >= 1.0, f"positions up to {length - 1} turn a blended frequency by only {turn:.2f} rad"
+
+
 # --- logits against transformers ---------------------------------------------------------------
+
+LOGITS_LENGTH = 64  # long enough for the blended RoPE frequencies to turn (assert_rope_blend_is_exercised)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @torch.no_grad()
 def test_fp32_logits_match_transformers(tiny, variant):
     _, hf, model = tiny(variant)
-    tokens = random_tokens(2, 48)
+    if "rope_scaling" in TINY_CONFIGS[variant]:
+        assert_rope_blend_is_exercised(hf.config, TINY_CONFIGS[variant]["rope_scaling"], LOGITS_LENGTH)
+    tokens = random_tokens(2, LOGITS_LENGTH)
     ours, theirs = model(tokens), hf(tokens).logits
-    assert ours.shape == theirs.shape == (2, 48, VOCAB)
+    assert ours.shape == theirs.shape == (2, LOGITS_LENGTH, VOCAB)
     assert ours.dtype == torch.float32
     assert max_diff(ours, theirs) <= 1e-4
 
@@ -321,7 +359,7 @@ def test_from_hf_config_reads_save_pretrained_output(tiny_hf, variant):
     )
     assert args.rope_theta == c.rope_parameters["rope_theta"] == 500000.0
     assert args.tie_embeddings == c.tie_word_embeddings
-    assert (args.rope_scaling is not None) == (variant == "llama3.1-scaled")
+    assert (args.rope_scaling is not None) == ("rope_scaling" in TINY_CONFIGS[variant])
 
 
 # --- RoPE frequencies ---------------------------------------------------------------------------
@@ -350,7 +388,7 @@ ROPE_CASES = {
     "llama-3-8b": ModelArgs.from_name("llama-3-8b"),
     "llama-3.1-8b": ModelArgs.from_name("llama-3.1-8b"),
     "llama-3.2-1b": ModelArgs.from_name("llama-3.2-1b"),
-    # short original context: every band (kept, blended, divided) is populated at head_dim 16
+    # short original context: every band (kept, blended, divided) is populated at head_dim 16 (asserted below)
     "tiny-scaled": ModelArgs(
         dim=64,
         n_heads=4,
@@ -358,19 +396,18 @@ ROPE_CASES = {
         n_layers=1,
         ffn_dim=96,
         vocab_size=VOCAB,
-        rope_scaling=RopeScaling(original_max_position_embeddings=32),
+        rope_scaling=RopeScaling(original_max_position_embeddings=64),
         max_seq_len=256,
     ),
 }
 
 
-@pytest.mark.parametrize("case", sorted(ROPE_CASES))
-def test_rope_inv_freq_matches_transformers_and_meta_formula(case):
+def transformers_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """transformers' inverse frequencies for the same config (LlamaRotaryEmbedding's init functions)."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    args = ROPE_CASES[case]
     s = args.rope_scaling
     config = LlamaConfig(
         hidden_size=args.dim,
@@ -381,16 +418,23 @@ def test_rope_inv_freq_matches_transformers_and_meta_formula(case):
         rope_scaling=None if s is None else {"rope_type": "llama3", **dataclasses.asdict(s)},
     )
     if s is None:
-        theirs, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
-    else:
-        theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, device="cpu")
+        return LlamaRotaryEmbedding.compute_default_rope_parameters(config)[0]
+    return ROPE_INIT_FUNCTIONS["llama3"](config, device="cpu")[0]
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_rope_inv_freq_matches_transformers_and_meta_formula(case):
+    args = ROPE_CASES[case]
+    s = args.rope_scaling
     ours = rope_inv_freq(args)
     assert ours.dtype == torch.float32 and ours.shape == (args.head_dim // 2,)
-    assert torch.equal(ours, theirs)  # same fp32 ops: bit for bit
+    assert torch.equal(ours, transformers_inv_freq(args))  # same fp32 ops: bit for bit
 
     hd = args.head_dim
     published = [args.rope_theta ** (-2 * i / hd) for i in range(hd // 2)]
     if s is not None:
+        bands = llama3_rope_bands(hd, args.rope_theta, dataclasses.asdict(s))
+        assert all(bands.values()), {band: len(freqs) for band, freqs in bands.items()}  # every branch is used
         published = meta_apply_scaling(published, s)
         assert published != [args.rope_theta ** (-2 * i / hd) for i in range(hd // 2)]  # scaling did something
     published = torch.tensor(published, dtype=torch.float64)
