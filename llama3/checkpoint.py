@@ -336,7 +336,7 @@ def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
     if numbers != list(range(len(shards))):
         raise CheckpointError(f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}")
     states = [_load_meta_shard(s) for s in shards]
-    if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in states[0]:
+    if params.get("vocab_size", -1) == -1 and "tok_embeddings.weight" in states[0]:  # -1: "from the tokenizer"
         params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
     args = ModelArgs.from_meta_params(params)
     if "output.weight" not in states[0]:

@@ -71,27 +71,46 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any] | str | Path) -> ModelArgs:
         """From a transformers `config.json` (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        source = "config.json"
         if not isinstance(config, dict):
-            config = read_json_object(Path(config))
+            source, config = str(config), read_json_object(Path(config))
         model_type = config.get("model_type")
         archs = config.get("architectures") or []
         if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
             raise ConfigError(
-                f"not a Llama model: model_type={model_type!r}, architectures={archs!r} "
+                f"{source}: not a Llama model: model_type={model_type!r}, architectures={archs!r} "
                 "(expected model_type 'llama' and LlamaForCausalLM)"
             )
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if key not in config:
-                raise ConfigError(f"config.json is missing {key!r}")
+                raise ConfigError(f"{source} is missing {key!r}")
         if config.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"unsupported hidden_act {config['hidden_act']!r} (Llama uses 'silu')")
+            raise ConfigError(f"{source}: unsupported hidden_act {config['hidden_act']!r} (Llama uses 'silu')")
         if config.get("attention_bias") or config.get("mlp_bias"):
-            raise ConfigError("attention_bias / mlp_bias are not part of Llama 3 and are not supported")
-        rope = dict(config.get("rope_parameters") or {})
+            raise ConfigError(f"{source}: attention_bias / mlp_bias are not part of Llama 3 and are not supported")
+        rope = config.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object, got {rope!r}")
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        scaling = config.get("rope_scaling") or rope
+        _check_numbers(
+            {**config, "rope_theta": theta},
+            source,
+            ints=(
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+                "max_position_embeddings",
+                "head_dim",
+            ),
+            positives=("rms_norm_eps", "rope_theta"),
+        )
         n_heads = config["num_attention_heads"]
-        return cls(
+        return _build(
+            cls,
+            source,
             dim=config["hidden_size"],
             n_layers=config["num_hidden_layers"],
             n_heads=n_heads,
@@ -100,7 +119,7 @@ class ModelArgs:
             ffn_dim=config["intermediate_size"],
             norm_eps=config.get("rms_norm_eps", 1e-5),
             rope_theta=float(theta),
-            rope_scaling=_rope_scaling(scaling),
+            rope_scaling=_rope_scaling(config.get("rope_scaling") or rope, source),
             max_seq_len=config.get("max_position_embeddings", 8192),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
@@ -109,11 +128,21 @@ class ModelArgs:
     @classmethod
     def from_meta_params(cls, params: dict[str, Any] | str | Path) -> ModelArgs:
         """From Meta's `params.json` (ffn size derived as in Meta's `FeedForward`)."""
+        source = "params.json"
         if not isinstance(params, dict):
-            params = read_json_object(Path(params))
+            source, params = str(params), read_json_object(Path(params))
         for key in ("dim", "n_layers", "n_heads"):
             if key not in params:
-                raise ConfigError(f"params.json is missing {key!r}")
+                raise ConfigError(f"{source} is missing {key!r}")
+        _check_numbers(
+            params,
+            source,
+            ints=("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"),
+            positives=("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor"),
+        )
+        vocab = params.get("vocab_size", -1)
+        if vocab is None or (vocab != -1 and not _is_int(vocab, low=1)):
+            raise ConfigError(f"{source}: vocab_size must be a positive integer (or -1), got {vocab!r}")
         dim, n_heads = params["dim"], params["n_heads"]
         hidden = int(2 * (4 * dim) / 3)
         if params.get("ffn_dim_multiplier") is not None:
@@ -124,8 +153,9 @@ class ModelArgs:
         if params.get("use_scaled_rope"):
             # Meta's reference hard-codes factor 8 for 3.1; 3.2 1B/3B ship `rope_scaling_factor: 32`.
             scaling = RopeScaling(factor=float(params.get("rope_scaling_factor", 8.0)))
-        vocab = params.get("vocab_size", -1)
-        return cls(
+        return _build(
+            cls,
+            source,
             dim=dim,
             n_layers=params["n_layers"],
             n_heads=n_heads,
@@ -233,22 +263,47 @@ def check_max_new_tokens(n: Any) -> None:
         raise ParamError("max_new_tokens", f"must be an integer >= 0, got {n!r}")
 
 
-def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+def _rope_scaling(scaling: Any, source: str) -> RopeScaling | None:
     if not scaling:
         return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ConfigError(f"unsupported rope scaling type {kind!r} (supported: 'default', 'llama3')")
-    if not _is_real(scaling.get("factor")) or scaling["factor"] <= 0:
-        raise ConfigError(f"llama3 rope scaling needs a positive 'factor', got {scaling.get('factor')!r}")
+        raise ConfigError(f"{source}: unsupported rope scaling type {kind!r} (supported: 'default', 'llama3')")
+    if "factor" not in scaling:
+        raise ConfigError(f"{source}: llama3 rope scaling needs a 'factor'")
+    _check_numbers(
+        scaling,
+        source,
+        ints=("original_max_position_embeddings",),
+        positives=("factor", "low_freq_factor", "high_freq_factor"),
+    )
     return RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
         high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
     )
+
+
+def _check_numbers(config: dict[str, Any], source: str, ints: tuple[str, ...], positives: tuple[str, ...]) -> None:
+    """Each key present (and not null) must hold a positive integer (`ints`) or a positive finite number."""
+    for key in ints:
+        if config.get(key) is not None and not _is_int(config[key], low=1):
+            raise ConfigError(f"{source}: {key} must be a positive integer, got {config[key]!r}")
+    for key in positives:
+        if key in config and config[key] is not None and not (_is_real(config[key]) and config[key] > 0):
+            raise ConfigError(f"{source}: {key} must be a positive number, got {config[key]!r}")
+
+
+def _build(cls: type[ModelArgs], source: str, **fields: Any) -> ModelArgs:
+    try:
+        return cls(**fields)
+    except ConfigError as e:  # a consistency check across fields (heads, head_dim): say which file
+        raise ConfigError(f"{source}: {e}") from None
 
 
 _L3 = dict(vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5, n_kv_heads=8)

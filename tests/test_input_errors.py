@@ -217,45 +217,24 @@ BAD_CONFIG_VALUES = {
     ),
     "llama3 rope factor 0": (dict(rope_parameters={**LLAMA3_ROPE, "factor": 0}), "factor"),
     "llama3 rope factor a string": (dict(rope_parameters={**LLAMA3_ROPE, "factor": "8"}), "factor"),
-}
-# Found while writing these tests: a config without `head_dim` (transformers 4.x writes none) with a
-# string or zero head count reaches `hidden_size // num_attention_heads` unchecked; a non-numeric
-# rope_theta reaches float(). Each should be a ConfigError.
-BUGGY_CONFIG_VALUES = {
-    "string hidden_size, no head_dim": (dict(hidden_size="64", head_dim=...), TypeError),
-    "zero num_attention_heads, no head_dim": (dict(num_attention_heads=0, head_dim=...), ZeroDivisionError),
-    "string rope_theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": "5e5x"}), ValueError),
+    # a config without `head_dim` (transformers 4.x writes none) used to reach hidden_size // heads unchecked
+    "string hidden_size, no head_dim": (dict(hidden_size="64", head_dim=...), "hidden_size must be"),
+    "zero num_attention_heads, no head_dim": (dict(num_attention_heads=0, head_dim=...), "num_attention_heads"),
+    "zero head_dim": (dict(head_dim=0), "head_dim must be"),
+    "string rope_theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": "5e5x"}), "rope_theta"),
+    "rope_parameters a string": (dict(rope_parameters="llama3"), "rope_parameters"),
+    "string low_freq_factor": (dict(rope_parameters={**LLAMA3_ROPE, "factor": 8, "low_freq_factor": "x"}), "low_freq"),
+    "heads not a multiple of kv heads": (dict(num_key_value_heads=3), "n_kv_heads 3"),
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [*BAD_CONFIG_VALUES]
-    + [
-        pytest.param(case, marks=pytest.mark.xfail(raises=exc, strict=True, reason="bug: not checked"))
-        for case, (_, exc) in BUGGY_CONFIG_VALUES.items()
-    ],
-)
-def test_config_value_out_of_range_is_a_config_error_naming_it(hf_copy, case):
-    changes, named = BAD_CONFIG_VALUES.get(case) or (BUGGY_CONFIG_VALUES[case][0], "")
+@pytest.mark.parametrize("case", list(BAD_CONFIG_VALUES))
+def test_config_value_out_of_range_is_a_config_error_naming_file_and_key(hf_copy, case):
+    changes, named = BAD_CONFIG_VALUES[case]
     edit_config(hf_copy, **changes)
     with pytest.raises(ConfigError) as e:
         Transformer.from_pretrained(hf_copy, device="cpu", dtype=torch.float32)
-    assert named in str(e.value)
-
-
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="bug: a config.json value out of range is reported without naming config.json (and under ModelArgs' "
-    "field name: dim for hidden_size)",
-)
-@pytest.mark.parametrize("case", ["negative hidden_size", "llama3 rope_parameters without a factor (transformers 5)"])
-def test_config_value_error_names_the_file(hf_copy, case):
-    edit_config(hf_copy, **BAD_CONFIG_VALUES[case][0])
-    with pytest.raises(ConfigError) as e:
-        Transformer.from_pretrained(hf_copy, device="cpu", dtype=torch.float32)
-    assert "config.json" in str(e.value)
+    assert named in str(e.value) and "config.json" in str(e.value)
 
 
 BAD_INDEX = {
@@ -330,6 +309,26 @@ def test_params_json_that_is_not_an_object_is_a_checkpoint_error_naming_it(meta_
     (meta_copy / "params.json").write_bytes(NOT_A_JSON_OBJECT[case])
     with pytest.raises(CheckpointError, match="params.json"):
         Transformer.from_pretrained(meta_copy, device="cpu", dtype=torch.float32)
+
+
+BAD_PARAMS_VALUES = {
+    "string dim": (dict(dim="64"), "dim must be"),
+    "zero n_heads": (dict(n_heads=0), "n_heads must be"),
+    "zero multiple_of": (dict(multiple_of=0), "multiple_of must be"),
+    "string vocab_size": (dict(vocab_size="x"), "vocab_size must be"),
+    "null vocab_size": (dict(vocab_size=None), "vocab_size must be"),
+    "string ffn_dim_multiplier": (dict(ffn_dim_multiplier="x"), "ffn_dim_multiplier must be"),
+    "negative norm_eps": (dict(norm_eps=-1e-5), "norm_eps must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PARAMS_VALUES))
+def test_params_json_value_out_of_range_is_a_config_error_naming_file_and_key(meta_copy, case):
+    changes, named = BAD_PARAMS_VALUES[case]
+    (meta_copy / "params.json").write_text(json.dumps({**META_PARAMS, **changes}))
+    with pytest.raises(ConfigError) as e:
+        Transformer.from_pretrained(meta_copy, device="cpu", dtype=torch.float32)
+    assert named in str(e.value) and "params.json" in str(e.value)
 
 
 def torch_saved(obj):
