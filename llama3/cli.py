@@ -240,19 +240,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _fit_history(llm, history: list[dict[str, str]], max_new_tokens: int, log) -> tuple[list[int], int] | None:
     """The prompt for `history` (whose last message is the new one) and the answer's budget, dropping the
     oldest turns (never the system message or the new message) until both fit; None if even that fails."""
-    system = 1 if history[0]["role"] == "system" else 0
+    first = 1 if history[0]["role"] == "system" else 0
+    need = 1 if max_new_tokens == -1 else max_new_tokens
     dropped = 0
-    while True:
-        tokens = llm.chat_format.encode_dialog_prompt(history)
-        need = 1 if max_new_tokens == -1 else max_new_tokens
-        if len(tokens) + need <= llm.context_length:
-            if dropped:
-                log(f"llama3: dropped the {dropped} oldest messages to fit the {llm.context_length}-token context")
-            return tokens, _budget(llm, len(tokens), max_new_tokens)
-        if len(history) - system <= 1:
+    while len(tokens := llm.chat_format.encode_dialog_prompt(history)) + need > llm.context_length:
+        if len(history) - first == 1:
             return None
-        del history[system]
+        del history[first]  # a whole turn: the user's message and the answers that followed it
         dropped += 1
+        while history[first]["role"] != "user":
+            del history[first]
+            dropped += 1
+    if dropped:
+        log(f"llama3: dropped the {dropped} oldest messages to fit the {llm.context_length}-token context")
+    return tokens, _budget(llm, len(tokens), max_new_tokens)
 
 
 def _chat_help() -> str:
