@@ -140,3 +140,29 @@ def fill_cache_with_garbage(model, batch: int, slots: int) -> None:
 @pytest.fixture(scope="session")
 def llama3_tokenizer_path() -> Path:
     return llama3_tokenizer_file()
+
+
+# The Llama 3 Instruct chat template (tokenizer_config.json of meta-llama/Meta-Llama-3-8B-Instruct).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def hf_llama3_tokenizer(path: Path):
+    """transformers' fast tokenizer converted from Meta's tokenizer.model, with the Instruct chat template:
+    an independent reference for our tokenizer and chat format."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from llama3.tokenizer import LLAMA3_PAT_STR, llama3_special_token_names
+
+    converter = TikTokenConverter(
+        vocab_file=str(path), pattern=LLAMA3_PAT_STR, extra_special_tokens=llama3_special_token_names()
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token="<|begin_of_text|>")
+    hf.chat_template = LLAMA3_CHAT_TEMPLATE
+    assert hf.convert_tokens_to_ids("<|eot_id|>") == 128009 and hf.bos_token_id == 128000
+    return hf

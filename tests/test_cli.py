@@ -1,37 +1,67 @@
-"""The `llama3` command, run as a user would: a subprocess on a tiny checkpoint, output checked against transformers."""
+"""The `llama3` command, run as a user would: a subprocess on a tiny checkpoint, its output checked against
+transformers (greedy `generate`, and the official Llama 3 chat template rendered by transformers)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import io
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from llama3 import Tokenizer
+STOPS = (128001, 128008, 128009)  # the Llama 3.1 Instruct stop tokens (generation_config.json's eos ids)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, llama3_tokenizer_path):
-    from conftest import save_tiny_hf
+    """(dir, HF model, HF tokenizer with the Instruct chat template): the references are all transformers'."""
+    from conftest import hf_llama3_tokenizer, save_tiny_hf
 
     d = tmp_path_factory.mktemp("cli-llama")
-    hf = save_tiny_hf(d, vocab_size=128256, eos_token_id=[128001, 128008, 128009])
+    hf = save_tiny_hf(d, vocab_size=128256, eos_token_id=list(STOPS))
     (d / "original").mkdir()
     shutil.copy(llama3_tokenizer_path, d / "original" / "tokenizer.model")
-    return d, hf, Tokenizer(llama3_tokenizer_path)
+    return d, hf, hf_llama3_tokenizer(llama3_tokenizer_path)
 
 
-def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    """The command in a fresh process, as a user runs it (for exit codes, signals, pipes, imports)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "llama3", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "llama3", *args], input=stdin, capture_output=True, text=True, env=env, timeout=timeout
     )
 
 
-def hf_greedy_text(hf, tok: Tokenizer, prompt_ids: list[int], n: int) -> str:
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """The command's `main` in this process (no torch import per call): returncode, stdout and stderr."""
+    from llama3.cli import main
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
+def tiny(d, *args: str) -> tuple[str, ...]:
+    return ("--model", str(d), "--temperature", "0", "--dtype", "float32", *args)
+
+
+def hf_greedy(hf, prompt_ids: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens, up to (not including) the first stop token."""
     out = hf.generate(
         torch.tensor([prompt_ids]),
         max_new_tokens=n,
@@ -40,59 +70,286 @@ def hf_greedy_text(hf, tok: Tokenizer, prompt_ids: list[int], n: int) -> str:
         eos_token_id=None,
         pad_token_id=0,
     )[0, len(prompt_ids) :].tolist()
-    for stop in (128001, 128008, 128009):
-        if stop in out:
-            out = out[: out.index(stop)]
-    return tok.decode(out)
+    return next((out[:i] for i, t in enumerate(out) if t in STOPS), out)
+
+
+def completion(checkpoint, prompt: str, n: int) -> tuple[list[int], list[int], str]:
+    """(prompt ids, new ids, new text) of a greedy completion by transformers."""
+    _, hf, hf_tok = checkpoint
+    ids = [hf_tok.bos_token_id, *hf_tok.encode(prompt, add_special_tokens=False)]
+    new = hf_greedy(hf, ids, n)
+    return ids, new, hf_tok.decode(new)
+
+
+def chat_reply(checkpoint, dialog: list[dict], n: int) -> str:
+    _, hf, hf_tok = checkpoint
+    ids = hf_tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return hf_tok.decode(hf_greedy(hf, list(ids), n))
+
+
+def chat_prompt_len(checkpoint, dialog: list[dict]) -> int:
+    ids = checkpoint[2].apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return len(ids)
+
+
+# -- generate -----------------------------------------------------------------------------------------------
 
 
 def test_generate_streams_the_greedy_completion(checkpoint):
-    d, hf, tok = checkpoint
-    r = run_cli("generate", "Hello world", "--model", str(d), "--temperature", "0", "-n", "8", "--dtype", "float32")
+    r = run_cli("generate", "Hello world", *tiny(checkpoint[0], "-n", "8"))
     assert r.returncode == 0, r.stderr
-    assert r.stdout == hf_greedy_text(hf, tok, tok.encode("Hello world", bos=True), 8) + "\n"
+    assert r.stdout == completion(checkpoint, "Hello world", 8)[2] + "\n"
     assert "tokens/s" in r.stderr and "model" in r.stderr
+    assert "stopped at the 8-token limit" in r.stderr  # the answer was cut, not ended by the model
 
 
-def test_quiet_prints_only_the_text(checkpoint):
-    d, hf, tok = checkpoint
-    r = run_cli("generate", "Hi", "--model", str(d), "--temperature", "0", "-n", "4", "--quiet", "--dtype", "float32")
+def test_quiet_prints_only_the_text(cli, checkpoint):
+    r = cli("generate", "Hi", *tiny(checkpoint[0], "-n", "4", "--quiet"))
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    assert r.stdout == hf_greedy_text(hf, tok, tok.encode("Hi", bos=True), 4) + "\n"
+    assert r.stdout == completion(checkpoint, "Hi", 4)[2] + "\n"
 
 
-def test_chat_keeps_history_and_resets(checkpoint):
-    d, hf, tok = checkpoint
-    from llama3 import ChatFormat
+@pytest.mark.parametrize(
+    "args, stdin",
+    [
+        (["-"], "The prompt\nspans lines\n"),  # '-' reads stdin; the trailing newline goes, as $(cat) drops it
+        ([], "The prompt\nspans lines\r\n"),  # no PROMPT and piped input
+        (["--file", "FILE"], None),
+        (["-f", "-"], "The prompt\nspans lines\n\n"),
+    ],
+)
+def test_prompt_from_stdin_or_file(cli, checkpoint, tmp_path, args, stdin):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("The prompt\nspans lines\n", encoding="utf-8")
+    args = [str(prompt_file) if a == "FILE" else a for a in args]
+    r = cli("generate", *args, *tiny(checkpoint[0], "-n", "6", "-q"), stdin=stdin or "")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == completion(checkpoint, "The prompt\nspans lines", 6)[2] + "\n"
 
-    fmt = ChatFormat(tok)
+
+def test_unreadable_prompt_file_is_named(cli, checkpoint, tmp_path):
+    missing = tmp_path / "nope.txt"
+    r = cli("generate", "-f", str(missing), *tiny(checkpoint[0], "-q"))
+    assert r.returncode == 1 and "nope.txt" in r.stderr and "Traceback" not in r.stderr
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    r = cli("generate", "-f", str(latin1), *tiny(checkpoint[0], "-q"))
+    assert r.returncode == 1 and "latin1.txt is not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_system_message_uses_the_chat_template(cli, checkpoint):
+    r = cli("generate", "What is 2+2?", "--system", "Be terse.", *tiny(checkpoint[0], "-n", "6", "-q"))
+    assert r.returncode == 0, r.stderr
+    dialog = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 2+2?"}]
+    assert r.stdout == chat_reply(checkpoint, dialog, 6) + "\n"
+
+
+def test_stop_string_ends_the_answer_before_it(cli, checkpoint):
+    _, _, text = completion(checkpoint, "Hello world", 24)
+    stop = text[6:9]  # spans characters from the middle of the answer
+    assert len(stop) == 3 and text.find(stop) < 6 + 1
+    r = cli("generate", "Hello world", *tiny(checkpoint[0], "-n", "24", "-q", "--stop", "never seen", "--stop", stop))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text[: text.find(stop)] + "\n"
+
+
+def test_json_output(cli, checkpoint):
+    ids, new, text = completion(checkpoint, "Hello world", 8)
+    r = cli("generate", "Hello world", "--json", *tiny(checkpoint[0], "-n", "8"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == text and out["tokens"] == new
+    assert out["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8}
+    assert set(out["timings"]) == {"load_s", "time_to_first_token_s", "tokens_per_second", "total_s"}
+    stop = text[2:5]
+    r = cli("generate", "Hello world", "--json", "--stop", stop, *tiny(checkpoint[0], "-n", "8", "-q"))
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop" and out["text"] == text[: text.find(stop)]
+
+
+def test_zero_new_tokens_generates_nothing(cli, checkpoint):
+    r = cli("generate", "Hello world", "--json", *tiny(checkpoint[0], "-n", "0", "-q"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["text"], out["tokens"], out["finish_reason"]) == ("", [], "length")
+
+
+def test_minus_one_fills_the_context(cli, checkpoint):
+    ids, new, text = completion(checkpoint, "Hi", 30)
+    r = cli("generate", "Hi", "--json", *tiny(checkpoint[0], "-n", "-1", "-c", str(len(ids) + 12), "-q"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == new[:12]  # exactly the context's room after the prompt
+    r = cli("generate", "Hi", *tiny(checkpoint[0], "-n", "-1", "-c", str(len(ids)), "-q"))
+    assert r.returncode == 1 and "no room for an answer" in r.stderr
+
+
+def test_context_size_bounds_prompt_plus_answer(cli, checkpoint):
+    ids, _, text = completion(checkpoint, "Hello world", 8)
+    at_limit = cli("generate", "Hello world", *tiny(checkpoint[0], "-n", "8", "-c", str(len(ids) + 8), "-q"))
+    assert at_limit.returncode == 0 and at_limit.stdout == text + "\n"
+    over = cli("generate", "Hello world", *tiny(checkpoint[0], "-n", "8", "-c", str(len(ids) + 7), "-q"))
+    assert over.returncode == 1 and over.stderr.startswith("llama3: error: the prompt is") and "-n" in over.stderr
+    beyond = cli("generate", "Hello world", *tiny(checkpoint[0], "-c", "257", "-q"))  # the context is 256
+    assert beyond.returncode == 1 and "exceeds the model's context" in beyond.stderr
+
+
+# -- checked before anything loads --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--top-p", "nan"], "--top-p"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.0001"], "--top-p"),
+        (["--temperature", "-0.5"], "--temperature"),
+        (["--temperature", "inf"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--top-k", "0"], "--top-k"),
+        (["--seed", "-1"], "--seed"),
+        (["-n", "-2"], "--max-new-tokens"),
+        (["-c", "0"], "--max-seq-len"),
+        (["--stop", ""], "--stop"),
+        (["--top-p", "x"], "--top-p"),
+    ],
+)
+def test_bad_options_name_the_flag_before_loading(args, flag):
+    r = run_cli("generate", "Hi", "--model", "/nonexistent/model", *args)
+    assert r.returncode == 2, r.stderr
+    assert f"llama3 generate: error: argument {flag}" in r.stderr
+    assert "nonexistent" not in r.stderr and "Traceback" not in r.stderr  # the model was never looked for
+
+
+def test_prompt_and_file_together_are_refused():
+    r = run_cli("generate", "Hi", "-f", "x.txt")
+    assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    for args in (["--help"], ["generate", "--help"], ["generate", "Hi", "--top-p", "2"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "llama3", *args], capture_output=True, text=True)
+        imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+        assert "llama3.cli" in imported and "torch" not in imported, args
+
+
+def test_version_is_the_installed_distributions():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"llama3 {importlib.metadata.version('llama3')}"
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "unknown device 'gpu'"), ("cuda:x", "unknown device 'cuda:x'"), ("cuda:99", "'cuda:99' is not available")]
+    + ([("cuda", "'cuda' is not available")] if not torch.cuda.is_available() else []),
+)
+def test_bad_device_is_one_line(cli, checkpoint, device, message):
+    r = cli("generate", "Hi", *tiny(checkpoint[0], "--device", device, "-q"))
+    assert r.returncode == 1 and r.stderr.startswith("llama3: error: ") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b"this is a text file, not a checkpoint\n" * 3, b"", b"\xff" * 16])
+def test_corrupt_weights_file_is_one_line(cli, checkpoint, tmp_path, content):
+    d = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[0], d)
+    (d / "model.safetensors").write_bytes(content)
+    r = cli("generate", "Hi", *tiny(d, "-q"))
+    assert r.returncode == 1 and "model.safetensors" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_bad_model_path_is_one_clear_line(cli, tmp_path):
+    r = cli("generate", "Hi", "--model", str(tmp_path / "nope"), "--quiet")
+    assert r.returncode == 1
+    assert r.stderr.startswith("llama3: error: checkpoint not found") and "Traceback" not in r.stderr
+
+
+# -- interrupts and pipes -----------------------------------------------------------------------------------
+
+
+def popen(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "llama3", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+
+
+def test_ctrl_c_while_loading_exits_130(checkpoint):
+    p = popen("generate", "Hi", *tiny(checkpoint[0], "-n", "4"))
+    assert p.stderr.readline().startswith(b"llama3: model")  # printed just before the load starts
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+
+
+def test_ctrl_c_while_generating_exits_130(checkpoint, tmp_path):
+    d = shutil.copytree(checkpoint[0], tmp_path / "long")  # the tiny model with a long context: a minute of work
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
+    p = popen("generate", "Hi", *tiny(d, "-n", "-1", "--stop", "never seen"))
+    assert p.stdout.read(1)  # the answer has begun
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+
+
+def test_closed_output_pipe_exits_quietly(checkpoint):
+    p = popen("generate", "Hi", *tiny(checkpoint[0], "-n", "8", "-q"))
+    p.stdout.close()  # the reader is gone before the first piece is written (as `| head -c 0` would leave it)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141 and err == b"", err  # 128 + SIGPIPE, and no "Exception ignored" on exit
+
+
+# -- chat ---------------------------------------------------------------------------------------------------
+
+
+def test_chat_keeps_history_and_resets(cli, checkpoint):
     first = [{"role": "user", "content": "hi"}]
-    reply1 = hf_greedy_text(hf, tok, fmt.encode_dialog_prompt(first), 6)
-    second = first + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "and then?"}]
-    reply2 = hf_greedy_text(hf, tok, fmt.encode_dialog_prompt(second), 6)
-    reply3 = hf_greedy_text(hf, tok, fmt.encode_dialog_prompt([{"role": "user", "content": "and then?"}]), 6)
-    r = run_cli(
-        "chat",
-        "--model",
-        str(d),
-        "--temperature",
-        "0",
-        "-n",
-        "6",
-        "--quiet",
-        "--dtype",
-        "float32",
-        stdin="hi\nand then?\n/reset\nand then?\n/exit\nnever read\n",
+    reply1 = chat_reply(checkpoint, first, 6)
+    second = [*first, {"role": "assistant", "content": reply1}, {"role": "user", "content": "and then?"}]
+    reply2 = chat_reply(checkpoint, second, 6)
+    reply3 = chat_reply(checkpoint, [{"role": "user", "content": "and then?"}], 6)
+    r = cli(
+        "chat", *tiny(checkpoint[0], "-n", "6", "-q"), stdin="hi\nand then?\n/reset\nand then?\n/exit\nnever read\n"
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{reply1}\n{reply2}\n{reply3}\n"
 
 
-def test_bad_model_path_is_one_clear_line(tmp_path):
-    r = run_cli("generate", "Hi", "--model", str(tmp_path / "nope"), "--quiet")
-    assert r.returncode == 1
-    assert r.stderr.startswith("llama3: error: checkpoint not found") and "Traceback" not in r.stderr
+def test_chat_commands_stay_local(cli, checkpoint):
+    dialog = [{"role": "user", "content": "hi"}]
+    reply = chat_reply(checkpoint, dialog, 6)
+    slash = chat_reply(
+        checkpoint, [*dialog, {"role": "assistant", "content": reply}, {"role": "user", "content": "/hi"}], 6
+    )
+    r = cli("chat", *tiny(checkpoint[0], "-n", "6"), stdin="/help\n/bogus\nhi\n//hi\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{reply}\n{slash}\n"  # two answers: /help and /bogus never reached the model
+    assert "/reset" in r.stderr and "unknown command /bogus" in r.stderr
+
+
+def test_chat_drops_the_oldest_turn_exactly_when_the_context_is_short(cli, checkpoint):
+    n = 6
+    first = [{"role": "user", "content": "hi"}]
+    reply1 = chat_reply(checkpoint, first, n)
+    second = [*first, {"role": "assistant", "content": reply1}, {"role": "user", "content": "and then?"}]
+    fits = chat_prompt_len(checkpoint, second) + n
+    alone = chat_reply(checkpoint, second[2:], n)
+    r = cli("chat", *tiny(checkpoint[0], "-n", str(n), "-c", str(fits)), stdin="hi\nand then?\n")
+    assert r.stdout == f"{reply1}\n{chat_reply(checkpoint, second, n)}\n" and "dropped" not in r.stderr
+    r = cli("chat", *tiny(checkpoint[0], "-n", str(n), "-c", str(fits - 1)), stdin="hi\nand then?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{reply1}\n{alone}\n" and "dropped the 2 oldest messages" in r.stderr
+
+
+def test_chat_refuses_an_over_long_message_and_goes_on(cli, checkpoint):
+    reply = chat_reply(checkpoint, [{"role": "user", "content": "hi"}], 6)
+    long = "word " * 200  # far more than -c 64 holds
+    r = cli("chat", *tiny(checkpoint[0], "-n", "6", "-c", "64"), stdin=f"{long}\nhi\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{reply}\n" and "message not sent" in r.stderr
 
 
 def test_default_model_is_the_embedded_smollm2():
