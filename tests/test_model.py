@@ -297,10 +297,14 @@ def test_llama3_8b_has_8_030_261_248_parameters():
 
 @pytest.mark.parametrize("name", ["llama-3-155m", *sorted(PUBLISHED_SHAPES)])
 def test_num_params_counts_the_modules_parameters(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     args = ModelArgs.from_name(name)
     with torch.device("meta"):  # no memory: even 405B is free to build here
         model = Transformer(args)
+        hf = LlamaForCausalLM(LlamaConfig(**args.to_hf_config()))
     assert sum(p.numel() for p in model.parameters()) == args.num_params()  # a tied weight counts once
+    assert sum(p.numel() for p in hf.parameters()) == args.num_params()  # and transformers counts the same
     assert (model.output.weight is model.tok_embeddings.weight) == args.tie_embeddings
 
 
