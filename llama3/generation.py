@@ -9,6 +9,7 @@ captured once in a CUDA graph and replayed per token.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import time
 import warnings
@@ -49,6 +50,25 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, 
     # Unlike torch.multinomial it needs no renormalisation and no host sync.
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
     return (probs / race).argmax(dim=-1)
+
+
+def _token_ids(ids: Sequence, vocab: int, what: str) -> list[int]:
+    """`ids` as a list of ints (numpy and 0-d tensor integers too), each checked to be in the vocabulary."""
+
+    def as_int(t) -> int | None:
+        try:
+            return None if isinstance(t, bool) else operator.index(t)
+        except TypeError:
+            return None
+
+    out = [as_int(t) for t in ids]
+    not_ints = [t for t, i in zip(ids, out, strict=True) if i is None]
+    if not_ints:
+        raise ValueError(f"{what} has token ids that are not integers: {not_ints[:5]}")
+    outside = [t for t in out if not 0 <= t < vocab]
+    if outside:
+        raise ValueError(f"{what} has token ids outside [0, {vocab}): {outside[:5]}")
+    return out
 
 
 class DecodeStep:
@@ -310,10 +330,7 @@ class Llama:
                 raise TypeError(f"prompt {row} must be a list of token ids, got {type(p).__name__}")
             if len(p) == 0:
                 raise ValueError(f"prompt {row} is empty; a prompt needs at least one token (e.g. BOS)")
-            bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {row} has token ids outside [0, {vocab}): {bad[:5]}")
-            prompts.append(list(p))
+            prompts.append(_token_ids(p, vocab, f"prompt {row}"))
         need = max(len(p) for p in prompts) + max_new_tokens
         limit = self.context_length
         if need > limit:
@@ -330,11 +347,7 @@ class Llama:
             return list(self.tokenizer.stop_tokens)
         if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Sequence):
             raise TypeError(f"stop_tokens must be a list of token ids (or None), got {type(stop_tokens).__name__}")
-        vocab = self.model.args.vocab_size
-        bad = [t for t in stop_tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_tokens has ids outside [0, {vocab}): {bad[:5]}")
-        return list(stop_tokens)
+        return _token_ids(stop_tokens, self.model.args.vocab_size, "stop_tokens")
 
     def _ensure_cache(self, batch_size: int, seq_len: int) -> None:
         m = self.model
