@@ -30,7 +30,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -486,7 +486,11 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The raw bytes of `ids` (a token can hold part of a UTF-8 character)."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"decode takes a list of token ids, got {type(ids).__name__}")
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays too
+        if not all(type(i) is int for i in ids):
+            raise TypeError(f"decode takes integer token ids, got {[i for i in ids if type(i) is not int][:5]}")
         if ids and (min(ids) < 0 or max(ids) >= self.n_words or self._holes):
             for i in ids:
                 self._check_id(i)

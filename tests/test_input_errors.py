@@ -557,6 +557,23 @@ def test_wrong_input_type_says_what_is_expected(llm, case):
         getattr(llm, method)(*args, max_new_tokens=2, temperature=0, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "ids, pattern",
+    [("abc", "list of token ids, got str"), (5, "got int"), ([1.5], "integer token ids"), ([None], "integer")]
+    + [([True], "integer token ids"), ([9906, "x"], "integer token ids")],
+)
+def test_decode_of_something_other_than_ids_says_so(llm, ids, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        llm.tokenizer.decode(ids)
+
+
+def test_decode_takes_ids_as_list_tuple_tensor_or_array(llm):
+    import numpy as np
+
+    for ids in ([9906, 1917], (9906, 1917), torch.tensor([9906, 1917]), np.array([9906, 1917])):
+        assert llm.tokenizer.decode(ids) == "Hello world"  # Meta's ids for "Hello world" (DESIGN.md)
+
+
 # --- 5. token tensors the model cannot embed -----------------------------------------------------
 
 # (tokens, exception, pattern the message must match)
