@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import hf_llama3_tokenizer, llama3_tokenizer_file
 
 from llama3.chat_format import ChatFormat, ChatMLFormat, chat_format_for
-from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, TokenizerError
+from llama3.tokenizer import GPT2_PAT_STR, Tokenizer, TokenizerError
 
-LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
-
-# The Llama 3 Instruct template (tokenizer_config.json of meta-llama/Meta-Llama-3-8B-Instruct).
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 # SmolLM2-Instruct's template: ChatML with a default system message.
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 SMOLLM2_TEMPLATE = (
@@ -43,33 +31,15 @@ DIALOGS = [
 ]
 
 
-def llama3_tokenizer_model() -> Path:
-    spec = importlib.util.find_spec("llama_models")  # found, not imported: its dependencies are not installed
-    assert spec is not None and spec.submodule_search_locations, "install llama-models==0.3.0 --no-deps"
-    path = Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model"
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == LLAMA3_TOKENIZER_SHA256, f"unexpected file {path}"
-    return path
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(llama3_tokenizer_model())
+    return Tokenizer(llama3_tokenizer_file())
 
 
 @pytest.fixture(scope="module")
-def hf_llama(tok):
+def hf_llama():
     """transformers' fast tokenizer from the same file, with the Instruct template."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    specials = sorted(tok.special_tokens, key=tok.special_tokens.get)
-    converter = TikTokenConverter(
-        vocab_file=str(llama3_tokenizer_model()), pattern=LLAMA3_PAT_STR, extra_special_tokens=specials
-    )
-    hf = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token="<|begin_of_text|>")
-    hf.chat_template = LLAMA3_TEMPLATE
-    assert hf.convert_tokens_to_ids("<|eot_id|>") == 128009
-    return hf
+    return hf_llama3_tokenizer(llama3_tokenizer_file())
 
 
 # -- Llama 3 ---------------------------------------------------------------------------------------------
@@ -116,7 +86,7 @@ def test_special_token_text_in_content_stays_plain(tok):
 
 def test_llama3_stop_tokens_include_end_of_turn(tok):
     assert ChatFormat(tok).stop_tokens == [128001, 128008, 128009]
-    base_model_tok = Tokenizer(llama3_tokenizer_model(), stop_tokens=[128001])
+    base_model_tok = Tokenizer(llama3_tokenizer_file(), stop_tokens=[128001])
     assert ChatFormat(base_model_tok).stop_tokens == [128001, 128009]
 
 
