@@ -314,6 +314,8 @@ _META_TO_HF = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 # How Meta's model-parallel shards split each tensor: column-parallel along 0, row-parallel along 1.
+# Llama 3's embedding is a VocabParallelEmbedding (split by vocabulary, as transformers' conversion
+# script merges it: concat_dim 0 for Llama 3); Llama 2's ParallelEmbedding split it along dim 1.
 _META_SHARD_DIM = {
     "wq": 0,
     "wk": 0,
@@ -323,7 +325,7 @@ _META_SHARD_DIM = {
     "output": 0,
     "wo": 1,
     "w2": 1,
-    "tok_embeddings": 1,
+    "tok_embeddings": 0,
 }
 
 
@@ -337,7 +339,7 @@ def _open_meta(path: Path) -> tuple[ModelArgs, HFTensors, int]:
         raise CheckpointError(f"{path}: shard files are not consolidated.00..{len(shards) - 1:02d}.pth: {numbers}")
     states = [_load_meta_shard(s) for s in shards]
     if params.get("vocab_size", -1) == -1 and "tok_embeddings.weight" in states[0]:  # -1: "from the tokenizer"
-        params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
+        params["vocab_size"] = sum(s["tok_embeddings.weight"].shape[0] for s in states)  # split by vocabulary
     args = ModelArgs.from_meta_params(params)
     if "output.weight" not in states[0]:
         args.tie_embeddings = True

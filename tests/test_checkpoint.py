@@ -291,16 +291,10 @@ def test_meta_checkpoint_in_original_subfolder_loads(tiny_hf, tmp_path):
     assert_same_logits(tmp_path / "repo", hf)
 
 
-@pytest.mark.xfail(
-    raises=CheckpointError,
-    strict=True,
-    reason="llama3/checkpoint.py merges tok_embeddings shards along dim 1 (Llama 2's ParallelEmbedding); "
-    "Llama 3's VocabParallelEmbedding splits the vocabulary (dim 0), as transformers' conversion merges it",
-)
-@pytest.mark.parametrize("n_shards", [2])
-def test_model_parallel_meta_shards_merge(tiny_hf, tmp_path, n_shards):
+@pytest.mark.parametrize("vocab_size", [VOCAB, -1])  # -1: Meta's "as many as the embedding has rows"
+def test_model_parallel_meta_shards_merge(tiny_hf, tmp_path, vocab_size):
     _, hf = tiny_hf("llama3-gqa", initializer_range=INIT)  # 2 kv heads: one per rank
-    write_meta(tmp_path / "meta", hf, n_shards=n_shards)
+    write_meta(tmp_path / "meta", hf, n_shards=2, vocab_size=vocab_size)
     shard = torch.load(tmp_path / "meta" / "consolidated.01.pth", weights_only=True)
     assert shard["layers.0.attention.wk.weight"].shape == (16, 64)
     assert shard["layers.0.attention.wo.weight"].shape == (64, 32)
