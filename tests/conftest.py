@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,23 @@ def hf_llama3_tokenizer(path: Path):
     hf.chat_template = LLAMA3_CHAT_TEMPLATE
     assert hf.convert_tokens_to_ids("<|eot_id|>") == 128009 and hf.bos_token_id == 128000
     return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3(tmp_path_factory, llama3_tokenizer_path):
+    """(dir, HF model): a tiny random Llama written by transformers with the real 128,256-token vocabulary,
+    Meta's tokenizer.model in original/, and the eos ids the Llama 3.1 Instruct repos list. Read-only:
+    a test that damages or edits it works on a copy."""
+    d = tmp_path_factory.mktemp("tiny-llama3")
+    hf = save_tiny_hf(d, vocab_size=128256, eos_token_id=[128001, 128008, 128009])
+    (d / "original").mkdir()
+    shutil.copy(llama3_tokenizer_path, d / "original" / "tokenizer.model")
+    return d, hf
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation: exactly n new tokens, no stop token."""
+    out = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()

@@ -14,20 +14,17 @@ import sys
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 STOPS = (128001, 128008, 128009)  # the Llama 3.1 Instruct stop tokens (generation_config.json's eos ids)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, llama3_tokenizer_path):
+def checkpoint(tiny_llama3, llama3_tokenizer_path):
     """(dir, HF model, HF tokenizer with the Instruct chat template): the references are all transformers'."""
-    from conftest import hf_llama3_tokenizer, save_tiny_hf
+    from conftest import hf_llama3_tokenizer
 
-    d = tmp_path_factory.mktemp("cli-llama")
-    hf = save_tiny_hf(d, vocab_size=128256, eos_token_id=list(STOPS))
-    (d / "original").mkdir()
-    shutil.copy(llama3_tokenizer_path, d / "original" / "tokenizer.model")
-    return d, hf, hf_llama3_tokenizer(llama3_tokenizer_path)
+    return (*tiny_llama3, hf_llama3_tokenizer(llama3_tokenizer_path))
 
 
 def run_cli(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
@@ -60,16 +57,9 @@ def tiny(d, *args: str) -> tuple[str, ...]:
     return ("--model", str(d), "--temperature", "0", "--dtype", "float32", *args)
 
 
-def hf_greedy(hf, prompt_ids: list[int], n: int) -> list[int]:
+def hf_greedy_until_stop(hf, prompt_ids: list[int], n: int) -> list[int]:
     """transformers' greedy tokens, up to (not including) the first stop token."""
-    out = hf.generate(
-        torch.tensor([prompt_ids]),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )[0, len(prompt_ids) :].tolist()
+    out = hf_greedy(hf, prompt_ids, n)
     return next((out[:i] for i, t in enumerate(out) if t in STOPS), out)
 
 
@@ -77,14 +67,14 @@ def completion(checkpoint, prompt: str, n: int) -> tuple[list[int], list[int], s
     """(prompt ids, new ids, new text) of a greedy completion by transformers."""
     _, hf, hf_tok = checkpoint
     ids = [hf_tok.bos_token_id, *hf_tok.encode(prompt, add_special_tokens=False)]
-    new = hf_greedy(hf, ids, n)
+    new = hf_greedy_until_stop(hf, ids, n)
     return ids, new, hf_tok.decode(new)
 
 
 def chat_reply(checkpoint, dialog: list[dict], n: int) -> str:
     _, hf, hf_tok = checkpoint
     ids = hf_tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return hf_tok.decode(hf_greedy(hf, list(ids), n))
+    return hf_tok.decode(hf_greedy_until_stop(hf, list(ids), n))
 
 
 def chat_prompt_len(checkpoint, dialog: list[dict]) -> int:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 from llama3 import Llama
 from llama3.generation import sample
@@ -15,28 +15,14 @@ PROMPTS = ["Hello world, this is", "Hi", "The quick brown fox jumps over the laz
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, llama3_tokenizer_path):
+def checkpoint(tiny_llama3):
     """A tiny random Llama with the real 128,256-token vocabulary and tokenizer (in original/)."""
-    from conftest import save_tiny_hf
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    # eos ids as the Llama 3.1 Instruct repos list them (generation_config.json)
-    hf = save_tiny_hf(d, vocab_size=128256, eos_token_id=[128001, 128008, 128009])
-    (d / "original").mkdir()
-    shutil.copy(llama3_tokenizer_path, d / "original" / "tokenizer.model")
-    return d, hf
+    return tiny_llama3
 
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
     return Llama.from_pretrained(checkpoint[0], device="cpu", dtype=torch.float32)
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def encode_all(llm):

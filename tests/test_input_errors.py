@@ -17,6 +17,7 @@ import struct
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 import llama3
 from llama3 import Llama, Tokenizer, Transformer
@@ -55,15 +56,8 @@ def small_model(small_hf):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, llama3_tokenizer_path):
-    """A tiny random Llama with the real 128,256-token vocabulary and tokenizer (in original/)."""
-    from conftest import save_tiny_hf
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    hf = save_tiny_hf(d, vocab_size=128256, eos_token_id=[128001, 128008, 128009])
-    (d / "original").mkdir()
-    shutil.copy(llama3_tokenizer_path, d / "original" / "tokenizer.model")
-    return d, hf
+def checkpoint(tiny_llama3):
+    return tiny_llama3
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +67,6 @@ def llm(checkpoint):
 
 def prompt_of(n: int) -> list[int]:
     return [BOS] + [HELLO] * (n - 1)
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 # --- 1. checkpoint files whose contents are wrong ------------------------------------------------
