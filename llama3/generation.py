@@ -408,10 +408,13 @@ class Llama:
         texts = self._complete(tokens, max_new_tokens, stop, temperature, top_p, top_k, self.chat_stop_tokens, seed)
         return [{"role": "assistant", "content": text} for text in texts]
 
-    def stream(self, prompt_tokens: Sequence[int], max_new_tokens: int = 256, **kwargs) -> Iterator[tuple[int, str]]:
+    def stream(
+        self, prompt_tokens: Sequence[int], max_new_tokens: int = 256, **kwargs
+    ) -> Iterator[tuple[int | None, str]]:
         """Yields each new token of one prompt with the text it completes (often "" while a UTF-8 character
-        or a possible `stop` string is incomplete). Takes `generate`'s options and `stop`; afterwards
-        `last_stats["finish_reasons"][0]` is "stop" (a stop token or string) or "length"."""
+        or a possible `stop` string is incomplete), then (None, text held back) if any is left. Takes
+        `generate`'s options and `stop`; afterwards `last_stats["finish_reasons"][0]` is "stop" (a stop
+        token or string) or "length"."""
         for _, token, text in self._stream_rows([prompt_tokens], max_new_tokens, sync_every=1, **kwargs):
             if token is not None or text:
                 yield token, text
