@@ -253,7 +253,7 @@ def _safetensors_header(file: Path) -> tuple[dict, int]:
             raise bad("shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", prefix)
         if n > min(size - 8, _SAFETENSORS_MAX_HEADER):
-            raise bad(f"its first 8 bytes give a header of {n} bytes, more than the file holds")
+            raise bad(f"its first 8 bytes give a header of {n} bytes, more than the file (or the format) allows")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
