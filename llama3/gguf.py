@@ -9,6 +9,9 @@ format to deal with:
     state = load_gguf_state_dict(path)     # {"model.layers.0.self_attn.q_proj.weight": Tensor, ...}
     tok = load_gguf_tokenizer(path)        # llama3.Tokenizer (tiktoken)
 
+Q4_0/Q4_1 weights can instead keep the file's 4-bit codes as our int4 format (`quantized_codes`,
+`iter_gguf_state_dict(..., int4_native=True)`), never passing through float.
+
 Two things differ from an HF checkpoint and are undone here:
 - llama.cpp's converter stores q_proj/k_proj rows in the interleaved RoPE order (Meta's), not HF's
   rotate-half order (see `_unpermute_qk`).
@@ -43,6 +46,7 @@ from tqdm.auto import tqdm
 from llama3.checkpoint import expected_hf_shapes
 from llama3.config import ModelArgs, RopeScaling
 from llama3.model import rope_inv_freq
+from llama3.quantize import QuantizedWeight
 from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, bytes_to_unicode
 
 
@@ -528,6 +532,38 @@ def dequantize(raw: Tensor, type_name: str, shape: tuple[int, ...], dtype: torch
     return _DEQUANTIZERS[type_name](raw.view(-1, type_size)).reshape(shape).to(dtype)
 
 
+# Q4 blocks are our int4 group-32 format already: the same 4-bit codes, w = (q - 8) * scale + zero.
+# (type name -> byte offset of the nibbles in a block)
+_INT4_BLOCKS = {"Q4_0": 2, "Q4_1": 4}
+
+
+def quantized_codes(raw: Tensor, type_name: str, shape: tuple[int, ...]) -> QuantizedWeight:
+    """A Q4_0 or Q4_1 tensor of `shape` (PyTorch order, 2-D) stored as `raw` bytes, as int4 group-32 codes.
+
+    The file's own codes are kept; no float weight is made. Q4_0 (w = d * (q - 8)): scale d, zero 0.
+    Q4_1 (w = d * q + m): scale d, zero m + 8d. Both d and m are fp16, so d * q and (q - 8) * d are exact
+    in fp32, and so is m + 8d unless |m| and 8|d| are more than 2^12 apart (a block whose minimum is tiny
+    against its range, or the reverse; none in SmolLM2's file). Where it is exact, `dequantize()` gives
+    ggml's fp32 d * q + m bit for bit; where not, zero is rounded once to fp32.
+    """
+    if type_name not in _INT4_BLOCKS:
+        raise GGUFError(
+            f"tensor type {type_name} has no int4 codes to keep (only {', '.join(_INT4_BLOCKS)}); dequantize it instead"
+        )
+    block, size = 32, _BLOCK_BYTES[type_name]
+    if len(shape) != 2 or shape[1] % block or raw.numel() != shape[0] * shape[1] // block * size:
+        raise GGUFError(
+            f"{type_name} bytes ({raw.numel()}) do not hold a 2-D weight of shape {tuple(shape)} "
+            f"in blocks of {block} values ({size} bytes each)"
+        )
+    n, k = shape
+    b = raw.reshape(-1).view(torch.uint8).view(-1, size)
+    d = _f16(b[:, :2])  # (blocks, 1)
+    zeros = torch.zeros_like(d) if type_name == "Q4_0" else _f16(b[:, 2:4]) + 8 * d
+    codes = _nibbles(b[:, _INT4_BLOCKS[type_name] :]).reshape(n, k)
+    return QuantizedWeight("int4", codes, d.reshape(n, k // block), zeros.reshape(n, k // block), block)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------------------------------
@@ -571,6 +607,11 @@ def _unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
+def _qk_row_order(rows: int, n_heads: int, device: torch.device | str = "cpu") -> Tensor:
+    """The rows `_unpermute_qk` picks: its output row i is input row order[i] (for permuting codes)."""
+    return _unpermute_qk(torch.arange(rows, device=device).unsqueeze(1), n_heads).squeeze(1)
+
+
 def load_gguf_state_dict(
     path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
@@ -590,22 +631,32 @@ def iter_gguf_state_dict(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> Iterator[tuple[str, Tensor]]:
+    int4_native: bool = False,
+) -> Iterator[tuple[str, Tensor | QuantizedWeight]]:
     """`load_gguf_state_dict` one tensor at a time, so a caller can place each before the next is read.
 
     The whole file is checked first (every tensor present, of the expected shape and a supported type),
     so a bad file fails before minutes of dequantizing. Quantized blocks are copied to `device` as bytes
     (smaller than their expansion) and expanded there.
+
+    `int4_native`: each Q4_0/Q4_1 weight comes as a `QuantizedWeight` holding the file's own codes (see
+    `quantized_codes`; q/k rows un-permuted like the float weights), every other tensor as a `dtype`
+    tensor as before. The embedding (`model.embed_tokens.weight`) stays float even when it is Q4: it is
+    gathered, not multiplied; a tied model's output projection is made from it by the loader.
     """
     f = _open(path)
     args = _config(f)
     tensors = _check_tensors(f, args)
     for hf, t in tqdm(tensors.items(), desc=f"Loading {f.path.name}", unit="tensor", disable=not progress):
-        w = dequantize(f.read(t).to(device), t.type_name, t.shape, dtype)
-        if hf.endswith("q_proj.weight"):
-            w = _unpermute_qk(w, args.n_heads)
-        elif hf.endswith("k_proj.weight"):
-            w = _unpermute_qk(w, args.n_kv_heads)
+        raw = f.read(t).to(device)
+        n_heads = {"q_proj": args.n_heads, "k_proj": args.n_kv_heads}.get(hf.split(".")[-2])
+        if int4_native and t.type_name in _INT4_BLOCKS and hf != "model.embed_tokens.weight":
+            q = quantized_codes(raw, t.type_name, t.shape)
+            yield hf, q.permute_rows(_qk_row_order(t.shape[0], n_heads, raw.device)) if n_heads else q
+            continue
+        w = dequantize(raw, t.type_name, t.shape, dtype)
+        if n_heads:
+            w = _unpermute_qk(w, n_heads)
         yield hf, w.to(dtype).contiguous()
 
 
