@@ -250,18 +250,19 @@ class Floor:
     (on a GPU inside one CUDA graph, so launches cost what they cost in our decode graph)."""
 
     def __init__(self, model: Transformer, linear):
-        layers = model.layers
-        weights = [w for layer in layers for w in (layer.attention.wqkv.weight, layer.attention.wo.weight)]
-        weights += [w for layer in layers for w in (layer.feed_forward.w13.weight, layer.feed_forward.w2.weight)]
-        weights.append(model.output.weight)
-        self.device = weights[0].device
-        dtype = weights[0].dtype
-        x = {k: torch.randn(1, 1, k, dtype=dtype, device=self.device) for k in {w.shape[1] for w in weights}}
+        """`linear(x, layer)`: F.linear over the layer's weight, or the backend's `ops.linear`."""
+        projections = [p for b in model.layers for p in (b.attention.wqkv, b.attention.wo)]
+        projections += [p for b in model.layers for p in (b.feed_forward.w13, b.feed_forward.w2)]
+        projections.append(model.output)
+        self.device = model.tok_embeddings.weight.device
+        dtype = model.tok_embeddings.weight.dtype
+        sizes = {p.in_features for p in projections}
+        x = {k: torch.randn(1, 1, k, dtype=dtype, device=self.device) for k in sizes}
 
         def step():
             with torch.inference_mode():
-                for w in weights:
-                    linear(x[w.shape[1]], w)
+                for p in projections:
+                    linear(x[p.in_features], p)
 
         step()  # the backend's one-time choices (GEMV or cuBLAS per shape) happen here
         self.step = step
@@ -368,7 +369,9 @@ def main() -> None:
         for batch in batches:
             runners = {ours_name: ours[batch]}
             if batch == 1:  # every weight once through a matrix-vector product: the floor under any system
-                runners["floor: weights via F.linear"] = Floor(llm.model, torch.nn.functional.linear)
+                runners["floor: weights via F.linear"] = Floor(
+                    llm.model, lambda x, p: torch.nn.functional.linear(x, p.weight)
+                )
                 if llm.model.ops.name != "torch":  # the torch backend's ops.linear is F.linear
                     runners["floor: weights via ops.linear"] = Floor(llm.model, llm.model.ops.linear)
             if hf is not None:

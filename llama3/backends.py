@@ -14,7 +14,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from llama3.model import KVCache, TorchOps
 
@@ -96,9 +96,12 @@ class TritonOps(TorchOps):
         return swiglu(gate_up)
 
     @staticmethod
-    def linear(x: Tensor, weight: Tensor) -> Tensor:
+    def linear(x: Tensor, layer: nn.Module) -> Tensor:
         from llama3.kernels.gemv import best_gemv_config, gemv
 
+        if not isinstance(layer, nn.Linear):  # a quantized weight runs its own kernel
+            return layer(x)
+        weight = layer.weight
         rows = x.numel() // x.shape[-1]
         if rows > 16:  # prefill: a matrix-matrix product, cuBLAS's home ground
             return F.linear(x, weight)

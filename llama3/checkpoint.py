@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 
 from llama3.config import ConfigError, ModelArgs, read_json_object
 from llama3.model import Transformer, rope_inv_freq
+from llama3.quantize import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantizeError, quantized_linear
+from llama3.quantize import check_settings as check_quantize_settings
+from llama3.quantize import quantize as quantize_weight
 
 
 class CheckpointError(ValueError):
@@ -116,22 +119,27 @@ def load_model(
     backend: str = "auto",
     quantize: str | None = None,
     progress: bool = True,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Transformer:
     """Builds a `Transformer` from a checkpoint.
 
     Defaults: CUDA if present else CPU; bfloat16, except float32 for GGUF files, whose dequantized
     weights (scale x small integer) are exact in float32 and would be rounded a second time in bfloat16
-    (as transformers does, which loads GGUF in float32 too).
+    (as transformers does, which loads GGUF in float32 too). `quantize` ("int8" or "int4", with int4's
+    `group_size`) quantizes every projection as it is read (see `llama3.quantize`); activations are then
+    bfloat16 by default.
     """
-    if quantize is not None:
-        raise NotImplementedError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
     device = parse_device(device)
+    if quantize is not None:  # refused before anything is downloaded or read
+        check_quantize_settings(quantize, group_size, device, _parse_dtype(dtype))
     path = resolve(src)
-    if dtype is None and gguf_file(path) is not None:
+    if dtype is None and gguf_file(path) is not None and quantize is None:
         dtype = torch.float32
     dtype = _parse_dtype(dtype)
-    args, tensors, count = open_checkpoint(path, progress)
-    model = build_model(args, tensors, count, device, dtype, progress, source=str(path))
+    args, tensors, count = open_checkpoint(path, progress, int4_native=quantize == "int4" and group_size == 32)
+    model = build_model(
+        args, tensors, count, device, dtype, progress, source=str(path), quantize=quantize, group_size=group_size
+    )
     model.set_backend(backend)
     return model
 
@@ -173,11 +181,11 @@ def gguf_file(path: Path) -> Path | None:
     return ggufs[0] if ggufs else None
 
 
-def open_checkpoint(path: Path, progress: bool = True) -> tuple[ModelArgs, HFTensors, int]:
+def open_checkpoint(path: Path, progress: bool = True, int4_native: bool = False) -> tuple[ModelArgs, HFTensors, int]:
     """Finds the format at `path`; returns its ModelArgs and a lazy stream of HF-named tensors."""
     gguf = gguf_file(path)
     if gguf is not None:
-        return _open_gguf(gguf, progress)
+        return _open_gguf(gguf, progress, int4_native)
     if (path / "config.json").exists():
         return _open_hf(path)
     if (path / "params.json").exists():
@@ -401,12 +409,14 @@ def _meta_to_hf(name: str, t: Tensor, args: ModelArgs) -> tuple[str, Tensor]:
     return (f"model.layers.{m.group(1)}.{hf}" if m else hf), t
 
 
-def _open_gguf(path: Path, progress: bool) -> tuple[ModelArgs, HFTensors, int]:
+def _open_gguf(path: Path, progress: bool, int4_native: bool = False) -> tuple[ModelArgs, HFTensors, int]:
     from llama3 import gguf
 
     args = gguf.read_gguf_config(path)
     # dequantized one tensor at a time (build_model places each before the next is read), exact in fp32
-    return args, lambda: gguf.iter_gguf_state_dict(path, progress=False), len(expected_hf_shapes(args))
+    # with int4_native, Q4_0/Q4_1 projections arrive as their own 4-bit codes (our int4, group 32), never as floats
+    tensors = lambda: gguf.iter_gguf_state_dict(path, progress=False, int4_native=int4_native)
+    return args, tensors, len(expected_hf_shapes(args))
 
 
 def expected_hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -467,11 +477,18 @@ def build_model(
     dtype: torch.dtype,
     progress: bool = True,
     source: str = "checkpoint",
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Transformer:
-    """Materialises a meta-device `Transformer` from HF-named tensors, checking names and shapes."""
+    """Materialises a meta-device `Transformer` from HF-named tensors, checking names and shapes.
+
+    With `quantize`, each projection weight is quantized as soon as it is read (a stream may also hand
+    over weights already quantized, `QuantizedWeight`), so no float copy of the model is ever held.
+    """
     expected = expected_hf_shapes(args)
-    parts: dict[str, dict[int, Tensor]] = {}
+    parts: dict[str, dict[int, Tensor | QuantizedWeight]] = {}
     state: dict[str, Tensor] = {}
+    quantized: dict[str, QuantizedWeight] = {}  # module path -> weight
     unexpected: list[str] = []
     big = args.num_params() * dtype.itemsize > 2**30  # a bar only for loads that take a while
     bar = tqdm(total=count, desc=f"loading {Path(source).name}", unit="tensor", disable=not (progress and big))
@@ -485,13 +502,24 @@ def build_model(
             raise CheckpointError(
                 f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]} for this config"
             )
-        if not t.is_floating_point():
+        if isinstance(t, Tensor) and not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
         ours, slot, n_slots = _fused_name(name)
-        parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
+        if quantize and ours.removesuffix(".weight").rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS:
+            parts.setdefault(ours, {})[slot] = (
+                t if isinstance(t, QuantizedWeight) else _quantize(t, quantize, group_size, f"{source}: {name}")
+            )
+        else:
+            parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
+        if quantize and args.tie_embeddings and ours == "tok_embeddings.weight":  # the output projection's own copy
+            quantized["output"] = _quantize(t, quantize, group_size, f"{source}: {name}")
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
-            p = parts.pop(ours)
-            state[ours] = torch.cat([p[i] for i in range(n_slots)]) if n_slots > 1 else p[0]
+            done = parts.pop(ours)
+            p = [done[i] for i in range(n_slots)]
+            if isinstance(p[0], QuantizedWeight):
+                quantized[ours.removesuffix(".weight")] = QuantizedWeight.cat(p)
+            else:
+                state[ours] = torch.cat(p) if n_slots > 1 else p[0]
         del expected[name]
     bar.close()
     if expected or unexpected:
@@ -502,15 +530,32 @@ def build_model(
             msg.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:10])}")
         raise CheckpointError(" ".join(msg))
 
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
     with torch.device("meta"):
         model = Transformer(args)
+    for path, q in quantized.items():  # quantized projections replace their nn.Linear
+        parent, _, attr = path.rpartition(".")
+        module = quantized_linear(q, dtype, device)
+        setattr(model.get_submodule(parent), attr, module)
+        state.update({f"{path}.{key}": value for key, value in module.state_dict().items()})
+    tied = args.tie_embeddings and "output" not in quantized
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_embeddings:  # assign=True made two Parameters; share one again
+    if tied:  # assign=True made two Parameters; share one again
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args, device)
     return model.eval()
+
+
+# the projections `quantize` applies to; embeddings (gathered, not multiplied) and norms stay as they are
+QUANTIZED_PROJECTIONS = ("wqkv", "wo", "w13", "w2", "output")
+
+
+def _quantize(t: Tensor, mode: str, group_size: int, name: str) -> QuantizedWeight:
+    try:
+        return quantize_weight(t, mode, group_size, name)
+    except QuantizeError as e:
+        raise CheckpointError(str(e)) from None
 
 
 __all__ = [

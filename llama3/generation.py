@@ -172,13 +172,14 @@ class Llama:
         max_batch_size: int | None = None,
         progress: bool = True,
         cuda_graphs: bool | None = None,
+        group_size: int = 32,
     ) -> Llama:
         """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id; with no
         `src`, the embedded default model (`llama3.default_model()`), offline."""
         from llama3.checkpoint import default_model, gguf_file, load_model, resolve
 
         path = resolve(default_model() if src is None else src)
-        model = load_model(path, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
+        model = load_model(path, device, dtype, backend, quantize, progress, group_size)
         gguf = gguf_file(path)
         if gguf is not None:
             from llama3.gguf import load_gguf_tokenizer

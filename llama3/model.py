@@ -142,9 +142,12 @@ class TorchOps:
         return F.silu(gate) * up
 
     @staticmethod
-    def linear(x: Tensor, weight: Tensor) -> Tensor:
-        """x @ weight.T: every projection, so a backend can pick its own matrix-vector product for decode."""
-        return F.linear(x, weight)
+    def linear(x: Tensor, layer: nn.Module) -> Tensor:
+        """x @ weight.T for every projection, so a backend can pick its own matrix-vector product for decode.
+
+        `layer` is an `nn.Linear`, or a module holding a quantized weight (`llama3.quantize`) that runs
+        its own kernel."""
+        return F.linear(x, layer.weight) if isinstance(layer, nn.Linear) else layer(x)
 
 
 class Attention(nn.Module):
@@ -159,12 +162,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos, ops: type[TorchOps]) -> Tensor:
         B, T, _ = x.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = ops.linear(x, self.wqkv.weight).split([H * D, KVH * D, KVH * D], dim=-1)
+        q, k, v = ops.linear(x, self.wqkv).split([H * D, KVH * D, KVH * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
         cache = self.cache if input_pos is not None else None  # a cache-free forward must not touch it
         q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, cache, input_pos)
         out = ops.attention(q, keys, values, mask, input_pos)  # (B, T, H, D)
-        return ops.linear(out.reshape(B, T, H * D), self.wo.weight)
+        return ops.linear(out.reshape(B, T, H * D), self.wo)
 
 
 class FeedForward(nn.Module):
@@ -174,7 +177,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
 
     def forward(self, x: Tensor, ops: type[TorchOps]) -> Tensor:
-        return ops.linear(ops.swiglu(ops.linear(x, self.w13.weight)), self.w2.weight)
+        return ops.linear(ops.swiglu(ops.linear(x, self.w13)), self.w2)
 
 
 class RMSNorm(nn.Module):
@@ -227,11 +230,14 @@ class Transformer(nn.Module):
         backend: str = "auto",
         quantize: str | None = None,
         progress: bool = True,
+        group_size: int = 32,
     ) -> Transformer:
-        """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`."""
+        """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`.
+
+        `quantize` "int8" or "int4" (with int4's `group_size`) stores the projections quantized."""
         from llama3.checkpoint import load_model
 
-        return load_model(src, device=device, dtype=dtype, backend=backend, quantize=quantize, progress=progress)
+        return load_model(src, device, dtype, backend, quantize, progress, group_size)
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` would round the RoPE frequencies to bf16; recompute them in fp32 on the new device.
@@ -314,4 +320,4 @@ class Transformer(nn.Module):
             rows = torch.arange(B, device=tokens.device)
             x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)
         x, _ = self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)
-        return self.ops.linear(x, self.output.weight)
+        return self.ops.linear(x, self.output)

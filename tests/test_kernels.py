@@ -380,7 +380,9 @@ def test_decode_projection_takes_the_measured_choice_and_either_is_right() -> No
     assert choice is None or (1 <= choice[0] <= 32 and choice[1] in (16, 32, 64))
     assert best_gemv_config(1, weight) == choice  # measured once, remembered
     expected = F.linear(x.float(), weight.float()).to(x.dtype)
-    torch.testing.assert_close(TritonOps.linear(x, weight), expected, **TOL[torch.bfloat16])
+    layer = torch.nn.Linear(4096, 6144, bias=False, device=weight.device, dtype=weight.dtype)
+    layer.weight.data = weight
+    torch.testing.assert_close(TritonOps.linear(x, layer), expected, **TOL[torch.bfloat16])
 
 
 def test_transformers_imports_beside_the_kernels_directory() -> None:

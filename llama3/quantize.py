@@ -1,0 +1,167 @@
+"""Weight-only quantization: int8 per output channel, int4 per group of inputs, and the linear layers that run them.
+
+int8 (symmetric): w ~ q * scale with q in -127..127 and one scale per output row.
+int4 (asymmetric): w ~ (q - 8) * scale + zero with q in 0..15, one (scale, zero) per group of `group_size`
+consecutive inputs of a row: the form PyTorch's int4 kernels take (gpt-fast and torchao use them too), onto
+which GGUF's Q4_0 (w = d * (q - 8)) and Q4_1 (w = d * q + m, so zero = m + 8d) blocks map with the same codes.
+
+Activations stay in the model's dtype; the kernels are PyTorch's (`torch._weight_int8pack_mm`,
+`torch._weight_int4pack_mm_for_cpu`), which are fast with bfloat16 activations on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 32  # GGUF's Q4 block; on the 2-core CI CPU no larger group was faster (see README)
+
+
+class QuantizeError(ValueError):
+    """A weight or setting that cannot be quantized as asked (mode, group size, shape, device, dtype)."""
+
+
+@dataclass
+class QuantizedWeight:
+    """The integer codes and scales of one (N, K) weight, before they are packed for a kernel."""
+
+    mode: str  # "int8" or "int4"
+    codes: Tensor  # int8: int8 (N, K); int4: uint8 (N, K) holding 0..15
+    scales: Tensor  # fp32; int8: (N,); int4: (N, K // group_size)
+    zeros: Tensor | None = None  # int4: fp32 (N, K // group_size)
+    group_size: int | None = None  # int4 only
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight these codes stand for."""
+        if self.mode == "int8":
+            return self.codes.float() * self.scales[:, None]
+        g = self.group_size
+        scales, zeros = self.scales.repeat_interleave(g, dim=1), self.zeros.repeat_interleave(g, dim=1)
+        return (self.codes.float() - 8) * scales + zeros
+
+    def permute_rows(self, order: Tensor) -> QuantizedWeight:
+        """The same weight with its output rows reordered (as the q/k RoPE permutation reorders rows)."""
+        pick = lambda t: None if t is None else t[order]
+        return QuantizedWeight(self.mode, self.codes[order], self.scales[order], pick(self.zeros), self.group_size)
+
+    @staticmethod
+    def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Row blocks stacked into one weight (q, k, v into wqkv; gate and up into w13)."""
+        first = parts[0]
+        if any((p.mode, p.group_size, p.shape[1]) != (first.mode, first.group_size, first.shape[1]) for p in parts):
+            raise QuantizeError("cannot fuse weights quantized differently: " + ", ".join(str(p) for p in parts))
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        return QuantizedWeight(
+            first.mode,
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            zeros,
+            first.group_size,
+        )
+
+    def __str__(self) -> str:
+        group = f", group {self.group_size}" if self.group_size else ""
+        return f"{self.mode} {self.shape[0]}x{self.shape[1]}{group}"
+
+
+def quantize(w: Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE, name: str = "weight") -> QuantizedWeight:
+    """Round-to-nearest quantization of a float (N, K) weight; every code error is at most half a scale step."""
+    if w.dim() != 2:
+        raise QuantizeError(f"{name}: only 2-D weights are quantized, got shape {tuple(w.shape)}")
+    w = w.float()
+    if mode == "int8":
+        scales = w.abs().amax(dim=1) / 127
+        codes = (w / scales.where(scales > 0, 1)[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight("int8", codes, scales)
+    if mode != "int4":
+        raise QuantizeError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_group_size(group_size, w.shape[1], name)
+    N, K = w.shape
+    groups = w.reshape(N, K // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (high - low) / 15
+    codes = ((groups - low[..., None]) / scales.where(scales > 0, 1)[..., None]).round().clamp(0, 15)
+    zeros = low + 8 * scales  # (q - 8) * scale + zero == q * scale + low
+    return QuantizedWeight("int4", codes.reshape(N, K).to(torch.uint8), scales, zeros, group_size)
+
+
+def check_group_size(group_size: int, in_features: int, name: str = "weight") -> None:
+    if group_size not in GROUP_SIZES:
+        raise QuantizeError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if in_features % group_size:
+        raise QuantizeError(
+            f"{name}: its {in_features} inputs do not split into groups of {group_size}; "
+            f"choose a group size dividing {in_features}"
+        )
+
+
+def check_settings(mode: str, group_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Everything about a quantized load that can be refused before a checkpoint is read."""
+    if mode not in MODES:
+        raise QuantizeError(f"unknown quantize={mode!r}; choose None or one of {', '.join(MODES)}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizeError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if torch.device(device).type != "cpu":
+        raise QuantizeError(
+            f"quantized weights run on the CPU for now (PyTorch's int8/int4 CPU kernels); {device} is not supported yet"
+        )
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise QuantizeError(
+            f"quantized weights need bfloat16 (or float16) activations, got {dtype}: PyTorch's int4 kernel takes "
+            "its scales in the activation dtype and refuses float32"
+        )
+
+
+class Int8Linear(nn.Module):
+    """x @ (q * scale).T with int8 codes, one scale per output row (PyTorch's `_weight_int8pack_mm`)."""
+
+    def __init__(self, q: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q.codes.contiguous())
+        self.register_buffer("scales", q.scales.to(dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """x @ ((q - 8) * scale + zero).T with 4-bit codes packed for PyTorch's CPU int4 kernel.
+
+    The kernel takes its scales and zeros in the activation dtype, so they are rounded to it (bfloat16:
+    a relative error of at most 2^-8 in each, far below the half-step error of the 4-bit codes). It also
+    packs rows in sixteens: other row counts are padded with zero rows, cut off the output again.
+    """
+
+    def __init__(self, q: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = q.group_size
+        codes, scales, zeros = q.codes, q.scales, q.zeros
+        pad = -self.out_features % 16
+        if pad:  # zero rows: code 8 with scale 0 and zero 0
+            codes = torch.cat([codes, codes.new_full((pad, self.in_features), 8)])
+            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        pairs = torch.stack([scales, zeros], dim=-1).transpose(0, 1)  # (K // group_size, N, 2): the kernel's layout
+        self.register_buffer("scales_and_zeros", pairs.to(dtype).contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        out = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+
+
+def quantized_linear(q: QuantizedWeight, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The module that runs `q` on `device` with activations of `dtype` (see `check_settings`)."""
+    check_settings(q.mode, q.group_size or DEFAULT_GROUP_SIZE, device, dtype)
+    return Int8Linear(q, dtype) if q.mode == "int8" else Int4Linear(q, dtype)
