@@ -39,6 +39,15 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="kernel implementation (default: %(default)s)",
     )
     p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="store the projections as int8 (per channel) or int4 (per group) weights, run with bfloat16 "
+        "activations (CPU); default: the checkpoint's precision",
+    )
+    p.add_argument(
+        "--group-size", type=int, default=32, metavar="G", help="int4 group size: 32, 64, 128 or 256 (default: 32)"
+    )
+    p.add_argument(
         "--max-seq-len",
         "-c",
         type=int,
@@ -110,6 +119,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"argument --max-new-tokens/-n: must be >= 0, or -1 for no limit, got {args.max_new_tokens}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         parser.error(f"argument --max-seq-len/-c: must be >= 1, got {args.max_seq_len}")
+    if args.group_size not in (32, 64, 128, 256):
+        parser.error(f"argument --group-size: must be 32, 64, 128 or 256, got {args.group_size}")
     if any(not s for s in args.stop):
         parser.error("argument --stop: must not be empty")
     if args.command == "generate":
@@ -155,12 +166,15 @@ def load(args: argparse.Namespace):
         backend=args.backend,
         progress=not args.quiet,
         max_seq_len=args.max_seq_len,
+        quantize=args.quantize,
+        group_size=args.group_size,
     )
     m = llm.model
     load_s = time.perf_counter() - t0
     log(
         f"llama3: loaded in {load_s:.1f}s ({m.args.num_params() / 1e6:.0f}M params, "
-        f"{m.tok_embeddings.weight.dtype}, {m.tok_embeddings.weight.device}, backend {m.ops.name})"
+        f"{m.tok_embeddings.weight.dtype}{', ' + args.quantize + ' weights' if args.quantize else ''}, "
+        f"{m.tok_embeddings.weight.device}, backend {m.ops.name})"
     )
     return llm, log, load_s
 
