@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama3 import Llama, ModelArgs, Transformer  # noqa: E402
+from llama3.quantize import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -310,8 +311,12 @@ def main() -> None:
     p.add_argument("--preset", help="ModelArgs preset (default: llama-3-155m on CPU, llama-3-8b on CUDA)")
     p.add_argument("--model", help="a real checkpoint instead of random weights (dir, .gguf or repo id)")
     p.add_argument(
-        "--dtypes", default=None, help="comma-separated (default: bfloat16,float32 on CPU, bfloat16 on CUDA)"
+        "--dtypes",
+        default=None,
+        help="comma-separated: bfloat16, float32, float16, int8, int4 (weight-only, bf16 activations); "
+        "default: bfloat16,float32 on CPU, bfloat16 on CUDA",
     )
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1 on CPU, 1,8 on CUDA)")
     p.add_argument("--prompt-len", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
     p.add_argument("--new-tokens", type=int, default=None, help="default: 64 on CPU, 128 on CUDA")
@@ -343,12 +348,17 @@ def main() -> None:
     rows: list[dict] = []
     extra: dict = {}
     for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
+        quantize = dtype_name if dtype_name in ("int8", "int4") else None
+        dtype = torch.bfloat16 if quantize else getattr(torch, dtype_name)
         torch.manual_seed(0)
         if a.model:
-            llm = Llama.from_pretrained(a.model, device=device, dtype=dtype, backend=a.backend, **cache)
+            llm = Llama.from_pretrained(
+                a.model, device, dtype, a.backend, quantize=quantize, group_size=a.group_size, **cache
+            )
         else:
             model = random_model(ModelArgs.from_name(preset), device, dtype, a.backend)
+            if quantize:
+                quantize_model(model, quantize, a.group_size)
             llm = Llama(model, NullTokenizer(model.args.vocab_size), **cache)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -364,15 +374,16 @@ def main() -> None:
             extra["kv_cache_gb"] = 2 * kv.k.numel() * kv.k.element_size() * len(llm.model.layers) / 1e9
         if cuda:
             extra["copy_bandwidth_tb_s"] = copy_bandwidth(device)
-        hf = None if a.no_transformers else hf_model_like(llm.model)
+        hf = None if a.no_transformers or quantize else hf_model_like(llm.model)  # float rows carry the baseline
         gpt_fast = GptFast.load(a.gpt_fast, llm.model.args, device, dtype) if a.gpt_fast else None
         for batch in batches:
             runners = {ours_name: ours[batch]}
             if batch == 1:  # every weight once through a matrix-vector product: the floor under any system
-                runners["floor: weights via F.linear"] = Floor(
-                    llm.model, lambda x, p: torch.nn.functional.linear(x, p.weight)
-                )
-                if llm.model.ops.name != "torch":  # the torch backend's ops.linear is F.linear
+                if not quantize:
+                    runners["floor: weights via F.linear"] = Floor(
+                        llm.model, lambda x, p: torch.nn.functional.linear(x, p.weight)
+                    )
+                if quantize or llm.model.ops.name != "torch":  # the torch backend's ops.linear is F.linear
                     runners["floor: weights via ops.linear"] = Floor(llm.model, llm.model.ops.linear)
             if hf is not None:
                 if cuda:

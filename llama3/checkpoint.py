@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from llama3.config import ConfigError, ModelArgs, read_json_object
 from llama3.model import Transformer, rope_inv_freq
-from llama3.quantize import DEFAULT_GROUP_SIZE, QuantizedWeight, QuantizeError, quantized_linear
+from llama3.quantize import DEFAULT_GROUP_SIZE, QUANTIZED_LAYERS, QuantizedWeight, QuantizeError, quantized_linear
 from llama3.quantize import check_settings as check_quantize_settings
 from llama3.quantize import quantize as quantize_weight
 
@@ -505,7 +505,7 @@ def build_model(
         if isinstance(t, Tensor) and not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
         ours, slot, n_slots = _fused_name(name)
-        if quantize and ours.removesuffix(".weight").rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS:
+        if quantize and ours.removesuffix(".weight").rpartition(".")[2] in QUANTIZED_LAYERS:
             parts.setdefault(ours, {})[slot] = (
                 t if isinstance(t, QuantizedWeight) else _quantize(t, quantize, group_size, f"{source}: {name}")
             )
@@ -545,10 +545,6 @@ def build_model(
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args, device)
     return model.eval()
-
-
-# the projections `quantize` applies to; embeddings (gathered, not multiplied) and norms stay as they are
-QUANTIZED_PROJECTIONS = ("wqkv", "wo", "w13", "w2", "output")
 
 
 def _quantize(t: Tensor, mode: str, group_size: int, name: str) -> QuantizedWeight:

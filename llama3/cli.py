@@ -40,9 +40,9 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4"],
+        choices=["int8", "int4", "none"],
         help="store the projections as int8 (per channel) or int4 (per group) weights, run with bfloat16 "
-        "activations (CPU); default: the checkpoint's precision",
+        "activations (CPU); default: int4 for the embedded model on the CPU (its own 4-bit codes), else none",
     )
     p.add_argument(
         "--group-size", type=int, default=32, metavar="G", help="int4 group size: 32, 64, 128 or 256 (default: 32)"
@@ -152,10 +152,22 @@ def resolve_model_source(model: str | None) -> str | Path:
     return default_model()
 
 
+def quantize_mode(args: argparse.Namespace) -> str | None:
+    """--quantize, or for the embedded model on the CPU (its projections are Q4_1) int4 with the file's codes."""
+    if args.quantize is not None:
+        return None if args.quantize == "none" else args.quantize
+    if args.model is None and args.dtype is None:
+        from llama3.checkpoint import parse_device
+
+        return "int4" if parse_device(args.device).type == "cpu" else None
+    return None
+
+
 def load(args: argparse.Namespace):
     from llama3.generation import Llama
 
     src = resolve_model_source(args.model)
+    quantize = quantize_mode(args)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"llama3: model {src}")
     t0 = time.perf_counter()
@@ -166,14 +178,14 @@ def load(args: argparse.Namespace):
         backend=args.backend,
         progress=not args.quiet,
         max_seq_len=args.max_seq_len,
-        quantize=args.quantize,
+        quantize=quantize,
         group_size=args.group_size,
     )
     m = llm.model
     load_s = time.perf_counter() - t0
     log(
         f"llama3: loaded in {load_s:.1f}s ({m.args.num_params() / 1e6:.0f}M params, "
-        f"{m.tok_embeddings.weight.dtype}{', ' + args.quantize + ' weights' if args.quantize else ''}, "
+        f"{m.tok_embeddings.weight.dtype}{', ' + quantize + ' weights' if quantize else ''}, "
         f"{m.tok_embeddings.weight.device}, backend {m.ops.name})"
     )
     return llm, log, load_s

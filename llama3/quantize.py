@@ -165,3 +165,23 @@ def quantized_linear(q: QuantizedWeight, dtype: torch.dtype, device: torch.devic
     """The module that runs `q` on `device` with activations of `dtype` (see `check_settings`)."""
     check_settings(q.mode, q.group_size or DEFAULT_GROUP_SIZE, device, dtype)
     return Int8Linear(q, dtype) if q.mode == "int8" else Int4Linear(q, dtype)
+
+
+# the layers `quantize` applies to: every projection; embeddings (gathered, not multiplied) and norms stay
+QUANTIZED_LAYERS = ("wqkv", "wo", "w13", "w2", "output")
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Quantizes a built `Transformer`'s projections in place (random-weight benchmarks, experiments).
+
+    Loading with `from_pretrained(..., quantize=mode)` does the same while reading, never holding the
+    float model. A tied output projection gets its own quantized copy; the embedding stays float.
+    """
+    weight = model.tok_embeddings.weight
+    check_settings(mode, group_size, weight.device, weight.dtype)
+    linears = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in QUANTIZED_LAYERS]
+    for name, layer in linears:
+        parent, _, attr = name.rpartition(".")
+        q = quantize(layer.weight, mode, group_size, name)
+        setattr(model.get_submodule(parent), attr, quantized_linear(q, weight.dtype, weight.device))
+    return model

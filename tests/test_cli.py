@@ -345,5 +345,14 @@ def test_chat_refuses_an_over_long_message_and_goes_on(cli, checkpoint):
 def test_default_model_is_the_embedded_smollm2():
     r = run_cli("generate", "The capital of France is", "--temperature", "0", "-n", "6")
     assert r.returncode == 0, r.stderr
-    assert "SmolLM2-135M-Instruct" in r.stderr
+    assert "SmolLM2-135M-Instruct" in r.stderr and "int4 weights" in r.stderr  # its own Q4_1 codes, on the CPU
     assert "Paris" in r.stdout
+
+
+def test_quantize_flags(cli, checkpoint):
+    r = cli("generate", "Hi", "--model", str(checkpoint[0]), "-n", "2", "--quantize", "int8")
+    assert r.returncode == 0 and "torch.bfloat16, int8 weights" in r.stderr, r.stderr
+    r = cli("generate", "Hi", *tiny(checkpoint[0], "-n", "2", "--quantize", "int4"))  # tiny() asks for float32
+    assert r.returncode == 1 and "bfloat16" in r.stderr, r.stderr
+    r = cli("generate", "Hi", "--model", str(checkpoint[0]), "-n", "2", "--quantize", "int4", "--group-size", "48")
+    assert r.returncode == 2 and "argument --group-size" in r.stderr

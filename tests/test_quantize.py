@@ -217,3 +217,20 @@ def test_embedded_q4_1_projections_load_as_their_own_codes(monkeypatch):
     llm = Llama.from_pretrained(quantize="int4")
     assert len(quantized_from_float) == 1 and quantized_from_float[0].endswith("model.embed_tokens.weight")
     assert type(llm.model.layers[29].feed_forward.w2).__name__ == "Int4Linear"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.inference_mode()
+def test_quantizing_a_built_model_equals_quantizing_while_loading(tiny_hf, tmp_path, mode):
+    """`quantize_model` on a loaded bf16 model and `from_pretrained(quantize=...)` of the same bf16 checkpoint
+    quantize the same numbers, so their logits are identical."""
+    from llama3.quantize import quantize_model
+
+    _, hf = tiny_hf("llama3.2-tied")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    loaded = Transformer.from_pretrained(tmp_path / "bf16", device="cpu", quantize=mode)
+    built = quantize_model(Transformer.from_pretrained(tmp_path / "bf16", device="cpu"), mode)
+    assert type(built.output).__name__ == type(loaded.output).__name__ != "Linear"
+    assert built.tok_embeddings.weight.dtype == torch.bfloat16
+    assert torch.equal(built(tokens), loaded(tokens))
