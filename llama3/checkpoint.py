@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,6 +134,12 @@ def load_model(
     if quantize is not None:  # refused before anything is downloaded or read
         check_quantize_settings(quantize, group_size, device, _parse_dtype(dtype))
     path = resolve(src)
+    stored = stored_quantization(path)
+    if stored is not None:  # a checkpoint written by save_quantized: its scheme, read as it is
+        if quantize not in (None, stored["mode"]):
+            raise CheckpointError(f"{path} holds {stored['mode']} weights; it cannot be loaded as {quantize}")
+        quantize, group_size = stored["mode"], stored.get("group_size") or DEFAULT_GROUP_SIZE
+        check_quantize_settings(quantize, group_size, device, _parse_dtype(dtype))
     if dtype is None and gguf_file(path) is not None and quantize is None:
         dtype = torch.float32
     dtype = _parse_dtype(dtype)
@@ -218,12 +225,55 @@ def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
     if missing:
         raise CheckpointError(f"{path}: missing shard files {', '.join(missing)}")
     headers = {shard: _safetensors_header(path / shard) for shard in shards}
+    stored = stored_quantization(path)
 
-    def tensors() -> Iterator[tuple[str, Tensor]]:
-        for shard in shards:
-            yield from _read_safetensors(path / shard, *headers[shard])
+    def tensors() -> Iterator[tuple[str, Tensor | QuantizedWeight]]:
+        stream = (item for shard in shards for item in _read_safetensors(path / shard, *headers[shard]))
+        yield from (_stored_weights(stream, stored, path) if stored else stream)
 
     return args, tensors, sum(len(entries) for entries, _ in headers.values())
+
+
+QUANT_METHOD = "llama3-weight-only"  # config.json's quantization_config.quant_method for save_quantized's files
+
+
+def stored_quantization(path: Path) -> dict | None:
+    """The quantization_config of a checkpoint directory written by `save_quantized`; None for a float one."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return None
+    config = read_json_object(path / "config.json", CheckpointError).get("quantization_config")
+    if config is None:
+        return None
+    method = config.get("quant_method") if isinstance(config, dict) else config
+    if method != QUANT_METHOD:
+        raise CheckpointError(
+            f"{path}: quantized with {method!r}, which this library does not read "
+            f"(it reads float checkpoints and its own {QUANT_METHOD!r} int8/int4 ones)"
+        )
+    if config.get("mode") not in ("int8", "int4"):
+        raise CheckpointError(f"{path}/config.json: quantization_config.mode must be 'int8' or 'int4'")
+    return config
+
+
+def _stored_weights(stream, config: dict, path: Path) -> Iterator[tuple[str, Tensor | QuantizedWeight]]:
+    """Gathers each projection's qweight / scales / zeros (adjacent in the file) into one QuantizedWeight."""
+    mode, group_size = config["mode"], config.get("group_size")
+    n_parts = 3 if mode == "int4" else 2
+    pending: dict[str, dict[str, Tensor]] = {}
+    for name, t in stream:
+        base, _, kind = name.rpartition(".")
+        if kind not in ("qweight", "scales", "zeros"):
+            yield name, t
+            continue
+        parts = pending.setdefault(base, {})
+        parts[kind] = t
+        if len(parts) == n_parts:
+            try:
+                yield f"{base}.weight", QuantizedWeight.from_stored(mode, group_size, pending.pop(base), base)
+            except QuantizeError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+    if pending:
+        raise CheckpointError(f"{path}: incomplete quantized tensors: {', '.join(sorted(pending)[:5])}")
 
 
 _SAFETENSORS_DTYPES = {
@@ -554,6 +604,55 @@ def _quantize(t: Tensor, mode: str, group_size: int, name: str) -> QuantizedWeig
         raise CheckpointError(str(e)) from None
 
 
+def save_quantized(
+    src: str | os.PathLike,
+    output: str | os.PathLike,
+    mode: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    progress: bool = True,
+) -> Path:
+    """Writes `src` with int8/int4 projections to the directory `output`: model.safetensors, a config.json
+    with `quantization_config`, and the source's tokenizer files. `from_pretrained(output)` then reads the
+    codes as they are (no float copy of a projection, no re-quantization).
+
+    One tensor of the source is read at a time and quantized at once: peak memory is about the quantized
+    model plus one float tensor.
+    """
+    from safetensors.torch import save_file
+
+    check_quantize_settings(mode, group_size, torch.device("cpu"), torch.bfloat16)
+    path, output = resolve(src), Path(output)
+    if gguf_file(path) is not None:
+        raise CheckpointError(f"{path} is a GGUF file, quantized already: load it with quantize='int4' directly")
+    if stored_quantization(path) is not None:
+        raise CheckpointError(f"{path} is quantized already")
+    args, tensors, count = open_checkpoint(path, progress)
+    names = expected_hf_shapes(args)
+    out: dict[str, Tensor] = {}
+    bar = tqdm(total=count, desc=f"quantizing {path.name} to {mode}", unit="tensor", disable=not progress)
+    for name, t in tensors():
+        bar.update(1)
+        ours = _fused_name(name)[0] if name in names else name
+        if ours.removesuffix(".weight").rpartition(".")[2] in QUANTIZED_LAYERS:
+            q = _quantize(t, mode, group_size, f"{path}: {name}")
+            out |= {f"{name.removesuffix('.weight')}.{k}": v.contiguous() for k, v in q.stored().items()}
+        else:
+            out[name] = t.contiguous()
+    bar.close()
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(out, output / "model.safetensors", metadata={"format": "pt"})
+    config = args.to_hf_config() | {
+        "quantization_config": {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size}
+    }
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja", "tokenizer.model", "original/tokenizer.model"):  # fmt: skip
+        if (path / name).is_file():
+            (output / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path / name, output / name)
+    return output
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -563,4 +662,5 @@ __all__ = [
     "open_checkpoint",
     "parse_device",
     "resolve",
+    "save_quantized",
 ]

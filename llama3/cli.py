@@ -1,4 +1,5 @@
-"""The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal.
+"""The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal,
+`quantize` writes an int8/int4 checkpoint.
 
 Parsing and checking the arguments needs no torch (`llama3 --help` answers at once); the model and
 torch are imported only when a command runs. Exit codes: 0 done, 1 bad input or a failed load (one
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="python -m llama3 works the same. 'llama3 COMMAND --help' shows each command's options.",
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,quantize}")
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
         "prompt", nargs="?", help="the text to continue; '-' or omitted with piped input: read it from stdin"
@@ -105,11 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system message")
     _add_model_args(chat, max_new_tokens=512)
     chat.set_defaults(parser=chat)
+    quant = sub.add_parser(
+        "quantize", help="write a checkpoint with int8/int4 weights that loads without re-quantizing"
+    )
+    quant.add_argument("--model", "-m", required=True, help="a local dir or Hugging Face repo id (safetensors or Meta)")
+    quant.add_argument("--mode", choices=["int8", "int4"], required=True)
+    quant.add_argument("--group-size", type=int, default=32, metavar="G", help="int4 group size (default: 32)")
+    quant.add_argument("--output", "-o", required=True, help="the directory to write")
+    quant.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    quant.set_defaults(parser=quant)
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every option checked before the model loads, each error naming the flag the user typed."""
+    if args.group_size not in (32, 64, 128, 256):
+        parser.error(f"argument --group-size: must be 32, 64, 128 or 256, got {args.group_size}")
+    if args.command == "quantize":
+        return
     try:
         SamplingParams(args.temperature, args.top_p, args.top_k)
         check_seed(args.seed)
@@ -119,8 +133,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"argument --max-new-tokens/-n: must be >= 0, or -1 for no limit, got {args.max_new_tokens}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         parser.error(f"argument --max-seq-len/-c: must be >= 1, got {args.max_seq_len}")
-    if args.group_size not in (32, 64, 128, 256):
-        parser.error(f"argument --group-size: must be 32, 64, 128 or 256, got {args.group_size}")
     if any(not s for s in args.stop):
         parser.error("argument --stop: must not be empty")
     if args.command == "generate":
@@ -185,10 +197,16 @@ def load(args: argparse.Namespace):
     load_s = time.perf_counter() - t0
     log(
         f"llama3: loaded in {load_s:.1f}s ({m.args.num_params() / 1e6:.0f}M params, "
-        f"{m.tok_embeddings.weight.dtype}{', ' + quantize + ' weights' if quantize else ''}, "
+        f"{m.tok_embeddings.weight.dtype}{weights_note(m)}, "
         f"{m.tok_embeddings.weight.device}, backend {m.ops.name})"
     )
     return llm, log, load_s
+
+
+def weights_note(model) -> str:
+    """ ", int4 weights" when the projections are quantized (asked for, or as the checkpoint stores them)."""
+    kind = type(model.layers[0].feed_forward.w2).__name__
+    return {"Int8Linear": ", int8 weights", "Int4Linear": ", int4 weights"}.get(kind, "")
 
 
 def _budget(llm, n_prompt: int, max_new_tokens: int) -> int:
@@ -346,12 +364,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
         _report(llm, log, n)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from llama3.checkpoint import save_quantized
+
+    t0 = time.perf_counter()
+    out = save_quantized(args.model, args.output, args.mode, args.group_size, progress=not args.quiet)
+    if not args.quiet:
+        size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) / 1e6
+        print(f"llama3: wrote {out} ({args.mode}, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "quantize": cmd_quantize}[args.command](args)
     except KeyboardInterrupt:
         print("\nllama3: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it: a script can tell an interrupted run from a finished one

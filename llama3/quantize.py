@@ -71,6 +71,34 @@ class QuantizedWeight:
         group = f", group {self.group_size}" if self.group_size else ""
         return f"{self.mode} {self.shape[0]}x{self.shape[1]}{group}"
 
+    def stored(self) -> dict[str, Tensor]:
+        """The tensors a quantized checkpoint holds for this weight: `qweight` (int8 codes, or two 4-bit
+        codes per byte, element 2j in the low nibble of byte j), `scales` and, for int4, `zeros` (fp32)."""
+        if self.mode == "int8":
+            return {"qweight": self.codes, "scales": self.scales}
+        packed = self.codes[:, 0::2] | (self.codes[:, 1::2] << 4)
+        return {"qweight": packed, "scales": self.scales, "zeros": self.zeros}
+
+    @staticmethod
+    def from_stored(mode: str, group_size: int | None, parts: dict[str, Tensor], name: str) -> QuantizedWeight:
+        """The inverse of `stored`, checking that the parts fit together (`name` is for errors)."""
+        expected = {"qweight", "scales"} | ({"zeros"} if mode == "int4" else set())
+        if set(parts) != expected:
+            raise QuantizeError(f"{name}: a {mode} weight needs {sorted(expected)}, found {sorted(parts)}")
+        qweight, scales = parts["qweight"], parts["scales"].float()
+        if mode == "int8":
+            q = QuantizedWeight("int8", qweight, scales)
+            ok = qweight.dtype == torch.int8 and qweight.dim() == 2 and scales.shape == (qweight.shape[0],)
+        else:
+            codes = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+            q = QuantizedWeight("int4", codes, scales, parts["zeros"].float(), group_size)
+            groups = (codes.shape[0], codes.shape[1] // group_size)
+            ok = qweight.dtype == torch.uint8 and scales.shape == groups and q.zeros.shape == groups
+        if not ok:
+            shapes = {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in parts.items()}
+            raise QuantizeError(f"{name}: the stored {mode} tensors do not fit together: {shapes}")
+        return q
+
 
 def quantize(w: Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE, name: str = "weight") -> QuantizedWeight:
     """Round-to-nearest quantization of a float (N, K) weight; every code error is at most half a scale step."""

@@ -356,3 +356,13 @@ def test_quantize_flags(cli, checkpoint):
     assert r.returncode == 1 and "bfloat16" in r.stderr, r.stderr
     r = cli("generate", "Hi", "--model", str(checkpoint[0]), "-n", "2", "--quantize", "int4", "--group-size", "48")
     assert r.returncode == 2 and "argument --group-size" in r.stderr
+
+
+def test_quantize_command_writes_a_checkpoint_generate_loads(cli, checkpoint, tmp_path):
+    out = tmp_path / "int8"
+    r = cli("quantize", "--model", str(checkpoint[0]), "--mode", "int8", "--output", str(out))
+    assert r.returncode == 0 and f"wrote {out} (int8" in r.stderr, r.stderr
+    r = cli("generate", "Hi", "--model", str(out), "-n", "2", "-t", "0")
+    assert r.returncode == 0 and "int8 weights" in r.stderr, r.stderr
+    r = cli("quantize", "--model", str(tmp_path / "missing"), "--mode", "int4", "--output", str(tmp_path / "x"))
+    assert r.returncode == 1 and "checkpoint not found" in r.stderr

@@ -234,3 +234,59 @@ def test_quantizing_a_built_model_equals_quantizing_while_loading(tiny_hf, tmp_p
     assert type(built.output).__name__ == type(loaded.output).__name__ != "Linear"
     assert built.tok_embeddings.weight.dtype == torch.bfloat16
     assert torch.equal(built(tokens), loaded(tokens))
+
+
+# -- quantized checkpoints ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["llama3-gqa", "llama3.2-tied"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.inference_mode()
+def test_saved_quantized_checkpoint_loads_the_same_codes(tiny_hf, tmp_path, monkeypatch, variant, mode):
+    import llama3.checkpoint
+    from llama3.checkpoint import save_quantized
+
+    d, hf = tiny_hf(variant)
+    out = save_quantized(d, tmp_path / "q", mode, progress=False)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = Transformer.from_pretrained(d, device="cpu", quantize=mode)(tokens)
+    calls = []
+    real = llama3.checkpoint.quantize_weight
+    monkeypatch.setattr(llama3.checkpoint, "quantize_weight", lambda t, *a: calls.append(a[-1]) or real(t, *a))
+    loaded = Transformer.from_pretrained(out, device="cpu")  # the scheme comes from config.json
+    assert torch.equal(loaded(tokens), expected)
+    # only a tied output projection is made at load (from the float embedding); everything else is read as codes
+    assert calls == ([f"{out}: model.embed_tokens.weight"] if hf.config.tie_word_embeddings else [])
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        qweight = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
+    assert qweight.shape == ((64, 48) if mode == "int4" else (64, 96))  # two 4-bit codes a byte
+    assert qweight.dtype == (torch.uint8 if mode == "int4" else torch.int8)
+
+
+def test_quantized_checkpoint_errors_are_named(tiny_hf, tmp_path):
+    import json
+
+    from llama3.checkpoint import save_quantized
+
+    d, _ = tiny_hf("llama3-gqa")
+    out = save_quantized(d, tmp_path / "q", "int4", progress=False)
+    with pytest.raises(CheckpointError, match="holds int4 weights; it cannot be loaded as int8"):
+        Transformer.from_pretrained(out, device="cpu", quantize="int8")
+    with pytest.raises(CheckpointError, match="quantized already"):
+        save_quantized(out, tmp_path / "again", "int8", progress=False)
+    with pytest.raises(QuantizeError, match="bfloat16"):
+        Transformer.from_pretrained(out, device="cpu", dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(CheckpointError, match="quantized with 'gptq', which this library does not read"):
+        Transformer.from_pretrained(out, device="cpu")
+
+
+def test_gguf_is_not_requantized_into_a_checkpoint(tmp_path):
+    import llama3
+    from llama3.checkpoint import save_quantized
+
+    with pytest.raises(CheckpointError, match="GGUF file, quantized already"):
+        save_quantized(llama3.default_model(), tmp_path / "q", "int4", progress=False)
