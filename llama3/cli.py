@@ -20,6 +20,7 @@ from llama3 import __version__
 from llama3.config import ParamError, SamplingParams, check_seed
 
 DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
+GROUP_SIZES = (32, 64, 128, 256)  # llama3.quantize.GROUP_SIZES, not imported: it would import torch for --help
 CHAT_COMMANDS = {
     "/help": "show these commands",
     "/reset": "forget the conversation (keeps --system)",
@@ -45,9 +46,7 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="store the projections as int8 (per channel) or int4 (per group) weights, run with bfloat16 "
         "activations (CPU); default: int4 for the embedded model on the CPU (its own 4-bit codes), else none",
     )
-    p.add_argument(
-        "--group-size", type=int, default=32, metavar="G", help="int4 group size: 32, 64, 128 or 256 (default: 32)"
-    )
+    p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
     p.add_argument(
         "--max-seq-len",
         "-c",
@@ -111,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--model", "-m", required=True, help="a local dir or Hugging Face repo id (safetensors or Meta)")
     quant.add_argument("--mode", choices=["int8", "int4"], required=True)
-    quant.add_argument("--group-size", type=int, default=32, metavar="G", help="int4 group size (default: 32)")
+    quant.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
     quant.add_argument("--output", "-o", required=True, help="the directory to write")
     quant.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     quant.set_defaults(parser=quant)
@@ -120,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every option checked before the model loads, each error naming the flag the user typed."""
-    if args.group_size not in (32, 64, 128, 256):
-        parser.error(f"argument --group-size: must be 32, 64, 128 or 256, got {args.group_size}")
     if args.command == "quantize":
         return
     try:

@@ -290,3 +290,9 @@ def test_gguf_is_not_requantized_into_a_checkpoint(tmp_path):
 
     with pytest.raises(CheckpointError, match="GGUF file, quantized already"):
         save_quantized(llama3.default_model(), tmp_path / "q", "int4", progress=False)
+
+
+def test_the_cli_offers_exactly_the_group_sizes_the_library_takes():
+    from llama3.cli import GROUP_SIZES as CLI_GROUP_SIZES
+
+    assert CLI_GROUP_SIZES == GROUP_SIZES
