@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from llama3.config import ConfigError, ModelArgs, read_json_object
 from llama3.model import Transformer, rope_inv_freq
-from llama3.quantize import DEFAULT_GROUP_SIZE, QUANTIZED_LAYERS, QuantizedWeight, QuantizeError, quantized_linear
+from llama3.quantize import (
+    DEFAULT_GROUP_SIZE,
+    QUANTIZED_LAYERS,
+    QuantizedWeight,
+    QuantizeError,
+    mode_for,
+    quantized_linear,
+)
 from llama3.quantize import check_settings as check_quantize_settings
 from llama3.quantize import quantize as quantize_weight
 
@@ -256,9 +263,8 @@ def stored_quantization(path: Path) -> dict | None:
 
 
 def _stored_weights(stream, config: dict, path: Path) -> Iterator[tuple[str, Tensor | QuantizedWeight]]:
-    """Gathers each projection's qweight / scales / zeros (adjacent in the file) into one QuantizedWeight."""
-    mode, group_size = config["mode"], config.get("group_size")
-    n_parts = 3 if mode == "int4" else 2
+    """Gathers each projection's qweight / scales / zeros into one QuantizedWeight. A weight's own mode is
+    in its codes: int8 ones (int4 checkpoints keep the output projection at int8) have no zeros."""
     pending: dict[str, dict[str, Tensor]] = {}
     for name, t in stream:
         base, _, kind = name.rpartition(".")
@@ -267,11 +273,15 @@ def _stored_weights(stream, config: dict, path: Path) -> Iterator[tuple[str, Ten
             continue
         parts = pending.setdefault(base, {})
         parts[kind] = t
-        if len(parts) == n_parts:
-            try:
-                yield f"{base}.weight", QuantizedWeight.from_stored(mode, group_size, pending.pop(base), base)
-            except QuantizeError as e:
-                raise CheckpointError(f"{path}: {e}") from None
+        if "qweight" not in parts or "scales" not in parts:
+            continue
+        mode = "int8" if parts["qweight"].dtype == torch.int8 else "int4"
+        if mode == "int4" and "zeros" not in parts:
+            continue
+        try:
+            yield f"{base}.weight", QuantizedWeight.from_stored(mode, config.get("group_size"), pending.pop(base), base)
+        except QuantizeError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if pending:
         raise CheckpointError(f"{path}: incomplete quantized tensors: {', '.join(sorted(pending)[:5])}")
 
@@ -557,12 +567,14 @@ def build_model(
         ours, slot, n_slots = _fused_name(name)
         if quantize and ours.removesuffix(".weight").rpartition(".")[2] in QUANTIZED_LAYERS:
             parts.setdefault(ours, {})[slot] = (
-                t if isinstance(t, QuantizedWeight) else _quantize(t, quantize, group_size, f"{source}: {name}")
+                t
+                if isinstance(t, QuantizedWeight)
+                else _quantize(t, mode_for(ours, quantize), group_size, f"{source}: {name}")
             )
         else:
             parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
         if quantize and args.tie_embeddings and ours == "tok_embeddings.weight":  # the output projection's own copy
-            quantized["output"] = _quantize(t, quantize, group_size, f"{source}: {name}")
+            quantized["output"] = _quantize(t, mode_for("output", quantize), group_size, f"{source}: {name}")
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
             done = parts.pop(ours)
             p = [done[i] for i in range(n_slots)]
@@ -634,7 +646,7 @@ def save_quantized(
         bar.update(1)
         ours = _fused_name(name)[0] if name in names else name
         if ours.removesuffix(".weight").rpartition(".")[2] in QUANTIZED_LAYERS:
-            q = _quantize(t, mode, group_size, f"{path}: {name}")
+            q = _quantize(t, mode_for(ours, mode), group_size, f"{path}: {name}")
             out |= {f"{name.removesuffix('.weight')}.{k}": v.contiguous() for k, v in q.stored().items()}
         else:
             out[name] = t.contiguous()
