@@ -1,5 +1,5 @@
 """The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal,
-`quantize` writes an int8/int4 checkpoint.
+`quantize` writes an int8/int4 checkpoint, `perplexity` scores a text.
 
 Parsing and checking the arguments needs no torch (`llama3 --help` answers at once); the model and
 torch are imported only when a command runs. Exit codes: 0 done, 1 bad input or a failed load (one
@@ -28,7 +28,7 @@ CHAT_COMMANDS = {
 }
 
 
-def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help=DEFAULT_MODEL_HELP)
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument(
@@ -47,6 +47,11 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         "activations (CPU); default: int4 for the embedded model on the CPU (its own 4-bit codes), else none",
     )
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no model/progress/speed messages on stderr")
+
+
+def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    _add_load_args(p)
     p.add_argument(
         "--max-seq-len",
         "-c",
@@ -78,7 +83,6 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         metavar="STRING",
         help="end the answer before this text (repeatable; e.g. --stop $'\\n\\n')",
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no model/progress/speed messages on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="python -m llama3 works the same. 'llama3 COMMAND --help' shows each command's options.",
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,quantize}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,quantize,perplexity}")
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
         "prompt", nargs="?", help="the text to continue; '-' or omitted with piped input: read it from stdin"
@@ -114,12 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--output", "-o", required=True, help="the directory to write")
     quant.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     quant.set_defaults(parser=quant)
+    ppl = sub.add_parser("perplexity", help="perplexity of a model on a text file (strided sliding window)")
+    ppl.add_argument("file", help="a UTF-8 text file, or '-' for stdin")
+    _add_load_args(ppl)
+    ppl.add_argument("--max-length", type=int, default=512, metavar="N", help="window length (default: 512)")
+    ppl.add_argument("--stride", type=int, default=256, metavar="N", help="window step (default: 256)")
+    ppl.add_argument("--bos", action="store_true", help="begin the text with the bos token")
+    ppl.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ppl.set_defaults(parser=ppl, max_seq_len=None)
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every option checked before the model loads, each error naming the flag the user typed."""
     if args.command == "quantize":
+        return
+    if args.command == "perplexity":
+        if args.max_length < 2:
+            parser.error(f"argument --max-length: must be >= 2, got {args.max_length}")
+        if not 1 <= args.stride <= args.max_length:
+            parser.error(f"argument --stride: must be in [1, --max-length], got {args.stride}")
         return
     try:
         SamplingParams(args.temperature, args.top_p, args.top_k)
@@ -143,14 +161,18 @@ def read_prompt(args: argparse.Namespace) -> str:
     """PROMPT, or the text of --file / stdin without its trailing newlines (as `$(cat FILE)` reads it)."""
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
-    source = args.file if args.file not in (None, "-") else None
+    return read_text(args.file if args.file not in (None, "-") else None).rstrip("\r\n")
+
+
+def read_text(source: str | None) -> str:
+    """The UTF-8 text of the file `source`, or of stdin when None."""
     try:
         text = Path(source).read_text(encoding="utf-8") if source else sys.stdin.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{source or 'stdin'} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise ValueError(f"cannot read the prompt file {source}: {e.strerror}") from None
-    return text.rstrip("\r\n")
+        raise ValueError(f"cannot read {source}: {e.strerror}") from None
+    return text
 
 
 def resolve_model_source(model: str | None) -> str | Path:
@@ -372,12 +394,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from llama3.perplexity import perplexity
+
+    text = read_text(None if args.file == "-" else args.file)
+    llm, log, _ = load(args)
+    tokens = llm.tokenizer.encode(text, bos=args.bos)
+    max_length = min(args.max_length, llm.model.args.max_seq_len)
+    r = perplexity(llm.model, tokens, max_length, min(args.stride, max_length), progress=not args.quiet)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['perplexity']:.4f}")
+        log(f"llama3: over {r['scored_tokens']} tokens, {r['windows']} windows of {max_length}, stride {r['stride']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat, "quantize": cmd_quantize}[args.command](args)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "quantize": cmd_quantize, "perplexity": cmd_perplexity}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("\nllama3: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it: a script can tell an interrupted run from a finished one

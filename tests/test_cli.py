@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -366,3 +367,24 @@ def test_quantize_command_writes_a_checkpoint_generate_loads(cli, checkpoint, tm
     assert r.returncode == 0 and "int8 weights" in r.stderr, r.stderr
     r = cli("quantize", "--model", str(tmp_path / "missing"), "--mode", "int4", "--output", str(tmp_path / "x"))
     assert r.returncode == 1 and "checkpoint not found" in r.stderr
+
+
+def test_perplexity_command_equals_transformers_nll(cli, checkpoint, tmp_path):
+    """Windows of 16 that do not overlap: each scores its tokens after the first from transformers' logits."""
+    _, hf, hf_tok = checkpoint
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    args = ("--model", str(checkpoint[0]), "--dtype", "float32", "--max-length", "16")
+    r = cli("perplexity", str(tmp_path / "text.txt"), *args, "--stride", "16")
+    assert r.returncode == 0, r.stderr
+    ids = torch.tensor(hf_tok.encode(text, add_special_tokens=False))
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids) - 1, 16):
+            window = ids[begin : begin + 16]
+            log_probs = hf(window[None]).logits[0, :-1].double().log_softmax(-1)
+            nll -= log_probs.gather(-1, window[1:, None]).sum().item()
+            scored += len(window) - 1
+    assert float(r.stdout) == pytest.approx(math.exp(nll / scored), rel=1e-4)  # printed to 4 decimals
+    r = cli("perplexity", str(tmp_path / "text.txt"), *args, "--stride", "17")
+    assert r.returncode == 2 and "argument --stride" in r.stderr
