@@ -248,11 +248,11 @@ def stored_quantization(path: Path) -> dict | None:
     """The quantization_config of a checkpoint directory written by `save_quantized`; None for a float one."""
     if not (path.is_dir() and (path / "config.json").is_file()):
         return None
-    config = read_json_object(path / "config.json", CheckpointError).get("quantization_config")
+    config = read_json_object(path / "config.json").get("quantization_config")  # a ConfigError, as for any config.json
     if config is None:
         return None
     method = config.get("quant_method") if isinstance(config, dict) else config
-    if method != QUANT_METHOD:
+    if method != QUANT_METHOD or not isinstance(config, dict):
         raise CheckpointError(
             f"{path}: quantized with {method!r}, which this library does not read "
             f"(it reads float checkpoints and its own {QUANT_METHOD!r} int8/int4 ones)"
