@@ -25,9 +25,9 @@ from llama3.config import ConfigError, ModelArgs, read_json_object
 from llama3.model import Transformer, rope_inv_freq
 from llama3.quantize import (
     DEFAULT_GROUP_SIZE,
-    QUANTIZED_LAYERS,
     QuantizedWeight,
     QuantizeError,
+    is_quantized_layer,
     mode_for,
     quantized_linear,
 )
@@ -565,7 +565,7 @@ def build_model(
         if isinstance(t, Tensor) and not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
         ours, slot, n_slots = _fused_name(name)
-        if quantize and ours.removesuffix(".weight").rpartition(".")[2] in QUANTIZED_LAYERS:
+        if quantize and is_quantized_layer(ours):
             parts.setdefault(ours, {})[slot] = (
                 t
                 if isinstance(t, QuantizedWeight)
@@ -645,7 +645,7 @@ def save_quantized(
     for name, t in tensors():
         bar.update(1)
         ours = _fused_name(name)[0] if name in names else name
-        if ours.removesuffix(".weight").rpartition(".")[2] in QUANTIZED_LAYERS:
+        if is_quantized_layer(ours):
             q = _quantize(t, mode_for(ours, mode), group_size, f"{path}: {name}")
             out |= {f"{name.removesuffix('.weight')}.{k}": v.contiguous() for k, v in q.stored().items()}
         else:
