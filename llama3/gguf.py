@@ -784,6 +784,10 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     bos, eos, pad = special_name("bos_token_id"), special_name("eos_token_id"), special_name("padding_token_id")
     stop = {special[name] for name in (eos, special_name("eot_token_id"), special_name("eom_token_id")) if name}
     stop |= {special[name] for name in _END_TOKENS if name in special}
+    unk_id = f.get("tokenizer.ggml.unknown_token_id", -1)
+    unk = tokens[unk_id] if 0 <= unk_id < len(tokens) and tokens[unk_id] in special else None
+    # the strings a chat template sees, as transformers' GGUF reader maps them
+    template_tokens = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
     return Tokenizer.from_encoding(
         name=f.path.name,
         mergeable_ranks=ranks,
@@ -794,6 +798,7 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         pad_token=pad,
         stop_tokens=sorted(stop),
         chat_template=f.get("tokenizer.chat_template", None),
+        template_tokens={k: v for k, v in template_tokens.items() if v is not None},
     )
 
 

@@ -295,6 +295,7 @@ class Tokenizer:
     stop_tokens: list[int]
     special_tokens: dict[str, int]
     chat_template: str | None
+    template_tokens: dict[str, str]  # what a chat template sees as bos_token, eos_token, pad_token, unk_token
 
     def __init__(self, model_path: str | os.PathLike, *, stop_tokens: list[int] | None = None):
         """Loads a Llama 3 tiktoken file; the specials get the Llama 3.1 names (see the module doc)."""
@@ -310,6 +311,7 @@ class Tokenizer:
             pad_token=_PAD,
             stop_tokens=stop_tokens,
             chat_template=None,
+            template_tokens=None,
         )
 
     @classmethod
@@ -325,6 +327,7 @@ class Tokenizer:
         stop_tokens: list[int] | None = None,
         chat_template: str | None = None,
         pad_token: str | None = None,
+        template_tokens: dict[str, str] | None = None,
     ) -> Tokenizer:
         """Any byte-level BPE given as tiktoken ranks (= token ids), e.g. a GGUF file's vocabulary.
 
@@ -333,7 +336,9 @@ class Tokenizer:
 
         `bos_token`, `eos_token` and `pad_token` name entries of `special_tokens`. Without
         `stop_tokens`, generation stops at the eos token, and at `<|eot_id|>` / `<|eom_id|>` if the
-        vocabulary has them.
+        vocabulary has them. `template_tokens` ({"bos_token": ..., "eos_token": ..., ...}) are the strings
+        a chat template sees under those names, as transformers passes them; by default the bos, eos and
+        pad names.
         """
         tokenizer = cls.__new__(cls)
         tokenizer._setup(
@@ -346,6 +351,7 @@ class Tokenizer:
             pad_token=pad_token,
             stop_tokens=stop_tokens,
             chat_template=chat_template,
+            template_tokens=template_tokens,
         )
         return tokenizer
 
@@ -361,6 +367,7 @@ class Tokenizer:
         pad_token: str | None,
         stop_tokens: list[int] | None,
         chat_template: str | None,
+        template_tokens: dict[str, str] | None,
     ) -> None:
         self.name = name
         self.special_tokens = dict(special_tokens)
@@ -383,6 +390,14 @@ class Tokenizer:
             stop_tokens += [self.special_tokens[t] for t in ("<|eom_id|>", "<|eot_id|>") if t in self.special_tokens]
         self.stop_tokens = sorted({self._check_id(i) for i in stop_tokens})
         self.chat_template = chat_template
+        if template_tokens is None:
+            named = {
+                "bos_token": bos_token,
+                "eos_token": eos_token,
+                "pad_token": pad_token if self.pad_id >= 0 else None,
+            }
+            template_tokens = {k: v for k, v in named.items() if v is not None}
+        self.template_tokens = dict(template_tokens)
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike) -> Tokenizer:
@@ -391,7 +406,8 @@ class Tokenizer:
         Ranks come from the repo's tiktoken file (`original/tokenizer.model`, else `tokenizer.model`)
         when it has one, else from `tokenizer.json`. Special-token names come from the repo's config
         files; stop tokens from `generation_config.json`'s `eos_token_id`, exactly as transformers
-        uses them; the chat template from `chat_template.jinja` or `tokenizer_config.json`.
+        uses them; the chat template from `chat_template.jinja` or `tokenizer_config.json`, and the
+        bos/eos/pad/unk strings that template sees from `tokenizer_config.json` as written there.
         bos/eos are Meta's (`<|begin_of_text|>` / `<|end_of_text|>`) for a Llama vocabulary even where
         an Instruct repo's config calls `<|eot_id|>` its eos: `encode(eos=True)` means end of text.
         Set HF_HUB_OFFLINE=1 to use only the local Hugging Face cache.
@@ -430,6 +446,7 @@ class Tokenizer:
             pad_token=pad,
             stop_tokens=stop_tokens,
             chat_template=chat_template,
+            template_tokens=_template_tokens(config, specials) if config else None,
         )
 
     # -- encoding ------------------------------------------------------------------------------------
@@ -608,6 +625,13 @@ def _llama3_specials_for(n_ranks: int, listed: dict[int, str], source: Path) -> 
         dup = [name for name in by_id.values() if name in seen or seen.add(name)]
         raise TokenizerError(f"{source.parent}: special-token names used twice: {dup[:4]}")
     return specials
+
+
+def _template_tokens(config: dict[str, Any], specials: dict[str, int]) -> dict[str, str]:
+    """bos/eos/pad/unk as tokenizer_config.json names them (an Instruct repo's eos is often <|eot_id|>):
+    the strings transformers hands a chat template. Names that are not tokens of the vocabulary are left out."""
+    names = {k: _token_content(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return {k: v for k, v in names.items() if isinstance(v, str) and v in specials}
 
 
 def _token_content(token: str | dict[str, Any] | None) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import hf_llama3_tokenizer, llama3_tokenizer_file
 
-from llama3.chat_format import ChatFormat, ChatMLFormat, chat_format_for
+from llama3.chat_format import ChatFormat, ChatMLFormat, JinjaChatFormat, builtin_chat_format, chat_format_for
 from llama3.tokenizer import GPT2_PAT_STR, Tokenizer, TokenizerError
 
 # SmolLM2-Instruct's template: ChatML with a default system message.
@@ -205,9 +205,10 @@ def test_chat_format_for_picks_by_vocabulary(tok):
     assert isinstance(chat_format_for(no_template), ChatMLFormat)
     assert chat_format_for(no_template).default_system is None
     jinja_escaped = SMOLLM2_TEMPLATE.replace("system\n", "system\\n")  # "\n" written as Jinja's escape
-    assert chat_format_for(tiny_chatml_tokenizer(template=jinja_escaped)).default_system == SMOLLM2_SYSTEM
+    assert builtin_chat_format(tiny_chatml_tokenizer(template=jinja_escaped)).default_system == SMOLLM2_SYSTEM
     other_template = tiny_chatml_tokenizer(template="{% for m in messages %}[INST]{{ m['content'] }}{% endfor %}")
     with pytest.raises(TokenizerError, match="no supported chat format"):
-        chat_format_for(other_template)
+        builtin_chat_format(other_template)
+    assert isinstance(chat_format_for(other_template), JinjaChatFormat)  # "auto": a template we do not know
     with pytest.raises(TokenizerError, match="<\\|im_start\\|>"):
         ChatMLFormat(tok)
