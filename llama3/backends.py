@@ -3,7 +3,8 @@
 This is the one place a backend is picked. Both compute the same function; the Triton one fuses
 the residual add into RMSNorm, RoPE into the KV-cache write, uses flash-decoding for the
 one-token decode step, and a split-K GEMV for the decode step's projections wherever it measures
-faster than cuBLAS on the GPU at hand.
+faster than cuBLAS on the GPU at hand. Quantized projections (`llama3.quantize`, "gpu" layout) run the
+int8 / int4 kernels of `llama3.kernels.quant_gemv`, which dequantize inside the matmul.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama3.model import KVCache, TorchOps
+from llama3.quantize import Int4Linear, Int8Linear
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -99,8 +101,12 @@ class TritonOps(TorchOps):
     def linear(x: Tensor, layer: nn.Module) -> Tensor:
         from llama3.kernels.gemv import best_gemv_config, gemv
 
-        if not isinstance(layer, nn.Linear):  # a quantized weight runs its own kernel
-            return layer(x)
+        if not isinstance(layer, nn.Linear):
+            if isinstance(layer, (Int8Linear, Int4Linear)) and layer.layout == "gpu":  # codes our kernels read
+                from llama3.kernels.quant_gemv import quantized_matmul
+
+                return quantized_matmul(x, layer)
+            return layer(x)  # codes packed for PyTorch's CPU kernels (the interpreter, in tests) run those
         weight = layer.weight
         rows = x.numel() // x.shape[-1]
         if rows > 16:  # prefill: a matrix-matrix product, cuBLAS's home ground

@@ -5,8 +5,15 @@ int4 (asymmetric): w ~ (q - 8) * scale + zero with q in 0..15, one (scale, zero)
 consecutive inputs of a row: the form PyTorch's int4 kernels take (gpt-fast and torchao use them too), onto
 which GGUF's Q4_0 (w = d * (q - 8)) and Q4_1 (w = d * q + m, so zero = m + 8d) blocks map with the same codes.
 
-Activations stay in the model's dtype; the kernels are PyTorch's (`torch._weight_int8pack_mm`,
-`torch._weight_int4pack_mm_for_cpu`), which are fast with bfloat16 activations on the CPU.
+Activations stay in the model's dtype. Each quantized module holds its codes in one of two layouts, chosen
+from the device it is built for:
+- "cpu": what PyTorch's CPU kernels take (`torch._weight_int8pack_mm`, and for int4 the codes repacked by
+  `torch._convert_weight_to_int4pack_for_cpu`), fast with bfloat16 activations;
+- "gpu": plain codes the Triton kernels of `llama3.kernels.quant_gemv` read (int8 codes (N, K); int4 two codes
+  a byte (N, K / 2), element 2j in the low nibble of byte j, as quantized checkpoints store them), with scales
+  and zeros in the activation dtype. The Triton backend sends these layers to those kernels; the module's own
+  forward (the PyTorch backend) dequantizes the weight and calls `F.linear`: the same function, slower.
+  Tests build this layout on CPU tensors to run the kernels in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 32  # GGUF's Q4 block; on the 2-core CI CPU no larger group was faster (see README)
+LAYOUTS = ("cpu", "gpu")
 
 
 class QuantizeError(ValueError):
@@ -42,10 +51,8 @@ class QuantizedWeight:
     def dequantize(self) -> Tensor:
         """The float32 weight these codes stand for."""
         if self.mode == "int8":
-            return self.codes.float() * self.scales[:, None]
-        g = self.group_size
-        scales, zeros = self.scales.repeat_interleave(g, dim=1), self.zeros.repeat_interleave(g, dim=1)
-        return (self.codes.float() - 8) * scales + zeros
+            return dequantize_int8(self.codes, self.scales)
+        return dequantize_int4(self.codes, self.scales, self.zeros, self.group_size)
 
     def permute_rows(self, order: Tensor) -> QuantizedWeight:
         """The same weight with its output rows reordered (as the q/k RoPE permutation reorders rows)."""
@@ -76,8 +83,7 @@ class QuantizedWeight:
         codes per byte, element 2j in the low nibble of byte j), `scales` and, for int4, `zeros` (fp32)."""
         if self.mode == "int8":
             return {"qweight": self.codes, "scales": self.scales}
-        packed = self.codes[:, 0::2] | (self.codes[:, 1::2] << 4)
-        return {"qweight": packed, "scales": self.scales, "zeros": self.zeros}
+        return {"qweight": pack_int4(self.codes), "scales": self.scales, "zeros": self.zeros}
 
     @staticmethod
     def from_stored(mode: str, group_size: int | None, parts: dict[str, Tensor], name: str) -> QuantizedWeight:
@@ -90,7 +96,7 @@ class QuantizedWeight:
             q = QuantizedWeight("int8", qweight, scales)
             ok = qweight.dtype == torch.int8 and qweight.dim() == 2 and scales.shape == (qweight.shape[0],)
         else:
-            codes = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+            codes = unpack_int4(qweight)
             q = QuantizedWeight("int4", codes, scales, parts["zeros"].float(), group_size)
             groups = (codes.shape[0], codes.shape[1] // group_size)
             ok = qweight.dtype == torch.uint8 and scales.shape == groups and q.zeros.shape == groups
@@ -98,6 +104,29 @@ class QuantizedWeight:
             shapes = {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in parts.items()}
             raise QuantizeError(f"{name}: the stored {mode} tensors do not fit together: {shapes}")
         return q
+
+
+def dequantize_int8(codes: Tensor, scales: Tensor) -> Tensor:
+    """w = q * scale, one scale per output row, in float32 (whatever dtype the scales are stored in)."""
+    return codes.float() * scales.float()[:, None]
+
+
+def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """w = (q - 8) * scale + zero, one (scale, zero) per group of `group_size` inputs, in float32."""
+    N, K = codes.shape
+    groups = codes.float().reshape(N, K // group_size, group_size) - 8
+    return (groups * scales.float()[..., None] + zeros.float()[..., None]).reshape(N, K)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Two 4-bit codes a byte: (N, K) codes 0..15 -> uint8 (N, K / 2), element 2j in the low nibble of byte j."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The inverse of `pack_int4`: uint8 (N, K / 2) -> uint8 codes (N, K)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
 def quantize(w: Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE, name: str = "weight") -> QuantizedWeight:
@@ -131,50 +160,88 @@ def check_group_size(group_size: int, in_features: int, name: str = "weight") ->
         )
 
 
-def check_settings(mode: str, group_size: int, device: torch.device, dtype: torch.dtype) -> None:
+def layout_for(device: torch.device | str) -> str:
+    """The layout of codes a quantized module on `device` holds (see the module docstring)."""
+    return "gpu" if torch.device(device).type == "cuda" else "cpu"
+
+
+def check_settings(
+    mode: str, group_size: int, device: torch.device, dtype: torch.dtype, layout: str | None = None
+) -> None:
     """Everything about a quantized load that can be refused before a checkpoint is read."""
     if mode not in MODES:
         raise QuantizeError(f"unknown quantize={mode!r}; choose None or one of {', '.join(MODES)}")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise QuantizeError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size!r}")
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type not in ("cpu", "cuda"):
         raise QuantizeError(
-            f"quantized weights run on the CPU for now (PyTorch's int8/int4 CPU kernels); {device} is not supported yet"
+            f"quantized weights run on the CPU (PyTorch's int8/int4 kernels) or on CUDA (Triton kernels); "
+            f"{device} is not supported"
         )
-    if dtype not in (torch.bfloat16, torch.float16):
+    layout = layout or layout_for(device)
+    if layout not in LAYOUTS:
+        raise QuantizeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "cpu" and dtype not in (torch.bfloat16, torch.float16):
         raise QuantizeError(
-            f"quantized weights need bfloat16 (or float16) activations, got {dtype}: PyTorch's int4 kernel takes "
-            "its scales in the activation dtype and refuses float32"
+            f"quantized weights on the CPU need bfloat16 (or float16) activations, got {dtype}: PyTorch's int4 "
+            "kernel takes its scales in the activation dtype and refuses float32"
         )
+    if not dtype.is_floating_point:
+        raise QuantizeError(f"quantized weights need floating-point activations, got {dtype}")
 
 
 class Int8Linear(nn.Module):
-    """x @ (q * scale).T with int8 codes, one scale per output row (PyTorch's `_weight_int8pack_mm`)."""
+    """x @ (q * scale).T with int8 codes (N, K) and one scale per output row, in the activation dtype.
 
-    def __init__(self, q: QuantizedWeight, dtype: torch.dtype):
+    Both layouts hold the same tensors. The "cpu" one runs PyTorch's `_weight_int8pack_mm`; the "gpu" one is
+    read by the Triton backend's kernel, and its own forward (the PyTorch backend) dequantizes to `F.linear`.
+    """
+
+    mode = "int8"
+
+    def __init__(self, q: QuantizedWeight, dtype: torch.dtype, layout: str = "cpu"):
         super().__init__()
         self.out_features, self.in_features = q.shape
+        self.layout = layout
         self.register_buffer("weight", q.codes.contiguous())
         self.register_buffer("scales", q.scales.to(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layout == "gpu":  # q * scale rounded once to x's dtype, as dequantize().to(x.dtype) would be
+            return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
         out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def dequantize(self) -> Tensor:
+        """The float32 weight this layer multiplies by (its scales as stored, in the activation dtype)."""
+        return dequantize_int8(self.weight, self.scales)
+
 
 class Int4Linear(nn.Module):
-    """x @ ((q - 8) * scale + zero).T with 4-bit codes packed for PyTorch's CPU int4 kernel.
+    """x @ ((q - 8) * scale + zero).T with 4-bit codes, one (scale, zero) per group of `group_size` inputs.
 
-    The kernel takes its scales and zeros in the activation dtype, so they are rounded to it (bfloat16:
-    a relative error of at most 2^-8 in each, far below the half-step error of the 4-bit codes). It also
-    packs rows in sixteens: other row counts are padded with zero rows, cut off the output again.
+    Scales and zeros are kept in the activation dtype, as PyTorch's CPU kernel takes them (bfloat16: a
+    relative error of at most 2^-8 in each, far below the half-step error of the 4-bit codes).
+
+    "cpu" layout: the codes packed for PyTorch's CPU int4 kernel, which packs rows in sixteens: other row
+    counts are padded with zero rows, cut off the output again. "gpu" layout: `qweight` uint8 (N, K / 2), two
+    codes a byte (`pack_int4`), `scales` and `zeros` (N, K / group_size), read by the Triton backend's kernel;
+    its own forward dequantizes to `F.linear`.
     """
 
-    def __init__(self, q: QuantizedWeight, dtype: torch.dtype):
+    mode = "int4"
+
+    def __init__(self, q: QuantizedWeight, dtype: torch.dtype, layout: str = "cpu"):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = q.group_size
+        self.layout = layout
         codes, scales, zeros = q.codes, q.scales, q.zeros
+        if layout == "gpu":
+            self.register_buffer("qweight", pack_int4(codes).contiguous())
+            self.register_buffer("scales", scales.to(dtype).contiguous())
+            self.register_buffer("zeros", zeros.to(dtype).contiguous())
+            return
         pad = -self.out_features % 16
         if pad:  # zero rows: code 8 with scale 0 and zero 0
             codes = torch.cat([codes, codes.new_full((pad, self.in_features), 8)])
@@ -184,15 +251,30 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", pairs.to(dtype).contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layout == "gpu":
+            return F.linear(x, self.dequantize().to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
         out = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         return out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
 
+    def dequantize(self) -> Tensor:
+        """The float32 weight this layer multiplies by (its scales and zeros as stored); "gpu" layout only."""
+        if self.layout != "gpu":
+            raise QuantizeError(
+                "Int4Linear.dequantize reads the gpu layout; the cpu one is packed for PyTorch's kernel"
+            )
+        return dequantize_int4(unpack_int4(self.qweight), self.scales, self.zeros, self.group_size)
 
-def quantized_linear(q: QuantizedWeight, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The module that runs `q` on `device` with activations of `dtype` (see `check_settings`)."""
-    check_settings(q.mode, q.group_size or DEFAULT_GROUP_SIZE, device, dtype)
-    return Int8Linear(q, dtype) if q.mode == "int8" else Int4Linear(q, dtype)
+
+def quantized_linear(
+    q: QuantizedWeight, dtype: torch.dtype, device: torch.device, layout: str | None = None
+) -> nn.Module:
+    """The module that runs `q` on `device` with activations of `dtype`, its codes in `layout` (by default
+    the device's own: "gpu" on CUDA, "cpu" elsewhere; see `check_settings`)."""
+    layout = layout or layout_for(device)
+    check_settings(q.mode, q.group_size or DEFAULT_GROUP_SIZE, device, dtype, layout)
+    module = Int8Linear(q, dtype, layout) if q.mode == "int8" else Int4Linear(q, dtype, layout)
+    return module.to(device)
 
 
 # the layers `quantize` applies to: every projection; embeddings (gathered, not multiplied) and norms stay
@@ -215,17 +297,20 @@ def mode_for(layer: str, mode: str) -> str:
     return "int8" if mode == "int4" and _layer(layer) == "output" else mode
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+def quantize_model(
+    model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE, layout: str | None = None
+) -> nn.Module:
     """Quantizes a built `Transformer`'s projections in place (random-weight benchmarks, experiments).
 
     Loading with `from_pretrained(..., quantize=mode)` does the same while reading, never holding the
     float model. A tied output projection gets its own quantized copy; the embedding stays float.
+    `layout` overrides the device's own (tests run the "gpu" one on the CPU, in Triton's interpreter).
     """
     weight = model.tok_embeddings.weight
-    check_settings(mode, group_size, weight.device, weight.dtype)
+    check_settings(mode, group_size, weight.device, weight.dtype, layout)
     linears = [(n, m) for n, m in model.named_modules() if is_quantized_layer(n)]
     for name, layer in linears:
         parent, _, attr = name.rpartition(".")
         q = quantize(layer.weight, mode_for(name, mode), group_size, name)
-        setattr(model.get_submodule(parent), attr, quantized_linear(q, weight.dtype, weight.device))
+        setattr(model.get_submodule(parent), attr, quantized_linear(q, weight.dtype, weight.device, layout))
     return model
