@@ -83,6 +83,13 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         metavar="STRING",
         help="end the answer before this text (repeatable; e.g. --stop $'\\n\\n')",
     )
+    p.add_argument(
+        "--chat-template",
+        choices=["auto", "builtin", "jinja"],
+        default="auto",
+        help="the checkpoint's own Jinja template (jinja), the hand-written Llama 3 / ChatML format (builtin), or "
+        "auto: the hand-written one where it equals the checkpoint's template (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +218,7 @@ def load(args: argparse.Namespace):
         max_seq_len=args.max_seq_len,
         quantize=quantize,
         group_size=args.group_size,
+        chat_template=getattr(args, "chat_template", "auto"),
     )
     m = llm.model
     load_s = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from llama3.chat_format import chat_format_for
+from llama3.chat_format import CHAT_TEMPLATE_CHOICES, chat_format_for
 from llama3.config import SamplingParams, check_max_new_tokens, check_seed
 from llama3.model import Transformer
 from llama3.tokenizer import Tokenizer
@@ -138,6 +138,7 @@ class Llama:
         max_batch_size: int | None = None,
         cuda_graphs: bool | None = None,
         chat_format=None,
+        chat_template: str = "auto",
     ):
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}")
@@ -150,6 +151,11 @@ class Llama:
             )
         self.model, self.tokenizer = model.eval(), tokenizer
         self._chat_format = chat_format
+        # "auto": the hand-written format where it equals the checkpoint's template, else the template;
+        # "builtin" / "jinja" force one (see llama3.chat_format.chat_format_for). "jinja" fails here, at load.
+        self.chat_template = chat_template
+        if chat_format is None and chat_template != "auto":
+            self._chat_format = chat_format_for(tokenizer, chat_template)
         self.device = model.tok_embeddings.weight.device
         # None: grow the cache to what each call needs; an int fixes it (and bounds memory)
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
@@ -173,9 +179,14 @@ class Llama:
         progress: bool = True,
         cuda_graphs: bool | None = None,
         group_size: int = 32,
+        chat_template: str = "auto",
     ) -> Llama:
         """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id; with no
-        `src`, the embedded default model (`llama3.default_model()`), offline."""
+        `src`, the embedded default model (`llama3.default_model()`), offline. `chat_template`: "auto"
+        (the hand-written Llama 3 / ChatML format where it equals the checkpoint's template, else the
+        template), "builtin" or "jinja"."""
+        if chat_template not in CHAT_TEMPLATE_CHOICES:  # before anything loads
+            raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {chat_template!r}")
         from llama3.checkpoint import default_model, gguf_file, load_model, resolve
 
         path = resolve(default_model() if src is None else src)
@@ -187,7 +198,14 @@ class Llama:
             tokenizer = load_gguf_tokenizer(gguf)
         else:
             tokenizer = Tokenizer.from_pretrained(path)
-        return cls(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
+        return cls(
+            model,
+            tokenizer,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            cuda_graphs=cuda_graphs,
+            chat_template=chat_template,
+        )
 
     @property
     def context_length(self) -> int:
@@ -197,7 +215,7 @@ class Llama:
     @property
     def chat_format(self):
         if self._chat_format is None:
-            self._chat_format = chat_format_for(self.tokenizer)
+            self._chat_format = chat_format_for(self.tokenizer, self.chat_template)
         return self._chat_format
 
     # -- token level --------------------------------------------------------------------------
