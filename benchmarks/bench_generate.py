@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama3 import Llama, ModelArgs, Transformer  # noqa: E402
+from llama3.backends import get_ops  # noqa: E402
 from llama3.quantize import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,7 +67,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, back
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    model.set_backend(backend)
+    model.set_ops(get_ops(backend, device))
     return model.eval()
 
 

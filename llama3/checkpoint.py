@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from llama3.backends import get_ops
 from llama3.config import ConfigError, ModelArgs, read_json_object
 from llama3.model import Transformer, rope_inv_freq
 from llama3.quantize import (
@@ -138,6 +139,7 @@ def load_model(
     bfloat16 by default.
     """
     device = parse_device(device)
+    ops = get_ops(backend, device)  # an unknown or unusable backend is refused before loading
     if quantize is not None:  # refused before anything is downloaded or read
         check_quantize_settings(quantize, group_size, device, _parse_dtype(dtype))
     path = resolve(src)
@@ -154,7 +156,7 @@ def load_model(
     model = build_model(
         args, tensors, count, device, dtype, progress, source=str(path), quantize=quantize, group_size=group_size
     )
-    model.set_backend(backend)
+    model.set_ops(ops)
     return model
 
 
