@@ -290,27 +290,35 @@ def _layer(name: str) -> str:
     return name.removesuffix(".weight").rpartition(".")[2]
 
 
-def mode_for(layer: str, mode: str) -> str:
-    """The mode a layer gets under `mode`: int4 keeps the output projection at int8, as llama.cpp's 4-bit
-    presets keep it at 6-8 bits. Measured on the embedded SmolLM2 (Hamlet, windows of 512): a 4-bit output
-    took perplexity from 24.45 to 26.26; int8 there costs 0.8 ms a token more than int4 on the CI CPU."""
-    return "int8" if mode == "int4" and _layer(layer) == "output" else mode
+def mode_for(layer: str, mode: str, keep_output: bool = False) -> str | None:
+    """The mode a layer gets under `mode`, None where it stays float (the output projection with
+    `keep_output`). int4 keeps the output projection at int8, as llama.cpp's 4-bit presets keep it at 6-8
+    bits. Measured on the embedded SmolLM2 (Hamlet, windows of 512): a 4-bit output took perplexity from
+    24.45 to 26.26; int8 there costs 0.8 ms a token more than int4 on the CI CPU."""
+    if _layer(layer) != "output":
+        return mode
+    return None if keep_output else "int8" if mode == "int4" else mode
 
 
 def quantize_model(
-    model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE, layout: str | None = None
+    model: nn.Module,
+    mode: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    layout: str | None = None,
+    keep_output: bool = False,
 ) -> nn.Module:
     """Quantizes a built `Transformer`'s projections in place (random-weight benchmarks, experiments).
 
     Loading with `from_pretrained(..., quantize=mode)` does the same while reading, never holding the
     float model. A tied output projection gets its own quantized copy; the embedding stays float.
     `layout` overrides the device's own (tests run the "gpu" one on the CPU, in Triton's interpreter).
+    `keep_output` leaves the output projection float.
     """
     weight = model.tok_embeddings.weight
     check_settings(mode, group_size, weight.device, weight.dtype, layout)
-    linears = [(n, m) for n, m in model.named_modules() if is_quantized_layer(n)]
+    linears = [(n, m) for n, m in model.named_modules() if is_quantized_layer(n) and mode_for(n, mode, keep_output)]
     for name, layer in linears:
         parent, _, attr = name.rpartition(".")
-        q = quantize(layer.weight, mode_for(name, mode), group_size, name)
+        q = quantize(layer.weight, mode_for(name, mode, keep_output), group_size, name)
         setattr(model.get_submodule(parent), attr, quantized_linear(q, weight.dtype, weight.device, layout))
     return model
