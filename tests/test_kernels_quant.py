@@ -91,10 +91,10 @@ ROWS = [(1,), (2, 3), (33,)]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("n, k, tiles", [(37, 300, {}), (50, 512, {"num_splits": 3, "block_n": 16})])
+@pytest.mark.parametrize("n, k, tiles", [(37, 300, {}), (50, 512, {"num_splits": 3, "block_n": 16, "block_m": 16})])
 def test_int8_kernel_matches_the_matmul_of_its_dequantized_weight(rows, n, k, tiles, dtype):
     """K = 300 ends in a partial block; 3 splits of 512 leave the last one short; N is never a multiple of the
-    tile."""
+    tile; 33 rows in tiles of 16 leave a last tile of one row."""
     q = quantize(weights(n, k), "int8")
     codes, scales = q.codes.to(DEVICE), q.scales.to(DEVICE, dtype)
     x = torch.randn(*rows, k).to(DEVICE, dtype)
@@ -146,11 +146,12 @@ def test_dequantize_kernel_equals_the_reference_dequantization(mode, group_size,
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("prefill_path", ["kernel", "dequantize"])
 def test_both_prefill_paths_compute_the_layers_matmul(mode, prefill_path):
-    """40 rows through a quantized layer by either prefill path, and 3 through the decode GEMV: the same
-    product (the dequantize path multiplies by the weight rounded to x's dtype, as the int4 kernel does)."""
+    """70 rows (two row tiles of the kernel) through a quantized layer by either prefill path, and 3 through
+    the decode GEMV: the same product (the dequantize path multiplies by the weight rounded to x's dtype, as
+    the int4 kernel does)."""
     dtype = torch.float16
     layer = quantized_linear(quantize(weights(70, 256), mode, 64), dtype, torch.device(DEVICE), layout="gpu")
-    for rows in (40, 3):
+    for rows in (70, 3):
         x = torch.randn(1, rows, 256).to(DEVICE, dtype)
         out = quantized_matmul(x, layer, prefill_path)
         # the int8 kernel scales the fp32 sum: its weight is never rounded to x's dtype
@@ -176,8 +177,22 @@ def test_a_dimension_the_groups_do_not_divide_is_named():
 # -- the modules and the backend -----------------------------------------------------------------------------
 
 
+def kernel_launches(monkeypatch) -> list[tuple[str, int]]:
+    """Records (mode, rows of x) for every launch of the quantized matmul kernel from now on."""
+    import llama3.kernels.quant_gemv as quant_gemv
+
+    launches, launch = [], quant_gemv._launch
+
+    def recorded(x, codes, scales, zeros, k, group_size, **tiles):
+        launches.append(("int4" if group_size else "int8", x.numel() // x.shape[-1]))
+        return launch(x, codes, scales, zeros, k, group_size, **tiles)
+
+    monkeypatch.setattr(quant_gemv, "_launch", recorded)
+    return launches
+
+
 @pytest.mark.parametrize("mode, group_size", [("int8", None), ("int4", 32), ("int4", 128)])
-def test_triton_backend_runs_a_quantized_layer_as_the_torch_backend_does(mode, group_size):
+def test_triton_backend_runs_a_quantized_layer_as_the_torch_backend_does(mode, group_size, monkeypatch):
     """`TritonOps.linear` sends a "gpu"-layout layer to the kernels; `TorchOps.linear` runs the module's own
     forward (dequantize, then F.linear). Same weights, same function."""
     dtype = torch.float32
@@ -187,9 +202,12 @@ def test_triton_backend_runs_a_quantized_layer_as_the_torch_backend_does(mode, g
     assert torch.equal(layer.dequantize().cpu(), q.dequantize())  # fp32 scales: the exact weight
     for rows in (1, 20):
         x = torch.randn(rows, 256).to(DEVICE, dtype)
+        launches = kernel_launches(monkeypatch)
         expected = TorchOps.linear(x, layer)
+        assert not launches  # the module's own forward: dequantize, then F.linear
         assert_matmul_close(expected, x, q.dequantize().to(DEVICE))
         assert_matmul_close(TritonOps.linear(x, layer), x, q.dequantize().to(DEVICE))
+        assert launches == [(mode, rows)]
 
 
 def test_the_gpu_layout_is_the_default_on_cuda_and_takes_float32():
@@ -217,7 +235,7 @@ def decode_logits(model: Transformer, tokens: torch.Tensor, prefill: int) -> tor
 
 
 @torch.no_grad()
-def test_quantized_model_through_triton_matches_the_float_model_of_its_dequantized_weights(tiny_hf):
+def test_quantized_model_through_triton_matches_the_float_model_of_its_dequantized_weights(tiny_hf, monkeypatch):
     """A tiny int4 model (fp32 activations, "gpu" layout; its output projection int8, so both kernels run):
     the Triton backend (a prefill of 2 x 10 rows by the tiled kernel, then decode steps by the GEMV) and the
     PyTorch backend on the same codes, against a float model whose projections hold the dequantized weights.
@@ -235,8 +253,12 @@ def test_quantized_model_through_triton_matches_the_float_model_of_its_dequantiz
     assert isinstance(on_torch.output, Int8Linear)  # int4 keeps the output projection at int8
     tokens = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     expected = decode_logits(float_model, tokens, prefill=10)
+    launches = kernel_launches(monkeypatch)
     torch_backend = decode_logits(on_torch, tokens, prefill=10)
+    assert not launches
     triton_backend = decode_logits(on_triton, tokens, prefill=10)
+    # both kernels, in both forms: the 2 x 10-row prefill (tiled) and the 2-row decode steps (GEMV)
+    assert set(launches) == {("int4", 20), ("int4", 2), ("int8", 20), ("int8", 2)}
     # fp32 throughout: only the order of fp32 sums differs (the margin test_backends.py allows)
     torch.testing.assert_close(torch_backend, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(triton_backend, expected, atol=1e-4, rtol=1e-4)
