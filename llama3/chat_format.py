@@ -194,6 +194,56 @@ def builtin_chat_format(tokenizer: Tokenizer) -> ChatFormat | ChatMLFormat:
 _MARK_START, _MARK_END = "\U0010fffc", "\U0010fffd"
 
 
+class ControlTokenEncoder:
+    """Encodes a prompt assembled from trusted text (a template, a fixed prompt format) and untrusted strings
+    (messages): special-token text in the trusted part becomes control tokens, in the untrusted part plain text.
+
+    Untrusted strings go through `mark` before they are put into the prompt; `encode` then encodes the whole
+    prompt, each stretch between two control tokens as one piece, as `tokenizer.encode(prompt,
+    allowed_special="all")` would when no untrusted string holds special-token text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)  # longest first: no prefix wins
+        alternatives = "|".join(map(re.escape, specials)) or "(?!)"
+        self._special_re = re.compile(alternatives)
+        # A special token with a marker on either side came from the input (a template may have cut one
+        # marker off by slicing); a lone marker is dropped, but still separates the text around it.
+        self._pieces_re = re.compile(f"{_MARK_START}?({alternatives}){_MARK_END}?|[{_MARK_START}{_MARK_END}]")
+
+    def mark(self, value: Any) -> Any:
+        """`value` (a string, or dicts and lists of them) with each special-token text wrapped in markers."""
+        if isinstance(value, str):
+            value = value.replace(_MARK_START, "").replace(_MARK_END, "")
+            return self._special_re.sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", value)
+        if isinstance(value, Mapping):
+            return {k: self.mark(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.mark(v) for v in value)
+        return value
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` in which unmarked special-token text is a control token and marked text is plain."""
+        ids: list[int] = []
+        pending: list[str] = []  # plain text since the last control token, encoded as one piece
+        pos = 0
+        for m in self._pieces_re.finditer(text):
+            pending.append(text[pos : m.start()])
+            pos = m.end()
+            token = m.group(1)
+            if token is None:  # a lone marker
+                continue
+            if m.group(0) == token:  # no marker: trusted text wrote it
+                ids += self.tokenizer.encode("".join(pending))
+                ids.append(self.tokenizer.special_tokens[token])
+                pending = []
+            else:
+                pending.append(token)
+        pending.append(text[pos:])
+        return ids + self.tokenizer.encode("".join(pending))
+
+
 class ChatTemplateError(ValueError):
     """A chat template that does not compile or raises while rendering (its own `raise_exception` too)."""
 
@@ -225,12 +275,7 @@ class JinjaChatFormat:
         if not isinstance(self.template, str):
             raise TokenizerError(f"{tokenizer.name} has no chat template (tokenizer_config.json 'chat_template')")
         self._compiled = _compile_template(self.template, tokenizer.name)
-        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)  # longest first: no prefix wins
-        alternatives = "|".join(map(re.escape, specials)) or "(?!)"
-        self._special_re = re.compile(alternatives)
-        # A special token with a marker on either side came from the input (a template may have cut one
-        # marker off by slicing); a lone marker is dropped, but still separates the text around it.
-        self._pieces_re = re.compile(f"{_MARK_START}?({alternatives}){_MARK_END}?|[{_MARK_START}{_MARK_END}]")
+        self._encoder = ControlTokenEncoder(tokenizer)
 
     @property
     def stop_tokens(self) -> list[int]:
@@ -256,39 +301,7 @@ class JinjaChatFormat:
         **kwargs: Any,
     ) -> list[int]:
         """The token ids of the rendered template; special-token text from the input stays plain text."""
-        return self.encode_marked(self._render(messages, add_generation_prompt, tools, kwargs, mark=True))
-
-    def mark(self, value: Any) -> Any:
-        """`value` (a string, or dicts and lists of them) with each special-token text wrapped in markers:
-        text for `encode_marked` to encode as plain text wherever it ends up in a prompt."""
-        if isinstance(value, str):
-            value = value.replace(_MARK_START, "").replace(_MARK_END, "")
-            return self._special_re.sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", value)
-        if isinstance(value, Mapping):
-            return {k: self.mark(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.mark(v) for v in value)
-        return value
-
-    def encode_marked(self, text: str) -> list[int]:
-        """Ids of `text` in which unmarked special-token text is a control token and marked text is plain."""
-        ids: list[int] = []
-        pending: list[str] = []  # plain text since the last control token, encoded as one piece
-        pos = 0
-        for m in self._pieces_re.finditer(text):
-            pending.append(text[pos : m.start()])
-            pos = m.end()
-            token = m.group(1)
-            if token is None:  # a lone marker
-                continue
-            if m.group(0) == token:  # no marker: the template wrote it
-                ids += self.tokenizer.encode("".join(pending))
-                ids.append(self.tokenizer.special_tokens[token])
-                pending = []
-            else:
-                pending.append(token)
-        pending.append(text[pos:])
-        return ids + self.tokenizer.encode("".join(pending))
+        return self._encoder.encode(self._render(messages, add_generation_prompt, tools, kwargs, mark=True))
 
     def _render(
         self, messages: Any, add_generation_prompt: bool, tools: Any, kwargs: dict[str, Any], mark: bool
@@ -297,7 +310,8 @@ class JinjaChatFormat:
         tools = None if tools is None else _plain(list(tools))
         extra = {k: _plain(v) for k, v in kwargs.items()}
         if mark:
-            messages, tools, extra = self.mark(messages), self.mark(tools), self.mark(extra)
+            mark = self._encoder.mark
+            messages, tools, extra = mark(messages), mark(tools), mark(extra)
         try:
             return self._compiled.render(
                 messages=messages,
