@@ -180,17 +180,23 @@ class Llama:
         cuda_graphs: bool | None = None,
         group_size: int = 32,
         chat_template: str = "auto",
+        adapter: str | os.PathLike | None = None,
     ) -> Llama:
         """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id; with no
         `src`, the embedded default model (`llama3.default_model()`), offline. `chat_template`: "auto"
         (the hand-written Llama 3 / ChatML format where it equals the checkpoint's template, else the
-        template), "builtin" or "jinja"."""
+        template), "builtin" or "jinja". `adapter`: a LoRA adapter directory (`llama3 finetune`'s or PEFT's
+        adapter_model.safetensors + adapter_config.json), applied to the model without merging."""
         if chat_template not in CHAT_TEMPLATE_CHOICES:  # before anything loads
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {chat_template!r}")
         from llama3.checkpoint import default_model, gguf_file, load_model, resolve
 
         path = resolve(default_model() if src is None else src)
         model = load_model(path, device, dtype, backend, quantize, progress, group_size)
+        if adapter is not None:
+            from llama3.lora import load_adapter
+
+            load_adapter(model, adapter)
         gguf = gguf_file(path)
         if gguf is not None:
             from llama3.gguf import load_gguf_tokenizer

@@ -386,6 +386,13 @@ def load_adapter(model: Transformer, directory: str | os.PathLike) -> Transforme
     """Adds the adapter saved in `directory` (by us or by PEFT) to `model`, unmerged; every tensor is checked."""
     config, tensors = read_adapter(directory)
     add_lora(model, config)
+    set_adapter_weights(model, tensors, str(directory))
+    return model
+
+
+def set_adapter_weights(model: Transformer, tensors: dict[str, Tensor], source: str = "adapter") -> None:
+    """Copies PEFT-named adapter tensors into the model's adapters: every one present, shapes checked."""
+    config = model.lora_config
     expected = {}
     for i, proj, m in _adapters(model):
         expected[_peft_name(i, proj, "A")] = m.lora_A[proj]
@@ -395,7 +402,7 @@ def load_adapter(model: Transformer, directory: str | os.PathLike) -> Transforme
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         parts = [
-            f"{directory}: the adapter does not match the model ({len(model.layers)} layers, {config.target_modules}):"
+            f"{source}: the adapter does not match the model ({len(model.layers)} layers, {config.target_modules}):"
         ]
         if missing:
             parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:5])}")
@@ -406,9 +413,8 @@ def load_adapter(model: Transformer, directory: str | os.PathLike) -> Transforme
         for name, p in expected.items():
             t = tensors[name]
             if t.shape != p.shape:
-                raise LoRAError(f"{directory}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                raise LoRAError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             p.copy_(t)
-    return model
 
 
 def lora_deltas(model: nn.Module) -> dict[str, Tensor]:
@@ -495,5 +501,6 @@ __all__ = [
     "merge_lora",
     "save_adapter",
     "save_merged",
+    "set_adapter_weights",
     "unmerge_lora",
 ]
