@@ -1,5 +1,6 @@
 """The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal,
-`quantize` writes an int8/int4 checkpoint, `perplexity` scores a text.
+`quantize` writes an int8/int4 checkpoint, `perplexity` scores a text, `guard` classifies conversations with
+Llama Guard (and `--guard SRC` screens what `chat` and `generate --chat` are asked and answer).
 
 Parsing and checking the arguments needs no torch (`llama3 --help` answers at once); the model and
 torch are imported only when a command runs. Exit codes: 0 done, 1 bad input or a failed load (one
@@ -19,6 +20,10 @@ from typing import Any
 from llama3 import __version__
 from llama3.config import ParamError, SamplingParams, check_seed
 
+GUARD_HELP = (
+    "a Llama Guard checkpoint (e.g. meta-llama/Meta-Llama-Guard-2-8B) that screens each user message before the "
+    "model sees it and each answer before it is shown"
+)
 DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
 GROUP_SIZES = (32, 64, 128, 256)  # llama3.quantize.GROUP_SIZES, not imported: it would import torch for --help
 CHAT_COMMANDS = {
@@ -47,6 +52,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         "activations (CPU); default: int4 for the embedded model on the CPU (its own 4-bit codes), else none",
     )
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
+    p.add_argument("--keep-output", action="store_true", help="with --quantize: leave the output projection float")
     p.add_argument("--quiet", "-q", action="store_true", help="no model/progress/speed messages on stderr")
 
 
@@ -99,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="python -m llama3 works the same. 'llama3 COMMAND --help' shows each command's options.",
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,quantize,perplexity}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard}")
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
         "prompt", nargs="?", help="the text to continue; '-' or omitted with piped input: read it from stdin"
@@ -111,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object (text, tokens, finish reason, timings), no stream"
     )
     _add_model_args(gen, max_new_tokens=256)
+    gen.add_argument("--guard", metavar="SRC", help=GUARD_HELP + " (with --chat)")
     gen.set_defaults(parser=gen)  # argument errors print the usage of the command at hand
     chat = sub.add_parser("chat", help="an interactive chat (/help lists its commands)")
     chat.add_argument("--system", help="system message")
     _add_model_args(chat, max_new_tokens=512)
+    chat.add_argument("--guard", metavar="SRC", help=GUARD_HELP)
     chat.set_defaults(parser=chat)
     quant = sub.add_parser(
         "quantize", help="write a checkpoint with int8/int4 weights that loads without re-quantizing"
@@ -122,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--model", "-m", required=True, help="a local dir or Hugging Face repo id (safetensors or Meta)")
     quant.add_argument("--mode", choices=["int8", "int4"], required=True)
     quant.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
+    quant.add_argument("--keep-output", action="store_true", help="leave the output projection float")
     quant.add_argument("--output", "-o", required=True, help="the directory to write")
     quant.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     quant.set_defaults(parser=quant)
@@ -133,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--bos", action="store_true", help="begin the text with the bos token")
     ppl.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ppl.set_defaults(parser=ppl, max_seq_len=None)
+    guard = sub.add_parser(
+        "guard", help="classify conversations with Llama Guard: one JSON verdict a line (safe, categories, score)"
+    )
+    guard.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        help="a conversation as JSON (a list of {role, content} messages), or JSONL (one conversation a line) for "
+        "a batch; '-' or omitted: stdin",
+    )
+    _add_load_args(guard)
+    guard.add_argument("--version", type=int, choices=[2, 3], help="Llama Guard 2 or 3 (default: from the checkpoint)")
+    guard.add_argument("--batch-size", type=int, default=8, metavar="N", help="conversations per batch (default: 8)")
+    guard.set_defaults(parser=guard, max_seq_len=None)
     return parser
 
 
@@ -140,6 +163,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Every option checked before the model loads, each error naming the flag the user typed."""
     if args.command == "quantize":
         return
+    if args.command == "guard":
+        if not args.model:
+            parser.error(
+                "argument --model/-m: required: a Llama Guard checkpoint, e.g. meta-llama/Meta-Llama-Guard-2-8B"
+            )
+        if args.batch_size < 1:
+            parser.error(f"argument --batch-size: must be >= 1, got {args.batch_size}")
+        return
+    if args.keep_output and args.quantize == "none":
+        parser.error("argument --keep-output: needs a quantized model (--quantize int8 or int4), got --quantize none")
     if args.command == "perplexity":
         if args.max_length < 2:
             parser.error(f"argument --max-length: must be >= 2, got {args.max_length}")
@@ -158,6 +191,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if any(not s for s in args.stop):
         parser.error("argument --stop: must not be empty")
     if args.command == "generate":
+        if args.guard and not (args.chat or args.system is not None):
+            parser.error("argument --guard: screens chat turns; use it with --chat (or --system)")
         if args.prompt is not None and args.file is not None:
             parser.error("give the prompt as PROMPT or with --file, not both")
         if args.prompt is None and args.file is None and sys.stdin.isatty():
@@ -218,6 +253,7 @@ def load(args: argparse.Namespace):
         max_seq_len=args.max_seq_len,
         quantize=quantize,
         group_size=args.group_size,
+        keep_output=args.keep_output,
         chat_template=getattr(args, "chat_template", "auto"),
     )
     m = llm.model
@@ -268,6 +304,11 @@ def _report(llm, log, n: int) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     llm, log, load_s = load(args)
+    guard = load_guard(args, log) if args.guard else None
+    refusal = guard and screen(guard, [{"role": "user", "content": prompt}], "message")
+    if refusal:
+        sys.stdout.write((json.dumps({"text": "", "refused": refusal}) if args.json else refusal) + "\n")
+        return 0
     if args.chat or args.system is not None:
         dialog = [{"role": "system", "content": args.system}] if args.system is not None else []
         tokens = llm.chat_format.encode_dialog_prompt([*dialog, {"role": "user", "content": prompt}])
@@ -280,15 +321,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for token, text in llm.stream(tokens, n, **_sampling(args), **extra):
         if token is not None:
             out_tokens.append(token)
-        if args.json:
+        if args.json or guard:  # an answer is screened before any of it is shown
             pieces.append(text)
         elif text:
             sys.stdout.write(text)
             sys.stdout.flush()
     s = llm.last_stats
+    answer = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(pieces)}]
+    refusal = guard and screen(guard, answer, "answer")
+    if guard and not args.json:
+        sys.stdout.write(refusal or "".join(pieces))
     if args.json:
         result = {
-            "text": "".join(pieces),
+            "text": "" if refusal else "".join(pieces),
+            "refused": refusal or None,
             "tokens": out_tokens,
             "finish_reason": s["finish_reasons"][0],
             "usage": {"prompt_tokens": len(tokens), "completion_tokens": len(out_tokens)},
@@ -334,6 +380,7 @@ def _chat_help() -> str:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     llm, log, _ = load(args)
+    guard = load_guard(args, log) if args.guard else None
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history: list[dict[str, str]] = list(system)
     interactive = sys.stdin.isatty()
@@ -376,26 +423,118 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
             continue
         tokens, n = fitted
+        turns = [m for m in candidate if m["role"] != "system"]  # what Llama Guard reads
+        refusal = guard and screen(guard, turns, "message")
+        if refusal:  # the model never sees it, and it stays out of the history
+            print(refusal, flush=True)
+            continue
         history = candidate
         reply = []
         try:
             for _, piece in llm.stream(tokens, n, stop_tokens=llm.chat_stop_tokens, **_sampling(args)):
                 reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                if not guard:  # a guarded answer is shown only once it is screened
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
         except KeyboardInterrupt:  # stop this answer, keep the session
             log("\nllama3: answer stopped")
+        refusal = guard and screen(guard, [*turns, {"role": "assistant", "content": "".join(reply)}], "answer")
+        if refusal:  # neither the question nor the answer stays in the history
+            history = history[:-1]
+            print(refusal, flush=True)
+            continue
+        if guard:
+            sys.stdout.write("".join(reply))
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
         _report(llm, log, n)
 
 
+def load_guard(args: argparse.Namespace, log):
+    """The Llama Guard model of --guard, on the chat model's device, dtype and backend."""
+    from llama3.generation import Llama
+
+    log(f"llama3: guard {args.guard}")
+    return Llama.from_pretrained(
+        args.guard, device=args.device, dtype=args.dtype, backend=args.backend, progress=not args.quiet
+    )
+
+
+def screen(guard, conversation: list[dict[str, str]], what: str) -> str | None:
+    """None when Llama Guard finds the last message safe, else a one-line refusal naming the categories."""
+    from llama3.guard import classify
+
+    result = classify(guard, conversation)
+    if result.safe:
+        return None
+    return f"llama3: refused: the {what} is unsafe ({describe_categories(guard, result.categories)})"
+
+
+def describe_categories(guard, codes: list[str]) -> str:
+    """ "S9: Hate, S1: Violent Crimes" with the names of the checkpoint's own categories."""
+    from llama3.guard import GUARD2_CATEGORIES, GUARD3_CATEGORIES, guard_version
+
+    names = GUARD2_CATEGORIES if guard_version(guard) == 2 else GUARD3_CATEGORIES
+    described = []
+    for code in codes:
+        i = int(code[1:]) - 1
+        described.append(f"{code}: {names[i].strip().rstrip('.')}" if 0 <= i < len(names) else code)
+    return ", ".join(described) or "no category given"
+
+
+def read_conversations(text: str, source: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(where, conversation) pairs: one conversation (a JSON list of messages) or many (JSONL, one a line),
+    each checked to be a list; `where` names it in errors ("stdin, line 3")."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list) and (not whole or not isinstance(whole[0], list)):
+        return [(source, whole)]
+    else:
+        lines = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}, line {number}: not JSON ({e.msg} at column {e.colno})") from None
+    if not lines:
+        raise ValueError(f"{source}: no conversation (a JSON list of messages, or one such list a line)")
+    for number, conversation in lines:
+        if not isinstance(conversation, list):
+            kind = type(conversation).__name__
+            raise ValueError(f"{source}, line {number}: a conversation is a list of messages, got {kind}")
+    return [(f"{source}, line {number}", conversation) for number, conversation in lines]
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    from llama3.guard import classify_batch, format_prompt
+
+    source = "stdin" if args.file == "-" else args.file
+    conversations = read_conversations(read_text(None if args.file == "-" else args.file), source)
+    for where, conversation in conversations:  # every one checked before the model loads
+        try:
+            format_prompt(conversation)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    llm, log, _ = load(args)
+    for start in range(0, len(conversations), args.batch_size):
+        batch = [conversation for _, conversation in conversations[start : start + args.batch_size]]
+        for result in classify_batch(llm, batch, version=args.version):
+            verdict = {"safe": result.safe, "categories": result.categories, "score": round(result.score, 6)}
+            sys.stdout.write(json.dumps(verdict) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from llama3.checkpoint import save_quantized
 
     t0 = time.perf_counter()
-    out = save_quantized(args.model, args.output, args.mode, args.group_size, progress=not args.quiet)
+    out = save_quantized(args.model, args.output, args.mode, args.group_size, not args.quiet, args.keep_output)
     if not args.quiet:
         size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) / 1e6
         print(f"llama3: wrote {out} ({args.mode}, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -423,7 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(args.parser, args)
     try:
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "quantize": cmd_quantize, "perplexity": cmd_perplexity}
+        commands = {
+            "generate": cmd_generate,
+            "chat": cmd_chat,
+            "quantize": cmd_quantize,
+            "perplexity": cmd_perplexity,
+            "guard": cmd_guard,
+        }
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("\nllama3: interrupted", file=sys.stderr)

@@ -379,3 +379,118 @@ def test_classify_batch_equals_one_by_one(unsafe_guard):
         assert [r.score for r in batch] == pytest.approx([r.score for r in alone], rel=1e-5)
     with pytest.raises(ValueError, match="conversation 1: message 0: missing 'content'"):
         classify_batch(llm, [USER, [{"role": "user"}]])
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def safe_guard(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guard-safe")
+    craft_guard(d, ALWAYS_SAFE)
+    return d
+
+
+def run_main(monkeypatch, capsys, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    """`llama3 ARGS` in this process (no torch import per call): (exit code, stdout, stderr)."""
+    import io
+    import sys
+
+    from llama3.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_guard_command_reads_jsonl_from_stdin_in_a_subprocess(unsafe_guard):
+    import os
+    import subprocess
+    import sys
+
+    d, _, llm = unsafe_guard
+    jsonl = "\n".join(json.dumps(c) for c in CONVERSATIONS) + "\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "llama3", "guard", "--model", str(d), "--dtype", "float32", "-q", "--batch-size", "3"],
+        input=jsonl, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    verdicts = [json.loads(line) for line in r.stdout.splitlines()]
+    expected = classify_batch(llm, CONVERSATIONS)
+    assert [(v["safe"], v["categories"]) for v in verdicts] == [(False, ["S9"])] * len(CONVERSATIONS)
+    assert [v["score"] for v in verdicts] == pytest.approx([e.score for e in expected], abs=2e-6)
+
+
+def test_guard_command_reads_one_json_conversation_from_a_file(monkeypatch, capsys, safe_guard, tmp_path):
+    f = tmp_path / "conversation.json"
+    f.write_text(json.dumps(USER_AGENT, indent=2), encoding="utf-8")
+    code, out, err = run_main(monkeypatch, capsys, "guard", "--model", str(safe_guard), str(f), "-q")
+    assert code == 0, err
+    verdict = json.loads(out)
+    assert (verdict["safe"], verdict["categories"]) == (True, []) and 0 <= verdict["score"] < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("stdin", "error"),
+    [
+        (json.dumps(USER) + "\n{not json\n", "stdin, line 2: not JSON"),
+        (json.dumps(USER) + "\n\n" + json.dumps({"role": "user", "content": "hi"}), "stdin, line 3: a conversation "),
+        (json.dumps([{"role": "user"}]), "stdin: message 0: missing 'content'"),
+        (json.dumps(USER) + "\n" + json.dumps([{"role": "system", "content": "x"}]), "stdin, line 2: message 0: "),
+        ("", "stdin: no conversation"),
+    ],
+)
+def test_guard_command_names_bad_input(monkeypatch, capsys, stdin, error):
+    code, out, err = run_main(monkeypatch, capsys, "guard", "--model", "no-such-model-is-loaded", stdin=stdin)
+    assert code == 1 and out == "" and error in err and "Traceback" not in err
+
+
+def test_guard_needs_a_model_and_generate_guard_needs_chat(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "guard", stdin="[]")
+    assert code == 2 and "argument --model/-m: required" in err
+    code, _, err = run_main(monkeypatch, capsys, "generate", "hi", "--guard", "x")
+    assert code == 2 and "argument --guard: screens chat turns; use it with --chat" in err
+
+
+def test_chat_guard_refuses_an_unsafe_message(monkeypatch, capsys, unsafe_guard, tiny_llama3):
+    chat_model = tiny_llama3[0]
+    args = ("--model", str(chat_model), "--guard", str(unsafe_guard[0]), "--dtype", "float32", "-t", "0", "-n", "4")
+    code, out, err = run_main(monkeypatch, capsys, "chat", *args, stdin="How do I make a bomb?\n")
+    assert code == 0, err
+    assert out == "llama3: refused: the message is unsafe (S9: Hate)\n"
+    code, out, err = run_main(monkeypatch, capsys, "generate", "--chat", "Hi", *args)
+    assert code == 0, err
+    assert out == "llama3: refused: the message is unsafe (S9: Hate)\n"
+
+
+def test_chat_guard_shows_a_safe_answer_and_refuses_an_unsafe_one(monkeypatch, capsys, safe_guard, tiny_llama3):
+    import llama3.cli
+
+    args = ("--model", str(tiny_llama3[0]), "--guard", str(safe_guard), "--dtype", "float32", "-t", "0", "-n", "4")
+    code, unguarded, err = run_main(monkeypatch, capsys, "chat", *args[:2], *args[4:], stdin="Hi\nHi again\n")
+    assert code == 0, err
+    code, out, err = run_main(monkeypatch, capsys, "chat", *args, stdin="Hi\nHi again\n")
+    assert code == 0, err
+    assert out == unguarded and "refused" not in out  # the same answers, shown once screened
+
+    screened = []
+
+    def refuse_answers(guard, conversation, what):  # the wiring: what is screened, and what the history keeps
+        screened.append((what, [m["content"] for m in conversation]))
+        return "llama3: refused: the answer is unsafe (S1: Violent Crimes)" if what == "answer" else None
+
+    monkeypatch.setattr(llama3.cli, "screen", refuse_answers)
+    code, out, err = run_main(monkeypatch, capsys, "chat", *args, stdin="Hi\nHi again\n")
+    assert code == 0, err
+    assert out.splitlines() == ["llama3: refused: the answer is unsafe (S1: Violent Crimes)"] * 2
+    assert [(what, texts[0], len(texts)) for what, texts in screened] == [
+        ("message", "Hi", 1),
+        ("answer", "Hi", 2),
+        ("message", "Hi again", 1),  # the refused turn left the history
+        ("answer", "Hi again", 2),
+    ]
