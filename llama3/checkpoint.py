@@ -129,6 +129,7 @@ def load_model(
     quantize: str | None = None,
     progress: bool = True,
     group_size: int = DEFAULT_GROUP_SIZE,
+    keep_output: bool = False,
 ) -> Transformer:
     """Builds a `Transformer` from a checkpoint.
 
@@ -136,7 +137,7 @@ def load_model(
     weights (scale x small integer) are exact in float32 and would be rounded a second time in bfloat16
     (as transformers does, which loads GGUF in float32 too). `quantize` ("int8" or "int4", with int4's
     `group_size`) quantizes every projection as it is read (see `llama3.quantize`); activations are then
-    bfloat16 by default.
+    bfloat16 by default. `keep_output` leaves the output projection float (tied: the embedding itself).
     """
     device = parse_device(device)
     ops = get_ops(backend, device)  # an unknown or unusable backend is refused before loading
@@ -148,14 +149,13 @@ def load_model(
         if quantize not in (None, stored["mode"]):
             raise CheckpointError(f"{path} holds {stored['mode']} weights; it cannot be loaded as {quantize}")
         quantize, group_size = stored["mode"], stored.get("group_size") or DEFAULT_GROUP_SIZE
+        keep_output = stored.get("keep_output") is True
         check_quantize_settings(quantize, group_size, device, _parse_dtype(dtype))
     if dtype is None and gguf_file(path) is not None and quantize is None:
         dtype = torch.float32
     dtype = _parse_dtype(dtype)
     args, tensors, count = open_checkpoint(path, progress, int4_native=quantize == "int4" and group_size == 32)
-    model = build_model(
-        args, tensors, count, device, dtype, progress, source=str(path), quantize=quantize, group_size=group_size
-    )
+    model = build_model(args, tensors, count, device, dtype, progress, str(path), quantize, group_size, keep_output)
     model.set_ops(ops)
     return model
 
@@ -541,6 +541,7 @@ def build_model(
     source: str = "checkpoint",
     quantize: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    keep_output: bool = False,
 ) -> Transformer:
     """Materialises a meta-device `Transformer` from HF-named tensors, checking names and shapes.
 
@@ -567,16 +568,18 @@ def build_model(
         if isinstance(t, Tensor) and not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
         ours, slot, n_slots = _fused_name(name)
-        if quantize and is_quantized_layer(ours):
-            parts.setdefault(ours, {})[slot] = (
-                t
-                if isinstance(t, QuantizedWeight)
-                else _quantize(t, mode_for(ours, quantize), group_size, f"{source}: {name}")
-            )
+        mode = quantize and is_quantized_layer(ours) and mode_for(ours, quantize, keep_output)
+        if isinstance(t, QuantizedWeight) and t.mode != mode:  # a GGUF Q4 output projection: int8, or float
+            t = t.dequantize()
+        if isinstance(t, QuantizedWeight):
+            parts.setdefault(ours, {})[slot] = t
+        elif mode:
+            parts.setdefault(ours, {})[slot] = _quantize(t, mode, group_size, f"{source}: {name}")
         else:
             parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
-        if quantize and args.tie_embeddings and ours == "tok_embeddings.weight":  # the output projection's own copy
-            quantized["output"] = _quantize(t, mode_for("output", quantize), group_size, f"{source}: {name}")
+        output_mode = quantize and args.tie_embeddings and mode_for("output", quantize, keep_output)
+        if output_mode and ours == "tok_embeddings.weight":  # the output projection's own copy
+            quantized["output"] = _quantize(t, output_mode, group_size, f"{source}: {name}")
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
             done = parts.pop(ours)
             p = [done[i] for i in range(n_slots)]
@@ -624,6 +627,7 @@ def save_quantized(
     mode: str,
     group_size: int = DEFAULT_GROUP_SIZE,
     progress: bool = True,
+    keep_output: bool = False,
 ) -> Path:
     """Writes `src` with int8/int4 projections to the directory `output`: model.safetensors, a config.json
     with `quantization_config`, and the source's tokenizer files. `from_pretrained(output)` then reads the
@@ -647,8 +651,9 @@ def save_quantized(
     for name, t in tensors():
         bar.update(1)
         ours = _fused_name(name)[0] if name in names else name
-        if is_quantized_layer(ours):
-            q = _quantize(t, mode_for(ours, mode), group_size, f"{path}: {name}")
+        layer_mode = is_quantized_layer(ours) and mode_for(ours, mode, keep_output)
+        if layer_mode:
+            q = _quantize(t, layer_mode, group_size, f"{path}: {name}")
             out |= {f"{name.removesuffix('.weight')}.{k}": v.contiguous() for k, v in q.stored().items()}
         else:
             out[name] = t.contiguous()
@@ -656,7 +661,12 @@ def save_quantized(
     output.mkdir(parents=True, exist_ok=True)
     save_file(out, output / "model.safetensors", metadata={"format": "pt"})
     config = args.to_hf_config() | {
-        "quantization_config": {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size}
+        "quantization_config": {
+            "quant_method": QUANT_METHOD,
+            "mode": mode,
+            "group_size": group_size,
+            "keep_output": keep_output,
+        }
     }
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

@@ -181,6 +181,7 @@ class Llama:
         group_size: int = 32,
         chat_template: str = "auto",
         adapter: str | os.PathLike | None = None,
+        keep_output: bool = False,
     ) -> Llama:
         """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id; with no
         `src`, the embedded default model (`llama3.default_model()`), offline. `chat_template`: "auto"
@@ -192,7 +193,7 @@ class Llama:
         from llama3.checkpoint import default_model, gguf_file, load_model, resolve
 
         path = resolve(default_model() if src is None else src)
-        model = load_model(path, device, dtype, backend, quantize, progress, group_size)
+        model = load_model(path, device, dtype, backend, quantize, progress, group_size, keep_output)
         if adapter is not None:
             from llama3.lora import load_adapter
 

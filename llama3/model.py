@@ -244,13 +244,15 @@ class Transformer(nn.Module):
         quantize: str | None = None,
         progress: bool = True,
         group_size: int = 32,
+        keep_output: bool = False,
     ) -> Transformer:
         """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`.
 
-        `quantize` "int8" or "int4" (with int4's `group_size`) stores the projections quantized."""
+        `quantize` "int8" or "int4" (with int4's `group_size`) stores the projections quantized, all but
+        the output projection with `keep_output`."""
         from llama3.checkpoint import load_model
 
-        return load_model(src, device, dtype, backend, quantize, progress, group_size)
+        return load_model(src, device, dtype, backend, quantize, progress, group_size, keep_output)
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` would round the RoPE frequencies to bf16; recompute them in fp32 on the new device.

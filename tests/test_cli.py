@@ -357,6 +357,8 @@ def test_quantize_flags(cli, checkpoint):
     assert r.returncode == 1 and "bfloat16" in r.stderr, r.stderr
     r = cli("generate", "Hi", "--model", str(checkpoint[0]), "-n", "2", "--quantize", "int4", "--group-size", "48")
     assert r.returncode == 2 and "argument --group-size" in r.stderr
+    r = cli("generate", "Hi", "--model", str(checkpoint[0]), "-n", "2", "--quantize", "none", "--keep-output")
+    assert r.returncode == 2 and "argument --keep-output" in r.stderr, r.stderr
 
 
 def test_quantize_command_writes_a_checkpoint_generate_loads(cli, checkpoint, tmp_path):

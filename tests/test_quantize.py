@@ -154,6 +154,36 @@ def test_quantized_model_computes_transformers_over_its_dequantized_weights(tiny
     assert rel_error(quantized, ref) < 2 * max(bf16_margin, 0.005)
 
 
+@pytest.mark.parametrize("variant", ["llama3-gqa", "llama3.2-tied"])
+@torch.no_grad()
+def test_keep_output_leaves_the_output_projection_float(tiny_hf, tmp_path, variant):
+    """keep_output: every other projection quantized, the output the float weight itself (tied: the very
+    embedding Parameter), so the logits are transformers' over dequantized projections and a float lm_head;
+    a checkpoint saved that way loads the same, its output stored as a float tensor."""
+    from torch import nn
+
+    from llama3.checkpoint import save_quantized
+
+    d, hf = tiny_hf(variant)
+    for name, p in hf.named_parameters():
+        if name.endswith("proj.weight"):
+            p.copy_(quantize(p, "int4", 32).dequantize())
+    tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    model = Transformer.from_pretrained(d, device="cpu", quantize="int4", keep_output=True)
+    assert type(model.output) is nn.Linear and type(model.layers[1].feed_forward.w2).__name__ == "Int4Linear"
+    if hf.config.tie_word_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+    bf16_margin = rel_error(
+        Transformer.from_pretrained(d, device="cpu", dtype=torch.bfloat16)(tokens), hf(tokens).logits
+    )
+    assert rel_error(model(tokens), hf(tokens).logits) < 2 * max(bf16_margin, 0.005)
+
+    out = save_quantized(d, tmp_path / "q", "int4", progress=False, keep_output=True)
+    loaded = Transformer.from_pretrained(out, device="cpu")
+    assert type(loaded.output) is nn.Linear
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
 def test_quantized_greedy_generation_decodes_through_the_cache(tiny_hf, llama3_tokenizer_path):
     """Prefill + one-token decode steps of the quantized model give the tokens of its own full forward."""
     d, _ = tiny_hf("llama3-gqa")
