@@ -302,3 +302,33 @@ def test_stop_tokens_are_the_tokenizers_and_its_eos(llama_pair, smollm2_pair):
     tok, _ = llama_pair
     assert JinjaChatFormat(with_template(tok, LLAMA31_TEMPLATE)).stop_tokens == [128001, 128008, 128009]
     assert JinjaChatFormat(smollm2_pair[0]).stop_tokens == smollm2_pair[0].stop_tokens
+
+
+# -- Llama.from_pretrained(chat_template=...) ---------------------------------------------------------------
+
+
+def test_llama_picks_the_checkpoints_template(tiny_llama3, llama_pair, tmp_path):
+    """A checkpoint whose tokenizer_config.json carries the Llama 3.1 template chats with it under "auto" (the
+    hand-written format differs: no date header); "builtin" and a missing template behave as documented."""
+    import shutil
+
+    from llama3.generation import Llama
+
+    _, hf = llama_pair
+    d = tmp_path / "with-template"
+    shutil.copytree(tiny_llama3[0], d)
+    config = {"chat_template": LLAMA31_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    (d / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    dialog = DIALOGS[1]
+    llm = Llama.from_pretrained(d, device="cpu", dtype="float32", progress=False)
+    assert isinstance(llm.chat_format, JinjaChatFormat)
+    assert llm.chat_format.encode_dialog_prompt(dialog) == hf_apply(hf, LLAMA31_TEMPLATE, dialog, True)[1]
+    assert llm.chat_stop_tokens == [128001, 128008, 128009]  # generation_config.json's eos ids
+    builtin = Llama.from_pretrained(d, device="cpu", dtype="float32", progress=False, chat_template="builtin")
+    assert isinstance(builtin.chat_format, ChatFormat)
+    with pytest.raises(TokenizerError, match="has no chat template"):
+        Llama.from_pretrained(tiny_llama3[0], device="cpu", dtype="float32", progress=False, chat_template="jinja")
+    broken = dict(config, chat_template="{% for m in messages %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(broken), encoding="utf-8")
+    with pytest.raises(ChatTemplateError, match=f"the chat template of {d} does not compile"):
+        Llama.from_pretrained(d, device="cpu", dtype="float32", progress=False).chat_format.encode_dialog_prompt(dialog)
