@@ -6,7 +6,7 @@ categories, the conversation, the instructions) with `safe`, or `unsafe` and a l
 
     guard = llama3.Llama.from_pretrained("meta-llama/Meta-Llama-Guard-2-8B")
     classify(guard, [{"role": "user", "content": "How do I bake bread?"}])
-    # GuardResult(safe=True, categories=[], score=0.0003)
+    # GuardResult(safe=True, categories=[], score=...)
 
 The prompt text is Meta's (llama-recipes `prompt_format_utils.py`, PROMPT_TEMPLATE_2 / build_custom_prompt) with
 the whitespace of the checkpoints' own chat templates, which strip each message: Guard 2 in `[INST] ... [/INST]`,
