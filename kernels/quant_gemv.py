@@ -53,6 +53,7 @@ def _quant_matmul_kernel(
     stride_om,
     INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -76,20 +77,27 @@ def _quant_matmul_kernel(
         s_rows = scale_ptr + cols.to(tl.int64)[:, None] * stride_sn
         z_rows = zero_ptr + cols.to(tl.int64)[:, None] * stride_sn
         for k0 in range(k_start, k_end, BLOCK_K):
-            evens = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # the first of the two elements in each byte
-            k_mask = evens < k_end
-            w_mask = col_mask[:, None] & k_mask[None, :]
-            packed = tl.load(q_rows + (evens // 2)[None, :], mask=w_mask, other=0)
-            group = (evens // GROUP_SIZE)[None, :]  # both elements of a byte share a group (G is even)
-            scale = tl.load(s_rows + group, mask=w_mask, other=0.0).to(tl.float32)
-            zero = tl.load(z_rows + group, mask=w_mask, other=0.0).to(tl.float32)
+            nbytes = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds elements 2j (low nibble) and 2j + 1
+            if EVEN_K:  # every step is whole: a mask uniform along K lets the codes load 16 bytes at a time
+                packed = tl.load(q_rows + nbytes[None, :], mask=col_mask[:, None], other=0)
+            else:
+                w_mask = col_mask[:, None] & (2 * nbytes < k_end)[None, :]
+                packed = tl.load(q_rows + nbytes[None, :], mask=w_mask, other=0)
+            if GROUP_SIZE >= BLOCK_K:  # the block lies in one group: one (scale, zero) per weight row
+                group = k0 // GROUP_SIZE
+                scale = tl.load(s_rows + group, mask=col_mask[:, None], other=0.0).to(tl.float32)
+                zero = tl.load(z_rows + group, mask=col_mask[:, None], other=0.0).to(tl.float32)
+            else:  # BLOCK_K // GROUP_SIZE groups: each (scale, zero) repeated over its group's bytes
+                groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+                g_mask = col_mask[:, None] & (groups * GROUP_SIZE < k_end)[None, :]
+                scale = _repeat(tl.load(s_rows + groups[None, :], mask=g_mask, other=0.0), GROUP_SIZE // 2)
+                zero = _repeat(tl.load(z_rows + groups[None, :], mask=g_mask, other=0.0), GROUP_SIZE // 2)
             w_even = (((packed & 15).to(tl.float32) - 8.0) * scale + zero).to(dtype)
             w_odd = (((packed >> 4).to(tl.float32) - 8.0) * scale + zero).to(dtype)
-            x_mask = row_mask[:, None] & k_mask[None, :]
-            x_even = tl.load(x_rows + evens[None, :], mask=x_mask, other=0.0)
-            x_odd = tl.load(x_rows + evens[None, :] + 1, mask=x_mask, other=0.0)
-            acc += tl.dot(x_even, tl.trans(w_even), input_precision=DOT_PRECISION)
-            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=DOT_PRECISION)
+            w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))  # columns 2j and 2j + 1 side by side
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < k_end)[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -101,6 +109,14 @@ def _quant_matmul_kernel(
 
     out_ptrs = out_ptr + split * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _repeat(t, times: tl.constexpr):
+    """(R, C) -> (R, C * times), each column repeated `times` times in place, in fp32."""
+    R: tl.constexpr = t.shape[0]
+    C: tl.constexpr = t.shape[1]
+    return tl.reshape(tl.broadcast_to(t.to(tl.float32)[:, :, None], (R, C, times)), (R, C * times))
 
 
 @triton.jit
@@ -228,8 +244,9 @@ def _launch(
     decode = m <= DECODE_ROWS
     block_m = 16 if decode else (block_m or 64)
     block_n = block_n or 64
-    # 128 inputs a step: a 64-row int8 tile is 8 KiB, an int4 one 4 KiB plus its scales and zeros
-    block_k = 128
+    # Inputs a step: a 64-row tile of weights is 8 KiB either way (int8: 128 inputs; int4: 256). A split of
+    # K is a whole number of steps, so an int4 step never straddles a group of 256 (nor a split).
+    block_k = 256 if group_size else 128
     n_blocks, m_blocks = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     if num_splits is None:
         num_splits = _num_splits(n_blocks, k, block_k, x.device) if decode else 1
@@ -255,6 +272,7 @@ def _launch(
         target.stride(1),
         INT4=group_size > 0,
         GROUP_SIZE=max(group_size, 1),
+        EVEN_K=k % block_k == 0,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

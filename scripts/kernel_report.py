@@ -28,13 +28,15 @@ from pathlib import Path
 
 import torch
 
-KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "decode_attention", "gemv")
+KERNEL_MODULES = ("rms_norm", "rope", "swiglu", "decode_attention", "gemv", "quant_gemv")
 TRITON_TYPES = {
     torch.float32: "fp32",
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
     torch.int64: "i64",
     torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
     torch.bool: "i1",
 }
 
@@ -217,6 +219,8 @@ def llama3_8b_launches(batch: int = 1, prompt_len: int = 2048, cache_len: int = 
                 )
             )
 
+    cases += quantized_cases(batch, prompt_len)
+
     launches: list[Launch] = []
     for label, run in cases:
         with recorded_launches() as recorded:
@@ -225,6 +229,49 @@ def llama3_8b_launches(batch: int = 1, prompt_len: int = 2048, cache_len: int = 
             launch.label = label + ("" if j == 0 else f" (kernel {j + 1})")
         launches += recorded
     return launches
+
+
+def quantized_cases(batch: int, prompt_len: int, group_size: int = 128) -> list[tuple[str, Callable[[], object]]]:
+    """The int8 / int4 kernels (`quant_gemv`) on the Llama-3-8B projections: the decode GEMV, the tiled prefill
+    and the dequantize kernel of the other prefill path."""
+    from llama3.kernels.quant_gemv import (
+        dequantize_int4_weight,
+        dequantize_int8_weight,
+        int4_matmul,
+        int8_matmul,
+    )
+
+    dim, ffn, vocab = 4096, 14336, 128256
+    bf16 = dict(dtype=torch.bfloat16, device="meta")
+    shapes = (("qkv", 6144, dim), ("o", dim, dim), ("gate+up", 2 * ffn, dim), ("down", dim, ffn))
+    cases: list[tuple[str, Callable[[], object]]] = []
+    for name, n, k in (*shapes, ("lm_head", vocab, dim)):
+        codes = torch.empty(n, k, dtype=torch.int8, device="meta")
+        scales = torch.empty(n, **bf16)
+        x = torch.empty(batch, k, **bf16)
+        cases.append((f"int8 gemv {name} {n}x{k}", lambda x=x, c=codes, s=scales: int8_matmul(x, c, s)))
+    for name, n, k in shapes:
+        packed = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
+        scales = torch.empty(n, k // group_size, **bf16)
+        x = torch.empty(batch, k, **bf16)
+        cases.append(
+            (
+                f"int4/{group_size} gemv {name} {n}x{k}",
+                lambda x=x, p=packed, s=scales: int4_matmul(x, p, s, s, group_size),
+            )
+        )
+    n, k = 2 * ffn, dim
+    x = torch.empty(batch * prompt_len, k, **bf16)
+    codes = torch.empty(n, k, dtype=torch.int8, device="meta")
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
+    scales8, scales4 = torch.empty(n, **bf16), torch.empty(n, k // group_size, **bf16)
+    cases += [
+        ("int8 prefill gate+up (tiled)", lambda: int8_matmul(x, codes, scales8)),
+        (f"int4/{group_size} prefill gate+up (tiled)", lambda: int4_matmul(x, packed, scales4, scales4, group_size)),
+        ("int8 dequantize gate+up", lambda: dequantize_int8_weight(codes, scales8)),
+        (f"int4/{group_size} dequantize gate+up", lambda: dequantize_int4_weight(packed, scales4, scales4, group_size)),
+    ]
+    return cases
 
 
 def main() -> None:

@@ -107,16 +107,17 @@ def test_int8_kernel_matches_the_matmul_of_its_dequantized_weight(rows, n, k, ti
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("group_size", GROUP_SIZES)
-def test_int4_kernel_matches_the_matmul_of_its_dequantized_weight(rows, group_size, dtype):
-    """Every group size, N = 37; K = 768 in 3 splits of 256 for a decode step (splits cross groups of 32..128
-    and cut none of 256); the weight is dequantized in fp32 and rounded to x's dtype, as the kernel does."""
-    n, k = 37, 768
+@pytest.mark.parametrize("group_size, k", [*[(g, 768) for g in GROUP_SIZES], *[(g, 640) for g in (32, 64, 128)]])
+def test_int4_kernel_matches_the_matmul_of_its_dequantized_weight(rows, group_size, k, dtype):
+    """Every group size, N = 37. Decode rows: K in 3 splits of 256 inputs (the kernel's step; splits cross
+    groups of 32..128 and cut none of 256); more rows: one pass over K, 3 steps. K = 640 ends in a partial step
+    (the kernel's masked form). The weight is dequantized in fp32 and rounded to x's dtype, as the kernel does."""
+    n = 37
     q = quantize(weights(n, k), "int4", group_size)
     scales, zeros = q.scales.to(dtype), q.zeros.to(dtype)  # as the module stores them
     x = torch.randn(*rows, k).to(DEVICE, dtype)
     args = [t.to(DEVICE) for t in (pack_int4(q.codes), scales, zeros)]
-    out = int4_matmul(x, *args, group_size, num_splits=3)
+    out = int4_matmul(x, *args, group_size, num_splits=3 if x.numel() // k <= 16 else 1)
     w = dequantize_int4(q.codes, scales, zeros, group_size).to(dtype)  # from the unpacked codes
     assert_matmul_close(out, x, w.to(DEVICE))
     assert torch.equal(int4_matmul_reference(x, *args, group_size), (x.float() @ w.float().T.to(DEVICE)).to(dtype))
