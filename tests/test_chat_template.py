@@ -137,6 +137,28 @@ def test_llama_templates_render_and_encode_as_transformers(llama_pair, template,
     assert chat.encode_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt) == ids
 
 
+# Line-based templates (written here for the test) whose output depends on trim_blocks / lstrip_blocks and on
+# loop controls, the way many Hub templates are written.
+LINE_TEMPLATE = """{% for message in messages %}
+    {% if message['role'] == 'system' %}{% continue %}{% endif %}
+<{{ message['role'] }}>
+    {{ message['content'] }}
+{% if loop.last and add_generation_prompt %}
+<assistant>
+{% endif %}
+{% endfor %}"""
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_whitespace_control_as_transformers(llama_pair, add_generation_prompt):
+    tok, hf = llama_pair
+    for dialog in DIALOGS:
+        text, ids = hf_apply(hf, LINE_TEMPLATE, dialog, add_generation_prompt)
+        chat = JinjaChatFormat(tok, LINE_TEMPLATE)
+        assert chat.format_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt) == text
+        assert chat.encode_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt) == ids
+
+
 def test_llama31_tools_and_tool_calls_as_transformers(llama_pair):
     """tojson with indent, mappings as tool output, a None content dropped, extra template variables."""
     tok, hf = llama_pair
@@ -324,6 +346,10 @@ def test_llama_picks_the_checkpoints_template(tiny_llama3, llama_pair, tmp_path)
     assert isinstance(llm.chat_format, JinjaChatFormat)
     assert llm.chat_format.encode_dialog_prompt(dialog) == hf_apply(hf, LLAMA31_TEMPLATE, dialog, True)[1]
     assert llm.chat_stop_tokens == [128001, 128008, 128009]  # generation_config.json's eos ids
+    # the template sees tokenizer_config.json's eos (<|eot_id|>), not the vocabulary's <|end_of_text|>
+    assert JinjaChatFormat(llm.tokenizer, "{{ bos_token }}{{ eos_token }}").format_dialog_prompt(dialog) == (
+        "<|begin_of_text|><|eot_id|>"
+    )
     builtin = Llama.from_pretrained(d, device="cpu", dtype="float32", progress=False, chat_template="builtin")
     assert isinstance(builtin.chat_format, ChatFormat)
     with pytest.raises(TokenizerError, match="has no chat template"):
