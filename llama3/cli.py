@@ -59,6 +59,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     _add_load_args(p)
     p.add_argument(
+        "--adapter", metavar="DIR", help="apply a LoRA adapter (llama3 finetune's or PEFT's) without merging"
+    )
+    p.add_argument(
         "--max-seq-len",
         "-c",
         type=int,
@@ -105,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="python -m llama3 works the same. 'llama3 COMMAND --help' shows each command's options.",
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune}"
+    )
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
         "prompt", nargs="?", help="the text to continue; '-' or omitted with piped input: read it from stdin"
@@ -156,12 +161,72 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--version", type=int, choices=[2, 3], help="Llama Guard 2 or 3 (default: from the checkpoint)")
     guard.add_argument("--batch-size", type=int, default=8, metavar="N", help="conversations per batch (default: 8)")
     guard.set_defaults(parser=guard, max_seq_len=None)
+    _add_finetune_parser(sub)
     return parser
+
+
+def _add_finetune_parser(sub) -> None:
+    ft = sub.add_parser(
+        "finetune", help="LoRA / QLoRA supervised fine-tuning on chat rows; writes a PEFT adapter (and --merge a model)"
+    )
+    ft.add_argument("--model", "-m", help=DEFAULT_MODEL_HELP)
+    ft.add_argument("--data", required=True, metavar="FILE", help='JSONL rows {"messages": [...]} (or .parquet)')
+    ft.add_argument("--output", "-o", required=True, metavar="DIR", help="where the adapter, log and checkpoint go")
+    ft.add_argument("--eval-data", metavar="FILE", help="held-out rows: eval loss at --eval-steps and at the end")
+    ft.add_argument("--lora-rank", type=int, default=8, metavar="R", help="(default: %(default)s)")
+    ft.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="scaling alpha / R (default: 16)")
+    ft.add_argument("--lora-dropout", type=float, default=0.05, metavar="P", help="(default: %(default)s)")
+    ft.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(R)")
+    ft.add_argument(
+        "--target-modules",
+        nargs="+",
+        metavar="NAME",
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="HF projection names to adapt (default: all of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)",
+    )
+    ft.add_argument("--learning-rate", "--lr", type=float, default=2e-4, metavar="LR", help="(default: %(default)s)")
+    ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (default: %(default)s)")
+    ft.add_argument("--batch-size", type=int, default=4, metavar="B", help="rows per micro-batch (default: 4)")
+    ft.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (default: 1)")
+    ft.add_argument("--max-seq-len", type=int, default=1024, metavar="L", help="longer rows are truncated (1024)")
+    steps = ft.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: --epochs passes)")
+    steps.add_argument("--epochs", type=int, default=1, metavar="E", help="passes over the data (default: 1)")
+    ft.add_argument("--warmup-steps", type=int, default=0, metavar="W", help="linear warmup, then cosine (0)")
+    ft.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: %(default)s)")
+    ft.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    ft.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "none"],
+        help="QLoRA: a quantized frozen base (CPU); default: int4 for the embedded model on the CPU, else none",
+    )
+    ft.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
+    ft.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    ft.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="the frozen base's dtype")
+    ft.add_argument("--logging-steps", type=int, default=10, metavar="N", help="a train_log.jsonl record every N")
+    ft.add_argument("--eval-steps", type=int, metavar="N", help="eval loss every N steps (default: at each save)")
+    ft.add_argument("--save-steps", type=int, metavar="N", help="checkpoint every N steps (default: at the end)")
+    ft.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    ft.add_argument("--merge", action="store_true", help="also write DIR/merged: a full checkpoint (HF layout)")
+    ft.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    ft.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages on stderr")
+    ft.set_defaults(parser=ft, keep_output=False)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every option checked before the model loads, each error naming the flag the user typed."""
     if args.command == "quantize":
+        return
+    if args.command == "finetune":
+        for flag in ("lora_rank", "batch_size", "grad_accum", "max_steps", "epochs", "logging_steps", "eval_steps",
+                     "save_steps"):  # fmt: skip
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {value}")
+        if args.max_seq_len < 2:
+            parser.error(f"argument --max-seq-len: must be >= 2, got {args.max_seq_len}")
+        if not 0 <= args.lora_dropout < 1:
+            parser.error(f"argument --lora-dropout: must be in [0, 1), got {args.lora_dropout}")
         return
     if args.command == "guard":
         if not args.model:
@@ -255,6 +320,7 @@ def load(args: argparse.Namespace):
         group_size=args.group_size,
         keep_output=args.keep_output,
         chat_template=getattr(args, "chat_template", "auto"),
+        adapter=getattr(args, "adapter", None),
     )
     m = llm.model
     load_s = time.perf_counter() - t0
@@ -334,7 +400,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         result = {
             "text": "" if refusal else "".join(pieces),
-            "refused": refusal or None,
+            **({"refused": refusal or None} if guard else {}),
             "tokens": out_tokens,
             "finish_reason": s["finish_reasons"][0],
             "usage": {"prompt_tokens": len(tokens), "completion_tokens": len(out_tokens)},
@@ -557,6 +623,55 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from llama3.finetune import TrainConfig, finetune
+
+    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    quantize = quantize_mode(args)
+    config = TrainConfig(
+        data=args.data,
+        output=args.output,
+        model=args.model,
+        eval_data=args.eval_data,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=tuple(args.target_modules),
+        use_rslora=args.use_rslora,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_seq_len=args.max_seq_len,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing,
+        quantize=quantize,
+        group_size=args.group_size,
+        device=args.device,
+        dtype=args.dtype,
+        logging_steps=args.logging_steps,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        resume=args.resume,
+        merge=args.merge,
+        seed=args.seed,
+        progress=not args.quiet,
+        log=log,
+    )
+    t0 = time.perf_counter()
+    summary = finetune(config)
+    losses = summary["losses"]
+    if losses:
+        log(
+            f"llama3: {summary['steps']} steps in {time.perf_counter() - t0:.0f}s, "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -568,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             "quantize": cmd_quantize,
             "perplexity": cmd_perplexity,
             "guard": cmd_guard,
+            "finetune": cmd_finetune,
         }
         return commands[args.command](args)
     except KeyboardInterrupt:
