@@ -183,6 +183,19 @@ def _base_forward(base: nn.Module, x: Tensor) -> Tensor:
     return base(x)
 
 
+class FrozenQuantizedLinear(nn.Module):
+    """An int8/int4 projection without adapters (the output head, untargeted projections) that passes the
+    gradient to its input, so that training can reach the adapters before it."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.out_features, self.in_features = base.out_features, base.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _base_forward(self.base, x)
+
+
 class LoRALinear(nn.Module):
     """A frozen projection (`nn.Linear`, `Int8Linear` or `Int4Linear`) plus one (A, B) pair per HF projection
     it holds (`rows`: name -> (first row, end row) of that projection in the base's output)."""
@@ -298,6 +311,11 @@ def add_lora(model: Transformer, config: LoRAConfig) -> Transformer:
             parent, _, attr = path.rpartition(".")
             base = block.get_submodule(path)
             setattr(block.get_submodule(parent), attr, LoRALinear(base, module_rows, config))
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    for name in quantized:  # those left without adapters must still pass gradients back
+        parent, _, attr = name.rpartition(".")
+        if not isinstance(model.get_submodule(parent), LoRALinear):
+            setattr(model.get_submodule(parent), attr, FrozenQuantizedLinear(model.get_submodule(name)))
     model.lora_config = config
     return model
 
