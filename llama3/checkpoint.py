@@ -551,7 +551,7 @@ def build_model(
     expected = expected_hf_shapes(args)
     parts: dict[str, dict[int, Tensor | QuantizedWeight]] = {}
     state: dict[str, Tensor] = {}
-    quantized: dict[str, QuantizedWeight] = {}  # module path -> weight
+    quantized: dict[str, torch.nn.Module] = {}  # module path -> its quantized layer, built once its weight is whole
     unexpected: list[str] = []
     big = args.num_params() * dtype.itemsize > 2**30  # a bar only for loads that take a while
     bar = tqdm(total=count, desc=f"loading {Path(source).name}", unit="tensor", disable=not (progress and big))
@@ -579,14 +579,18 @@ def build_model(
             parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
         output_mode = quantize and args.tie_embeddings and mode_for("output", quantize, keep_output)
         if output_mode and ours == "tok_embeddings.weight":  # the output projection's own copy
-            quantized["output"] = _quantize(t, output_mode, group_size, f"{source}: {name}")
+            q = _quantize(t, output_mode, group_size, f"{source}: {name}")
+            quantized["output"] = quantized_linear(q, dtype, device)
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
             done = parts.pop(ours)
-            p = [done[i] for i in range(n_slots)]
-            if isinstance(p[0], QuantizedWeight):
-                quantized[ours.removesuffix(".weight")] = QuantizedWeight.cat(p)
+            p = [done.pop(i) for i in range(n_slots)]
+            if isinstance(p[0], QuantizedWeight):  # packed for its kernel at once: unpacked codes take 2x int4
+                q = QuantizedWeight.cat(p) if n_slots > 1 else p[0]
+                del p  # the parts' codes go before the packing allocates
+                quantized[ours.removesuffix(".weight")] = quantized_linear(q, dtype, device)
             else:
                 state[ours] = torch.cat(p) if n_slots > 1 else p[0]
+            del done
         del expected[name]
     bar.close()
     if expected or unexpected:
@@ -599,9 +603,8 @@ def build_model(
 
     with torch.device("meta"):
         model = Transformer(args)
-    for path, q in quantized.items():  # quantized projections replace their nn.Linear
+    for path, module in quantized.items():  # quantized projections replace their nn.Linear
         parent, _, attr = path.rpartition(".")
-        module = quantized_linear(q, dtype, device)
         setattr(model.get_submodule(parent), attr, module)
         state.update({f"{path}.{key}": value for key, value in module.state_dict().items()})
     tied = args.tie_embeddings and "output" not in quantized

@@ -246,7 +246,15 @@ class Int4Linear(nn.Module):
         if pad:  # zero rows: code 8 with scale 0 and zero 0
             codes = torch.cat([codes, codes.new_full((pad, self.in_features), 8)])
             scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        # packed a block of rows at a time: the op takes int32 codes, 4 bytes each, and a whole-weight int32
+        # copy would be twice the size of a bf16 copy of the weight. It packs rows in tiles of 32 (measured:
+        # blocks of 16 rows pack differently from the whole), so blocks are multiples of 256 rows.
+        packed = torch.empty(codes.shape[0], self.in_features // 2, dtype=torch.uint8)
+        step = max(256, 2**20 // self.in_features // 256 * 256)  # about 1M codes: 4 MB as int32
+        for start in range(0, codes.shape[0], step):
+            rows = codes[start : start + step].to(torch.int32)
+            packed[start : start + step] = torch._convert_weight_to_int4pack_for_cpu(rows, 1)
+        self.register_buffer("packed", packed)
         pairs = torch.stack([scales, zeros], dim=-1).transpose(0, 1)  # (K // group_size, N, 2): the kernel's layout
         self.register_buffer("scales_and_zeros", pairs.to(dtype).contiguous())
 

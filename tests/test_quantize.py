@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from llama3 import Llama, Transformer
 from llama3.checkpoint import CheckpointError
@@ -85,7 +87,8 @@ def test_weights_that_cannot_be_quantized_are_named(w, mode, group_size, message
 
 
 @pytest.mark.parametrize("mode, group_size", [("int8", None), *[("int4", g) for g in GROUP_SIZES]])
-@pytest.mark.parametrize("rows, out_features", [(1, 64), (7, 96), (64, 48), (3, 17), (1, 5)])  # 17, 5: padded
+# 17, 5: padded to sixteens; 2056: packed in two blocks of rows (2048 + 16 with the padding) for K = 512
+@pytest.mark.parametrize("rows, out_features", [(1, 64), (7, 96), (64, 48), (3, 17), (1, 5), (2, 2056)])
 def test_kernel_equals_the_float_matmul_of_its_dequantized_weight(mode, group_size, rows, out_features):
     """PyTorch's int8/int4 CPU kernels against fp32 `x @ w.T` over the dequantized weight, with the scales
     rounded to bfloat16 as the kernels take them: the only other difference is the bf16 rounding of the output."""
@@ -105,6 +108,17 @@ def test_kernel_equals_the_float_matmul_of_its_dequantized_weight(mode, group_si
     ref = x.float() @ w.T
     # fp32 accumulation in another order moves a result by far less than one bf16 step
     assert ((out[0].float() - ref).abs() <= bf16_ulp(ref)).all()
+
+
+@pytest.mark.parametrize("out_features, in_features", [(2000, 576), (600, 1536), (300, 8192), (264, 8192)])
+def test_int4_packing_in_blocks_of_rows_equals_packing_the_whole_weight(out_features, in_features):
+    """Int4Linear packs its codes a block of rows at a time (to bound the int32 copy the op wants); the
+    result must be PyTorch's packing of the whole (padded) weight. Each shape spans several blocks."""
+    torch.manual_seed(0)
+    q = quantize(torch.randn(out_features, in_features), "int4", 32)
+    layer = quantized_linear(q, torch.bfloat16, torch.device("cpu"))
+    codes = torch.cat([q.codes, q.codes.new_full((-out_features % 16, in_features), 8)]).to(torch.int32)
+    assert torch.equal(layer.packed, torch._convert_weight_to_int4pack_for_cpu(codes, 1))
 
 
 def test_quantized_layers_need_bf16_activations_and_the_cpu():
@@ -232,6 +246,49 @@ def test_embedded_model_quantized_still_answers_paris(smollm2_fp32, mode, bound)
     assert "Paris" in llm.text_completion(["The capital of France is"], 8, temperature=0)[0]
     ids = torch.tensor([llm.tokenizer.encode("The quick brown fox jumps over the lazy dog", bos=True)])
     assert rel_error(llm.model(ids), smollm2_fp32.model(ids)) < bound
+
+
+class FloatShapes(TorchDispatchMode):
+    """Records the shape of every floating-point tensor with storage (not on the meta device, where the
+    loader builds the model's skeleton) that an aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def projection_shapes(args) -> set[tuple[int, int]]:
+    """Every (out, in) shape a projection weight, one of its fused parts, or its transpose could take."""
+    D, H, KVH, F = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_dim
+    shapes = {(H, D), (KVH, D), (H + 2 * KVH, D), (D, H), (F, D), (2 * F, D), (D, F)}
+    return shapes | {s[::-1] for s in shapes}
+
+
+@pytest.mark.parametrize("source", ["saved int4", "saved int8", "embedded gguf int4"])
+@torch.inference_mode()
+def test_loading_quantized_weights_never_makes_a_float_copy_of_a_projection(tiny_hf, tmp_path, source):
+    """Every float tensor any op makes during the load is recorded: none has the shape of a projection
+    weight (or a fused part), so no projection is ever dequantized, whole or per part, on the way in. (The
+    tied output projection is quantized from the float embedding, whose shape is no projection's.)"""
+    from llama3.checkpoint import default_model, save_quantized
+
+    if source.startswith("saved"):
+        d, _ = tiny_hf("llama3-gqa", hidden_size=128, intermediate_size=384)
+        src = save_quantized(d, tmp_path / "q", source.split()[1], progress=False)
+    else:
+        src = default_model()
+    with FloatShapes() as seen:
+        model = Transformer.from_pretrained(src, device="cpu", quantize="int4" if "gguf" in source else None)
+    assert type(model.layers[0].feed_forward.w13).__name__ in ("Int4Linear", "Int8Linear")
+    assert any(len(s) == 2 and s[0] > 16 for s in seen.shapes)  # the recorder sees the load's float tensors
+    assert not seen.shapes & projection_shapes(model.args)
 
 
 def test_embedded_q4_1_projections_load_as_their_own_codes(monkeypatch):
