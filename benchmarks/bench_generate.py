@@ -5,9 +5,15 @@
                                                               # 2048-token prefill, peak memory
     python benchmarks/bench_generate.py --model path.gguf     # a real checkpoint (e.g. the embedded SmolLM2)
     python benchmarks/bench_generate.py --device cuda --gpt-fast third_party/gpt-fast   # + gpt-fast, batch 1
+    python benchmarks/bench_generate.py --device cuda --dtypes bfloat16,int8,int4 --group-size 128
+                                                              # weight-only int8 / int4: on CUDA the Triton
+                                                              # backend runs llama3.kernels.quant_gemv
 
 gpt-fast (github.com/pytorch-labs/gpt-fast) is never part of this repository: put a checkout of its
-model.py and generate.py in an ignored folder (third_party/ is ignored) and pass the folder.
+model.py and generate.py (and quantize.py, for its int8 / int4 rows) in an ignored folder (third_party/ is
+ignored) and pass the folder. Its int8 / int4 rows quantize its own random model with its own handlers
+(`WeightOnlyInt8QuantHandler`, `WeightOnlyInt4QuantHandler`: tinygemm), which quantize the output projection
+too (int4 at 4 bits; ours keeps it at int8).
 
 Random weights are made on the device (no download). Results go to benchmarks/results/generate-<device>.json
 and .md. Decode tokens/s counts the steps after the first token: (new_tokens - 1) / (total - time to first).
@@ -163,14 +169,21 @@ class GptFast:
 
     def __init__(self, model, generate_module, inductor: dict, batch: int, prompt_len: int, new_tokens: int):
         self.model, self.gen, self.batch, self.new_tokens = model, generate_module, batch, new_tokens
-        self.prompt = torch.tensor(prompts_for(1, prompt_len)[0], device=model.output.weight.device)
+        self.prompt = torch.tensor(prompts_for(1, prompt_len)[0], device=model.tok_embeddings.weight.device)
         with torch._inductor.config.patch(inductor):
             self.run(new_tokens)  # compile; the cache reaches its final size first, so no recompile later
             self.run(2)
             self.run(new_tokens)
 
     @staticmethod
-    def load(path: str, args: ModelArgs, device: torch.device, dtype: torch.dtype):
+    def load(
+        path: str,
+        args: ModelArgs,
+        device: torch.device,
+        dtype: torch.dtype,
+        quantize: str | None = None,
+        group_size: int = 128,
+    ):
         sys.path.insert(0, str(Path(path).resolve()))
         tokenizer_stub = types.ModuleType("tokenizer")  # its tokenizer module needs sentencepiece; unused here
         tokenizer_stub.get_tokenizer = None
@@ -207,7 +220,20 @@ class GptFast:
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-        gen.decode_one_token = torch.compile(gen.decode_one_token, mode="reduce-overhead", fullgraph=True)
+        if quantize:  # as its quantize.py does, on the random bf16 weights: codes first, then the modules
+            import quantize as gq  # noqa: PLC0415  (gpt-fast's, from `path`)
+
+            if quantize == "int8":
+                handler = gq.WeightOnlyInt8QuantHandler(model)
+            else:
+                handler = gq.WeightOnlyInt4QuantHandler(model, group_size)
+            state = handler.create_quantized_state_dict()
+            model = handler.convert_for_runtime()
+            model.load_state_dict(state, assign=True)
+            del state
+        # compiled from the eager function each time: a second load must not compile the compiled one
+        eager = gen.__dict__.setdefault("_eager_decode_one_token", gen.decode_one_token)
+        gen.decode_one_token = torch.compile(eager, mode="reduce-overhead", fullgraph=True)
         return model.eval(), gen, theirs
 
     def run(self, n: int) -> float:
@@ -273,6 +299,13 @@ class Floor:
 
     def __call__(self) -> dict:
         return {"tok_s": 1000 / _median_ms(self.step, self.device, 5), "ttft_ms": float("nan")}
+
+
+def weights_bytes(model: Transformer) -> int:
+    """Bytes of every weight the model holds: parameters and the quantized layers' codes and scales (buffers
+    that are saved; the KV cache is not), a tied tensor once."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -365,18 +398,25 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         ours_name = f"llama3 ({llm.model.ops.name})"
         ours = {batch: Ours(llm, batch, prompt_len, new_tokens) for batch in batches}  # warm-ups
+        stats = extra.setdefault("by_dtype", {}).setdefault(dtype_name, {})
         if prefill_len:
-            extra["prefill"] = time_prefill(llm, prefill_len, a.repeats)
-            print(extra["prefill"], flush=True)
+            stats["prefill"] = time_prefill(llm, prefill_len, a.repeats)
+            print(stats["prefill"], flush=True)
         if cuda:  # before the baseline model exists: this is our own peak
-            extra["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            extra["weights_gb"] = sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 1e9
+            stats["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            stats["weights_gb"] = weights_bytes(llm.model) / 1e9
             kv = llm.model.layers[0].attention.cache
-            extra["kv_cache_gb"] = 2 * kv.k.numel() * kv.k.element_size() * len(llm.model.layers) / 1e9
-        if cuda:
+            stats["kv_cache_gb"] = 2 * kv.k.numel() * kv.k.element_size() * len(llm.model.layers) / 1e9
+        if cuda and "copy_bandwidth_tb_s" not in extra:
             extra["copy_bandwidth_tb_s"] = copy_bandwidth(device)
         hf = None if a.no_transformers or quantize else hf_model_like(llm.model)  # float rows carry the baseline
-        gpt_fast = GptFast.load(a.gpt_fast, llm.model.args, device, dtype) if a.gpt_fast else None
+        gpt_fast = None
+        if a.gpt_fast:
+            try:
+                gpt_fast = GptFast.load(a.gpt_fast, llm.model.args, device, dtype, quantize, a.group_size)
+            except Exception as e:  # noqa: BLE001  its quantizer may not suit this torch: say so, keep our rows
+                print(f"gpt-fast {dtype_name} could not load: {type(e).__name__}: {e}", flush=True)
+                extra.setdefault("gpt_fast_errors", {})[dtype_name] = f"{type(e).__name__}: {e}"
         for batch in batches:
             runners = {ours_name: ours[batch]}
             if batch == 1:  # every weight once through a matrix-vector product: the floor under any system
@@ -442,23 +482,27 @@ def main() -> None:
         + " |"
         for r in rows
     ]
-    if "prefill" in extra:
-        pf = extra["prefill"]
-        lines += ["", f"Prefill of {pf['prefill_tokens']} tokens: {pf['prefill_tok_s']:.0f} tok/s."]
-    if "peak_gpu_memory_gb" in extra:
-        budget = extra["weights_gb"] + extra["kv_cache_gb"] + 2**30 / 1e9
-        lines += [
-            f"Peak GPU memory {extra['peak_gpu_memory_gb']:.2f} GB: weights {extra['weights_gb']:.2f} GB + KV cache "
-            f"{extra['kv_cache_gb']:.2f} GB + {extra['peak_gpu_memory_gb'] - budget + 2**30 / 1e9:.2f} GB of the rest "
-            f"({'within' if extra['peak_gpu_memory_gb'] <= budget else 'over'} the 1 GiB allowance)."
-        ]
-    if "copy_bandwidth_tb_s" in extra:
-        weights_ms = extra["weights_gb"] / extra["copy_bandwidth_tb_s"]
-        lines += [
-            f"Copy roofline: the weights ({extra['weights_gb']:.2f} GB) at the measured copy bandwidth "
-            f"({extra['copy_bandwidth_tb_s']:.2f} TB/s) take {weights_ms:.2f} ms: "
-            f"{1000 / weights_ms:.0f} tok/s at batch 1."
-        ]
+    for dtype_name, st in extra.get("by_dtype", {}).items():
+        lines += [""] if st else []
+        if "prefill" in st:
+            pf = st["prefill"]
+            lines.append(f"{dtype_name}: prefill of {pf['prefill_tokens']} tokens: {pf['prefill_tok_s']:.0f} tok/s.")
+        if "peak_gpu_memory_gb" in st:
+            budget = st["weights_gb"] + st["kv_cache_gb"] + 2**30 / 1e9
+            lines.append(
+                f"{dtype_name}: peak GPU memory {st['peak_gpu_memory_gb']:.2f} GB: weights {st['weights_gb']:.2f} GB "
+                f"+ KV cache {st['kv_cache_gb']:.2f} GB + {st['peak_gpu_memory_gb'] - budget + 2**30 / 1e9:.2f} GB "
+                f"of the rest ({'within' if st['peak_gpu_memory_gb'] <= budget else 'over'} the 1 GiB allowance)."
+            )
+        if "copy_bandwidth_tb_s" in extra and "weights_gb" in st:
+            weights_ms = st["weights_gb"] / extra["copy_bandwidth_tb_s"]
+            lines.append(
+                f"{dtype_name}: copy roofline: the weights ({st['weights_gb']:.2f} GB) at the measured copy bandwidth "
+                f"({extra['copy_bandwidth_tb_s']:.2f} TB/s) take {weights_ms:.2f} ms: "
+                f"{1000 / weights_ms:.0f} tok/s at batch 1."
+            )
+    for dtype_name, error in extra.get("gpt_fast_errors", {}).items():
+        lines += ["", f"gpt-fast {dtype_name} did not run: {error}"]
     lines += [
         "",
         f"The whole benchmark took {result['wall_seconds']:.0f} s.",
