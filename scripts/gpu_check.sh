@@ -15,7 +15,7 @@
 # Offline GPU machines: put wheels in .whl/ (ignored) and gpt-fast in third_party/gpt-fast (ignored),
 # then carry both to the machine. From this repo:
 #   pip download --no-deps -d .whl llama-models==0.3.0 pytest==9.2.0 pluggy==1.6.0 iniconfig==2.1.0
-#   mkdir -p third_party/gpt-fast    # then copy gpt-fast's model.py, generate.py and LICENSE into it
+#   mkdir -p third_party/gpt-fast    # then copy gpt-fast's model.py, generate.py, quantize.py and LICENSE into it
 # and run `bash scripts/gpu_check.sh $OUT` with carry [".whl", "third_party"]. The llama-models wheel
 # holds the real tokenizer file the generation tests use; pytest is installed only where missing.
 set -uo pipefail

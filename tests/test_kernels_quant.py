@@ -266,6 +266,30 @@ def test_quantized_model_through_triton_matches_the_float_model_of_its_dequantiz
     assert torch.equal(triton_backend.argmax(-1), expected.argmax(-1))
 
 
+class TokenIds:
+    """Generation on token ids needs only the vocabulary size and the stop tokens of a tokenizer."""
+
+    n_words, stop_tokens = 512, []
+
+
+def test_quantized_graph_form_decode_matches_the_torch_backend(tiny_hf):
+    """Greedy generation of an int8 model through the Triton backend in the form a CUDA graph captures (fixed
+    buffers, lengths read on the device; captured and replayed on CUDA) gives the PyTorch backend's tokens."""
+    from llama3 import Llama
+
+    d, _ = tiny_hf("llama3-gqa")
+
+    def load(backend: str) -> Transformer:
+        model = Transformer.from_pretrained(d, device=DEVICE, dtype=torch.float32, backend=backend)
+        return quantize_model(model, "int8", layout="gpu")
+
+    eager = Llama(load("torch"), TokenIds(), cuda_graphs=False)
+    graph_form = Llama(load("triton"), TokenIds(), cuda_graphs=True)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert graph_form.generate(prompts, 4, temperature=0) == eager.generate(prompts, 4, temperature=0)
+    assert all(step.static and (step.graph is not None) == CUDA for step in graph_form._steps.values())
+
+
 # -- on a GPU ------------------------------------------------------------------------------------------------
 
 
