@@ -10,7 +10,9 @@ Tolerances. The kernel and the reference both sum K fp32 products, in different 
 differ by at most twice that; int8 applies its scale after the sum, one more rounding. Then both results
 are rounded to x's dtype, which can add one unit in the last place where the two fp32 values straddle a
 rounding boundary. A wrong code, nibble, zero or group moves an output by the size of a weight times an
-input, orders of magnitude beyond this.
+input, orders of magnitude beyond this; even one term of the K dropped (about sum |x_i w_i| / K) is more than
+ten times the bound at these K. (Measured: fp32 errors reach about 1/1000 of the bound; fp16 outputs equal
+the reference's.)
 """
 
 from __future__ import annotations
