@@ -5,6 +5,7 @@ carries, read by transformers from the same file."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -106,10 +107,17 @@ TOOL_DIALOG = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
+def hf_llama3_reference():
+    """transformers' tokenizer converted from Meta's tokenizer.model (5-10 s), once per session: tests/test_guard.py
+    uses it too. Each test sets its `chat_template` before use."""
+    return hf_llama3_tokenizer(llama3_tokenizer_file())
+
+
 @pytest.fixture(scope="module")
 def llama_pair():
     """(our tokenizer, transformers' tokenizer) over Meta's tokenizer.model; the template is set per test."""
-    return Tokenizer(llama3_tokenizer_file()), hf_llama3_tokenizer(llama3_tokenizer_file())
+    return Tokenizer(llama3_tokenizer_file()), hf_llama3_reference()
 
 
 def with_template(tok: Tokenizer, template: str) -> Tokenizer:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import hf_llama3_tokenizer, llama3_tokenizer_file, tiny_hf_model
+from conftest import llama3_tokenizer_file, tiny_hf_model
 
 from llama3.chat_format import JinjaChatFormat
 from llama3.guard import GuardResult, classify, classify_batch, format_prompt, parse
@@ -222,7 +222,9 @@ def test_guard3_prompts_equal_the_published_text():
 
 @pytest.fixture(scope="module")
 def llama_pair():
-    return Tokenizer(llama3_tokenizer_file()), hf_llama3_tokenizer(llama3_tokenizer_file())
+    from test_chat_template import hf_llama3_reference  # one conversion per session
+
+    return Tokenizer(llama3_tokenizer_file()), hf_llama3_reference()
 
 
 @pytest.mark.parametrize("version", [2, 3])
