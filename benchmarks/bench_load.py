@@ -137,13 +137,12 @@ def write_checkpoint(path: Path, preset: str, shard_bytes: int, seed: int = 0) -
     from transformers import LlamaConfig
 
     sys.path.insert(0, str(REPO))
-    from llama3.checkpoint import expected_hf_shapes
     from llama3.config import ModelArgs
 
     a = ModelArgs.from_name(preset)
     LlamaConfig(**a.to_hf_config(), dtype="bfloat16").save_pretrained(path)
 
-    shapes = expected_hf_shapes(a)
+    shapes = a.hf_shapes()
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():  # assign tensors to shards up front: file names carry the count

@@ -478,29 +478,7 @@ def _open_gguf(path: Path, progress: bool, int4_native: bool = False) -> tuple[M
     # dequantized one tensor at a time (build_model places each before the next is read), exact in fp32
     # with int4_native, Q4_0/Q4_1 projections arrive as their own 4-bit codes (our int4, group 32), never as floats
     tensors = lambda: gguf.iter_gguf_state_dict(path, progress=False, int4_native=int4_native)
-    return args, tensors, len(expected_hf_shapes(args))
-
-
-def expected_hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF Llama checkpoint for `args` must hold, with its shape."""
-    D, H, KVH = args.head_dim, args.n_heads, args.n_kv_heads
-    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.dim), "model.norm.weight": (args.dim,)}
-    if not args.tie_embeddings:
-        shapes["lm_head.weight"] = (args.vocab_size, args.dim)
-    for i in range(args.n_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (H * D, args.dim),
-            p + "self_attn.k_proj.weight": (KVH * D, args.dim),
-            p + "self_attn.v_proj.weight": (KVH * D, args.dim),
-            p + "self_attn.o_proj.weight": (args.dim, H * D),
-            p + "mlp.gate_proj.weight": (args.ffn_dim, args.dim),
-            p + "mlp.up_proj.weight": (args.ffn_dim, args.dim),
-            p + "mlp.down_proj.weight": (args.dim, args.ffn_dim),
-            p + "input_layernorm.weight": (args.dim,),
-            p + "post_attention_layernorm.weight": (args.dim,),
-        }
-    return shapes
+    return args, tensors, len(args.hf_shapes())
 
 
 def _fused_name(hf_name: str) -> tuple[str, int, int]:
@@ -548,7 +526,7 @@ def build_model(
     With `quantize`, each projection weight is quantized as soon as it is read (a stream may also hand
     over weights already quantized, `QuantizedWeight`), so no float copy of the model is ever held.
     """
-    expected = expected_hf_shapes(args)
+    expected = args.hf_shapes()
     parts: dict[str, dict[int, Tensor | QuantizedWeight]] = {}
     state: dict[str, Tensor] = {}
     quantized: dict[str, torch.nn.Module] = {}  # module path -> its quantized layer, built once its weight is whole
@@ -648,7 +626,7 @@ def save_quantized(
     if stored_quantization(path) is not None:
         raise CheckpointError(f"{path} is quantized already")
     args, tensors, count = open_checkpoint(path, progress)
-    names = expected_hf_shapes(args)
+    names = args.hf_shapes()
     out: dict[str, Tensor] = {}
     bar = tqdm(total=count, desc=f"quantizing {path.name} to {mode}", unit="tensor", disable=not progress)
     for name, t in tensors():

@@ -172,6 +172,27 @@ class ModelArgs:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a Hugging Face Llama checkpoint of this model holds, with its shape."""
+        D, H, KVH = self.head_dim, self.n_heads, self.n_kv_heads
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, self.dim), "model.norm.weight": (self.dim,)}
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.dim)
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            shapes |= {
+                p + "self_attn.q_proj.weight": (H * D, self.dim),
+                p + "self_attn.k_proj.weight": (KVH * D, self.dim),
+                p + "self_attn.v_proj.weight": (KVH * D, self.dim),
+                p + "self_attn.o_proj.weight": (self.dim, H * D),
+                p + "mlp.gate_proj.weight": (self.ffn_dim, self.dim),
+                p + "mlp.up_proj.weight": (self.ffn_dim, self.dim),
+                p + "mlp.down_proj.weight": (self.dim, self.ffn_dim),
+                p + "input_layernorm.weight": (self.dim,),
+                p + "post_attention_layernorm.weight": (self.dim,),
+            }
+        return shapes
+
     def to_hf_config(self) -> dict[str, Any]:
         """The transformers `LlamaConfig` keyword arguments for this model (the inverse of `from_hf_config`)."""
         s = self.rope_scaling

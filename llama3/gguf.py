@@ -43,7 +43,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llama3.checkpoint import expected_hf_shapes
 from llama3.config import ModelArgs, RopeScaling
 from llama3.model import rope_inv_freq
 from llama3.quantize import QuantizedWeight
@@ -662,7 +661,7 @@ def iter_gguf_state_dict(
 
 def _check_tensors(f: _GGUF, args: ModelArgs) -> dict[str, _TensorInfo]:
     """{HF name: tensor} for every weight `args` needs; a GGUFError listing everything that is off."""
-    expected = expected_hf_shapes(args)
+    expected = args.hf_shapes()
     by_hf_name, unexpected = {}, []
     for t in f.tensors.values():
         hf = _hf_name(t.name)
