@@ -8,21 +8,25 @@ per weight instead of 2 is the whole gain. One kernel serves both modes and ever
 - int4: two codes a byte, uint8 (N, K / 2) with element 2j in the low nibble of byte j (`llama3.quantize.
   pack_int4`), and one (scale, zero) per group of `group_size` inputs: w = (q - 8) * scale + zero. Each
   weight is dequantized in fp32 and rounded to x's dtype, the tensor cores' input (the weight a float model
-  of that dtype would hold); the low nibbles meet the even columns of x, the high nibbles the odd ones, so
-  no interleaving of the unpacked codes is needed.
+  of that dtype would hold). The low and high nibbles are unpacked side by side into the weight tile, so x
+  streams into the tensor cores as it lies in memory.
 
 Decode (at most 16 rows of x): the rows are padded to a 16-row tile and K is split as in `gemv.py`, each
 split writing an fp32 partial that a second kernel sums in a fixed order (deterministic, no atomics, no
-allocation that depends on data: capturable in a CUDA graph). Prefill (more rows): the same kernel tiles
-the rows as well, one pass over K (a GEMM that dequantizes its tiles); or the weight is dequantized once
-into x's dtype (`dequantize`) and cuBLAS multiplies. Which prefill path is faster is measured on the GPU
-(`best_prefill_path`), not assumed.
+allocation that depends on data: capturable in a CUDA graph). How many splits and how many weight rows per
+program is measured on the GPU per shape (`best_decode_tiles`), outside any capture.
+
+Prefill (more rows): the same kernel tiles the rows as well, one pass over K (a GEMM that dequantizes its
+tiles); or the weight is dequantized once into x's dtype (`dequantize_layer`) and cuBLAS multiplies. Which
+prefill path is faster is measured on the GPU (`best_prefill_path`), not assumed.
 
 The references beside the kernels take the dequantization from `llama3.quantize`, the one place its
 formulas live.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -326,23 +330,33 @@ def _dequantize(codes, scales, zeros, k: int, group_size: int) -> torch.Tensor:
     return out
 
 
-# -- the choice of prefill path ------------------------------------------------------------------------------
+# -- the choices measured on the GPU ------------------------------------------------------------------------
 
 PREFILL_PATHS = ("kernel", "dequantize")
 _best_prefill: dict[tuple, str] = {}
+_best_decode: dict[tuple, tuple[int, int] | None] = {}
 
 
 def quantized_matmul(x: torch.Tensor, layer: torch.nn.Module, prefill_path: str | None = None) -> torch.Tensor:
     """`x @ W.T` for a quantized layer of `llama3.quantize` in its "gpu" layout: the split-K GEMV for a
-    decode step, the faster prefill path for more rows (`prefill_path` forces one: "kernel" or "dequantize")."""
+    decode step (its tiles as `best_decode_tiles` measured them), the faster prefill path for more rows
+    (`prefill_path` forces one: "kernel" or "dequantize")."""
     rows = x.numel() // x.shape[-1]
     if rows > DECODE_ROWS:
         path = prefill_path or best_prefill_path(rows, layer)
         if path == "dequantize":
             return F.linear(x, dequantize_layer(layer))
+        return _layer_matmul(x, layer)
+    tiles = best_decode_tiles(rows, layer)
+    return _layer_matmul(x, layer) if tiles is None else _layer_matmul(x, layer, *tiles)
+
+
+def _layer_matmul(x: torch.Tensor, layer: torch.nn.Module, num_splits: int | None = None, block_n: int | None = None):
     if layer.mode == "int8":
-        return int8_matmul(x, layer.weight, layer.scales)
-    return int4_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.group_size)
+        return int8_matmul(x, layer.weight, layer.scales, num_splits=num_splits, block_n=block_n)
+    return int4_matmul(
+        x, layer.qweight, layer.scales, layer.zeros, layer.group_size, num_splits=num_splits, block_n=block_n
+    )
 
 
 def dequantize_layer(layer: torch.nn.Module) -> torch.Tensor:
@@ -352,22 +366,57 @@ def dequantize_layer(layer: torch.nn.Module) -> torch.Tensor:
     return dequantize_int4_weight(layer.qweight, layer.scales, layer.zeros, layer.group_size)
 
 
+def _key(rows: int, layer: torch.nn.Module) -> tuple:
+    """Rows rounded up to a power of two (times barely move within a bucket), the weight's shape and scheme."""
+    scheme = (layer.mode, getattr(layer, "group_size", None), layer.scales.dtype, layer.scales.device)
+    return (triton.next_power_of_2(rows), layer.out_features, layer.in_features, *scheme)
+
+
+def best_decode_tiles(rows: int, layer: torch.nn.Module) -> tuple[int, int] | None:
+    """(num_splits, block_n) with which the GEMV is fastest for `rows` rows of x through `layer`, measured once
+    per `_key` with CUDA events, the L2 cache flushed before each call (as `gemv.best_gemv_config` does, but
+    among our own tiles only: there is no cuBLAS for quantized weights). None: the default tiles, which is
+    what the interpreter (nothing to time) and an unmeasured shape during a CUDA-graph capture get."""
+    device = layer.scales.device
+    if device.type != "cuda":
+        return None
+    key = _key(rows, layer)
+    if key in _best_decode:
+        return _best_decode[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    n, k = layer.out_features, layer.in_features
+    x = torch.ones(key[0], k, dtype=layer.scales.dtype, device=device)  # values do not change the time
+    block_k = 256 if layer.mode == "int4" else 128
+    candidates = set()
+    for block_n in (16, 32, 64):
+        default = _num_splits(triton.cdiv(n, block_n), k, block_k, device)
+        candidates |= {(s, block_n) for s in {1, default // 2, default} if 1 <= s <= triton.cdiv(k, block_k)}
+    l2_flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    times = {}
+    for tiles in sorted(candidates):
+        try:
+            times[tiles] = _median_ms(lambda t=tiles: _layer_matmul(x, layer, *t), l2_flush)
+        except Exception as e:  # noqa: BLE001  tiles this GPU or Triton cannot build are simply not a candidate
+            warnings.warn(f"quantized gemv {tiles} on {n}x{k} {layer.mode} failed ({e}); not used", stacklevel=2)
+    _best_decode[key] = min(times, key=times.get) if times else None
+    return _best_decode[key]
+
+
 def best_prefill_path(rows: int, layer: torch.nn.Module) -> str:
     """ "kernel" (the tiled kernel) or "dequantize" (dequantize, then cuBLAS), whichever is faster for `rows`
-    rows of x through `layer`, measured once per (rows rounded up to a power of two, layer shape, mode, group
-    size, dtype, device) with CUDA events. The interpreter (no GPU to time) and a CUDA-graph capture (nothing
-    can be timed; prefill is not captured by the model, but a caller may) take the kernel, which allocates
-    no weight-sized buffer."""
-    device, dtype = layer.scales.device, layer.scales.dtype
+    rows of x through `layer`, measured once per `_key` with CUDA events. The interpreter (no GPU to time) and
+    a CUDA-graph capture (nothing can be timed; prefill is not captured by the model, but a caller may) take
+    the kernel, which allocates no weight-sized buffer."""
+    device = layer.scales.device
     if device.type != "cuda":
         return "kernel"
-    rows = triton.next_power_of_2(rows)
-    key = (rows, layer.out_features, layer.in_features, layer.mode, getattr(layer, "group_size", None), dtype, device)
+    key = _key(rows, layer)
     if key in _best_prefill:
         return _best_prefill[key]
     if torch.cuda.is_current_stream_capturing():
         return "kernel"
-    x = torch.ones(rows, layer.in_features, dtype=dtype, device=device)
+    x = torch.ones(key[0], layer.in_features, dtype=layer.scales.dtype, device=device)
     l2_flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     times = {path: _median_ms(lambda p=path: quantized_matmul(x, layer, p), l2_flush) for path in PREFILL_PATHS}
     _best_prefill[key] = min(times, key=times.get)

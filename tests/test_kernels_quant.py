@@ -26,6 +26,7 @@ if not torch.cuda.is_available():  # must be set before triton decorates the ker
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llama3.kernels.quant_gemv import (  # noqa: E402
+    best_decode_tiles,
     dequantize_int4_weight,
     dequantize_int8_weight,
     int4_matmul,
@@ -303,7 +304,10 @@ def test_quantized_gemv_replays_in_a_cuda_graph(mode):
     torch.manual_seed(0)
     layer = quantized_linear(quantize(weights(6144, 4096).cuda(), mode, 128), torch.bfloat16, torch.device("cuda"))
     x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
-    quantized_matmul(x, layer)  # compile before capture
+    quantized_matmul(x, layer)  # compile and measure the tiles before capture
+    tiles = best_decode_tiles(1, layer)
+    assert tiles is not None and 1 <= tiles[0] <= 32 and tiles[1] in (16, 32, 64)
+    assert best_decode_tiles(1, layer) == tiles  # measured once, remembered
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
