@@ -119,7 +119,7 @@ def classify(
     messages: Sequence[Mapping[str, str]],
     categories: Sequence[Category] | None = None,
     version: int | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 64,
 ) -> GuardResult:
     """Classifies the last message of a conversation with a Llama Guard model: the greedy verdict, and `score`,
     the probability that the verdict starts with "unsafe" (from the logits of the step that writes it).
@@ -132,7 +132,7 @@ def classify_batch(
     conversations: Sequence[Sequence[Mapping[str, str]]],
     categories: Sequence[Category] | None = None,
     version: int | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 64,
 ) -> list[GuardResult]:
     """`classify` for many conversations, as one ragged batch (each result equals the one it gets alone)."""
     import torch
@@ -150,7 +150,14 @@ def classify_batch(
         except ValueError as e:
             raise ValueError(f"conversation {i}: {e}") from None
         prompts.append(([tokenizer.bos_id] if version == 2 else []) + encoder.encode(text))
-    answers = llm.generate(prompts, max_new_tokens, temperature=0)
+    room = llm.context_length - max(map(len, prompts))  # the verdict is a few tokens; never ask for more than fits
+    if room < 1:
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        raise ValueError(
+            f"conversation {longest}: its Llama Guard prompt is {len(prompts[longest])} tokens, and the guard's "
+            f"context holds {llm.context_length}"
+        )
+    answers = llm.generate(prompts, min(max_new_tokens, room), temperature=0)
 
     # The score is read where the verdict word is written: the first step, unless the model first writes
     # whitespace (the Guard 3 template ends at the assistant header, before its blank line).

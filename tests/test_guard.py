@@ -388,6 +388,21 @@ def test_classify_batch_equals_one_by_one(unsafe_guard):
         classify_batch(llm, [USER, [{"role": "user"}]])
 
 
+def test_classify_fits_the_verdict_in_the_guards_context(unsafe_guard):
+    from llama3.generation import Llama
+
+    _, _, llm = unsafe_guard
+    n_prompt = 1 + len(llm.tokenizer.encode(format_prompt(USER)))
+    small = Llama(llm.model, llm.tokenizer, max_seq_len=n_prompt + 5)  # "unsafe\nS9" and <|eot_id|>: 5 tokens
+    result = classify(small, USER)
+    assert (result.safe, result.categories) == (False, ["S9"])
+    assert result.score == pytest.approx(classify(llm, USER).score, rel=1e-5)
+    with pytest.raises(
+        ValueError, match=f"conversation 0: its Llama Guard prompt is {n_prompt} tokens, and the guard's "
+    ):
+        classify(Llama(llm.model, llm.tokenizer, max_seq_len=n_prompt), USER)
+
+
 # -- the command line ----------------------------------------------------------------------------------------
 
 
