@@ -7,12 +7,12 @@
 
 Systems, on the same random weights (Llama-3-8B shapes, bf16 activations):
 - bf16 cuBLAS: `F.linear` over the float weight (what the unquantized model streams);
-- Triton int8 / int4: `llama3.kernels.quant_gemv` as the Triton backend runs it (its default tiles), and the
-  best of a small sweep of (K splits, rows per program), to tune the defaults on the GPU at hand;
+- Triton int8 / int4: `llama3.kernels.quant_gemv.quantized_matmul` as the Triton backend runs it (decode
+  tiles and prefill path measured on first use), and a sweep of (K splits, weight rows per program);
 - PyTorch's own weight-only ops, the baselines: `torch._weight_int8pack_mm` and tinygemm's
   `torch._weight_int4pack_mm` over `torch._convert_weight_to_int4pack` (the ops gpt-fast and torchao run);
-- prefill (2048 rows): our tiled kernel, and dequantize-then-cuBLAS (the two paths `best_prefill_path` picks
-  from), beside the same baselines.
+- prefill (2048 rows): each of the two paths `best_prefill_path` picks from, our tiled kernel ("kernel") and
+  dequantize-then-cuBLAS ("dequantize"), beside the same baselines.
 
 Every output is checked against the fp32 matmul of the dequantized weight before it is timed: the table
 gives its relative error, and a system whose error is large computed something else (a layout the op did not
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama3.quantize import pack_int4, quantize  # noqa: E402
+from llama3.quantize import quantize, quantized_linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DIM, FFN, VOCAB, LAYERS = 4096, 14336, 128256, 32
@@ -57,71 +57,63 @@ WRONG = 0.05  # a relative error above this is not rounding: the system computed
 
 
 class Weight:
-    """One (N, K) weight in every form the systems take, made on the device."""
+    """One (N, K) weight made on the device: float, and as the int8 and int4 layers ("gpu" layout) our
+    Triton backend runs."""
 
-    def __init__(self, n: int, k: int, group_size: int, device: torch.device):
+    def __init__(self, n: int, k: int, group_size: int, device: torch.device, dtype: torch.dtype):
         self.n, self.k, self.group_size = n, k, group_size
         w = torch.randn(n, k, device=device) * k**-0.5
-        self.bf16 = w.to(torch.bfloat16)
-        q8 = quantize(w, "int8")
-        self.int8_codes, self.int8_scales = q8.codes, q8.scales.to(torch.bfloat16)
-        self.int8_dequantized = q8.codes.float() * self.int8_scales.float()[:, None]
+        self.float = w.to(dtype)
+        self.int8 = quantized_linear(quantize(w, "int8"), dtype, device, layout="gpu")
+        self.dequantized = {"float": self.float.float(), "int8": self.int8.dequantize()}
         if k % group_size == 0:
             q4 = quantize(w, "int4", group_size)
-            self.int4_codes = q4.codes
-            self.int4_packed = pack_int4(q4.codes)
-            self.int4_scales, self.int4_zeros = q4.scales.to(torch.bfloat16), q4.zeros.to(torch.bfloat16)
-            g = group_size
-            scales = self.int4_scales.float().repeat_interleave(g, 1)
-            zeros = self.int4_zeros.float().repeat_interleave(g, 1)
-            self.int4_dequantized = (q4.codes.float() - 8) * scales + zeros
+            self.int4_codes = q4.codes  # for tinygemm's own packing
+            self.int4 = quantized_linear(q4, dtype, device, layout="gpu")
+            self.dequantized["int4"] = self.int4.dequantize()
         del w
 
     def bytes(self, system: str) -> int:
         """Bytes of weight data a system streams (codes plus scales and zeros)."""
         if "int8" in system:
             return self.n * self.k + 2 * self.n
-        if "int4" in system or "tinygemm" in system:
+        if "int4" in system:
             return self.n * self.k // 2 + 2 * 2 * self.n * self.k // self.group_size
         return 2 * self.n * self.k
 
 
 def systems(weight: Weight, rows: int, sweep: bool) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]]:
-    """name -> (x -> x @ W.T, the mode whose dequantized weight it multiplies by)."""
-    from llama3.kernels.quant_gemv import dequantize_int4_weight, dequantize_int8_weight, int4_matmul, int8_matmul
+    """name -> (x -> x @ W.T, which dequantized weight it multiplies by). "triton" rows run
+    `quantized_matmul` as the Triton backend does (decode tiles and prefill path measured on first use)."""
+    from llama3.kernels.quant_gemv import int4_matmul, int8_matmul, quantized_matmul
 
     w, g = weight, weight.group_size
-    runs = {"bf16 cuBLAS": (lambda x: F.linear(x, w.bf16), "bf16")}
-    runs["triton int8"] = (lambda x: int8_matmul(x, w.int8_codes, w.int8_scales), "int8")
-    runs["torch._weight_int8pack_mm"] = (lambda x: torch._weight_int8pack_mm(x, w.int8_codes, w.int8_scales), "int8")
-    has_int4 = hasattr(w, "int4_packed")
-    if has_int4:
-        runs[f"triton int4/{g}"] = (
-            lambda x: int4_matmul(x, w.int4_packed, w.int4_scales, w.int4_zeros, g),
-            "int4",
-        )
-        runs[f"tinygemm int4/{g}"] = (tinygemm(w), "int4")
-    if rows > 16:
-        runs["triton int8 dequantize+cuBLAS"] = (
-            lambda x: F.linear(x, dequantize_int8_weight(w.int8_codes, w.int8_scales)),
-            "int8",
-        )
-        if has_int4:
-            runs[f"triton int4/{g} dequantize+cuBLAS"] = (
-                lambda x: F.linear(x, dequantize_int4_weight(w.int4_packed, w.int4_scales, w.int4_zeros, g)),
-                "int4",
+    layers = {"int8": w.int8} | ({f"int4/{g}": w.int4} if hasattr(w, "int4") else {})
+    runs = {"bf16 cuBLAS": (lambda x: F.linear(x, w.float), "float")}
+    for name, layer in layers.items():
+        mode = layer.mode
+        runs[f"triton {name}"] = (lambda x, layer=layer: quantized_matmul(x, layer), mode)
+        if rows > 16:
+            for path in ("kernel", "dequantize"):
+                runs[f"triton {name} {path}"] = (lambda x, layer=layer, p=path: quantized_matmul(x, layer, p), mode)
+        if mode == "int8":
+            runs["torch._weight_int8pack_mm"] = (
+                lambda x: torch._weight_int8pack_mm(x, w.int8.weight, w.int8.scales),
+                mode,
             )
+        else:
+            runs[f"tinygemm int4/{g}"] = (tinygemm(w), mode)
     if sweep and rows <= 16:
         for block_n in (16, 32, 64):
             for splits in (1, 2, 4, 8, 16):
-                tiles = dict(num_splits=splits, block_n=block_n)
+                t = dict(num_splits=splits, block_n=block_n)
                 runs[f"sweep int8 {splits}/{block_n}"] = (
-                    lambda x, t=tiles: int8_matmul(x, w.int8_codes, w.int8_scales, **t),
+                    lambda x, t=t: int8_matmul(x, w.int8.weight, w.int8.scales, **t),
                     "int8",
                 )
-                if has_int4:
+                if hasattr(w, "int4"):
                     runs[f"sweep int4/{g} {splits}/{block_n}"] = (
-                        lambda x, t=tiles: int4_matmul(x, w.int4_packed, w.int4_scales, w.int4_zeros, g, **t),
+                        lambda x, t=t: int4_matmul(x, w.int4.qweight, w.int4.scales, w.int4.zeros, g, **t),
                         "int4",
                     )
     return runs
@@ -139,7 +131,7 @@ def tinygemm(w: Weight) -> Callable[[torch.Tensor], torch.Tensor]:
             as_uint8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
             packed = (
                 torch._convert_weight_to_int4pack(as_uint8, 8),
-                torch.stack([w.int4_scales, w.int4_zeros], dim=-1).transpose(0, 1).contiguous(),
+                torch.stack([w.int4.scales, w.int4.zeros], dim=-1).transpose(0, 1).contiguous(),
             )
         return torch._weight_int4pack_mm(x, packed[0], w.group_size, packed[1])
 
@@ -161,16 +153,10 @@ def measure(shapes: dict, rows: int, group_size: int, device: torch.device, repe
     out = []
     for name, (n, k) in shapes.items():
         torch.manual_seed(0)
-        weight = Weight(n, k, group_size, device)
-        x = torch.randn(rows, k, device=device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if device.type != "cuda":  # the interpreter's bf16 is wrong: its weights in fp32 too
-            weight.bf16, weight.int8_scales = weight.bf16.float(), weight.int8_scales.float()
-            weight.int4_scales, weight.int4_zeros = weight.int4_scales.float(), weight.int4_zeros.float()
-        reference = {
-            "bf16": x.float() @ weight.bf16.float().T,
-            "int8": x.float() @ weight.int8_dequantized.T,
-            "int4": x.float() @ weight.int4_dequantized.T,
-        }
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter's bf16 is wrong
+        weight = Weight(n, k, group_size, device, dtype)
+        x = torch.randn(rows, k, device=device).to(dtype)
+        reference = {mode: x.float() @ w.T for mode, w in weight.dequantized.items()}
         for system, (run, mode) in systems(weight, rows, sweep).items():
             row = {"shape": name, "n": n, "k": k, "rows": rows, "system": system}
             try:
