@@ -155,14 +155,21 @@ LINE_TEMPLATE = """{% for message in messages %}
 <assistant>
 {% endif %}
 {% endfor %}"""
+# transformers' extras: the {% generation %} tag, dict(), namespace(), strftime_now(), tojson.
+EXTRAS_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}{% endgeneration %}"
+    "{% else %}U: {{ m.content }}{% endif %}\n{% endfor %}{% set ns = namespace(n=messages|length) %}"
+    "{{ dict(turns=ns.n, year=strftime_now('%Y'))|tojson }}"
+)
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_whitespace_control_as_transformers(llama_pair, add_generation_prompt):
+@pytest.mark.parametrize("template", [LINE_TEMPLATE, EXTRAS_TEMPLATE], ids=["lines", "extras"])
+def test_whitespace_control_and_extras_as_transformers(llama_pair, template, add_generation_prompt):
     tok, hf = llama_pair
     for dialog in DIALOGS:
-        text, ids = hf_apply(hf, LINE_TEMPLATE, dialog, add_generation_prompt)
-        chat = JinjaChatFormat(tok, LINE_TEMPLATE)
+        text, ids = hf_apply(hf, template, dialog, add_generation_prompt)
+        chat = JinjaChatFormat(tok, template)
         assert chat.format_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt) == text
         assert chat.encode_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt) == ids
 
