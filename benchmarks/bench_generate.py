@@ -8,6 +8,8 @@
     python benchmarks/bench_generate.py --device cuda --dtypes bfloat16,int8,int4 --group-size 128
                                                               # weight-only int8 / int4: on CUDA the Triton
                                                               # backend runs llama3.kernels.quant_gemv
+    python benchmarks/bench_generate.py --device cuda --preset llama-3-70b --dtypes int4 --batches 1
+                                                              # 70B in int4 on one GPU (made layer by layer)
 
 gpt-fast (github.com/pytorch-labs/gpt-fast) is never part of this repository: put a checkout of its
 model.py and generate.py (and quantize.py, for its int8 / int4 rows) in an ignored folder (third_party/ is
@@ -38,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama3 import Llama, ModelArgs, Transformer  # noqa: E402
 from llama3.backends import get_ops  # noqa: E402
-from llama3.quantize import quantize_model  # noqa: E402
+from llama3.model import rope_inv_freq  # noqa: E402
+from llama3.quantize import is_quantized_layer, mode_for, quantize, quantized_linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -73,6 +76,32 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, back
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.set_ops(get_ops(backend, device))
+    return model.eval()
+
+
+@torch.no_grad()
+def random_quantized_model(
+    args: ModelArgs, device: torch.device, mode: str, group_size: int, backend: str
+) -> Transformer:
+    """A random bf16-activation model whose projections are quantized as each is made, on the device: the float
+    model never exists whole (a 70B model's bf16 weights alone would fill a GPU that holds its int4 copy
+    several times over). The weights are drawn as `random_model` draws them; int4 keeps the output at int8."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    for name in [n for n, _ in model.named_modules() if is_quantized_layer(n)]:
+        layer = model.get_submodule(name)
+        w = torch.empty(layer.out_features, layer.in_features, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
+        q = quantize(w, mode_for(name, mode), group_size, name)
+        del w
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, quantized_linear(q, torch.bfloat16, device))
+    for name, p in list(model.named_parameters()):  # what is left: the embedding and the norms
+        value = torch.empty(p.shape, dtype=torch.bfloat16, device=device)
+        value.normal_(0, 0.02) if p.dim() > 1 else value.fill_(1.0)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, torch.nn.Parameter(value, requires_grad=False))
+    model.inv_freq = rope_inv_freq(args, device)
     model.set_ops(get_ops(backend, device))
     return model.eval()
 
@@ -390,9 +419,11 @@ def main() -> None:
                 a.model, device, dtype, a.backend, quantize=quantize, group_size=a.group_size, **cache
             )
         else:
-            model = random_model(ModelArgs.from_name(preset), device, dtype, a.backend)
+            args = ModelArgs.from_name(preset)
             if quantize:
-                quantize_model(model, quantize, a.group_size)
+                model = random_quantized_model(args, device, quantize, a.group_size, a.backend)
+            else:
+                model = random_model(args, device, dtype, a.backend)
             llm = Llama(model, NullTokenizer(model.args.vocab_size), **cache)
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -3,14 +3,14 @@
 # the measured GEMV / cuBLAS choice), the kernels' compile report, and the GPU benchmark (Llama-3-8B
 # shape, random weights, transformers static+compile and optionally gpt-fast in the same run).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench|quant]   # logs and results go to OUT_DIR
-#                                                                 # (default benchmarks/results, all)
+#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench|quant|quant-generate]   # logs and results go to
+#                                                                   # OUT_DIR (default benchmarks/results, all)
 # Each part fits one 10-minute device call: about 2 minutes of tests, 5 to 7 of benchmark (most of it
-# compiling transformers and gpt-fast). `quant` (weight-only int8 / int4): the quantized kernels' tests in
-# bf16 and under CUDA-graph capture, bench_quant.py (our Triton kernels beside tinygemm,
-# torch._weight_int8pack_mm and bf16 cuBLAS, per Llama-3-8B projection), and the decode benchmark in int8 and
-# int4 at batch 1 (with gpt-fast's int8 / int4 when third_party/gpt-fast holds its quantize.py too); not
-# measured yet, so give it a call of its own.
+# compiling transformers and gpt-fast). Weight-only int8 / int4, not timed on a GPU yet (give each part a
+# call of its own): `quant` runs the quantized kernels' tests (bf16, CUDA-graph capture) and bench_quant.py
+# (our Triton kernels beside tinygemm, torch._weight_int8pack_mm and bf16 cuBLAS, per Llama-3-8B
+# projection); `quant-generate` the decode benchmark at batch 1, Llama-3-8B in bf16 / int8 / int4 (with
+# gpt-fast's int8 / int4 when third_party/gpt-fast holds its quantize.py too), then Llama-3-70B in int4.
 #
 # Offline GPU machines: put wheels in .whl/ (ignored) and gpt-fast in third_party/gpt-fast (ignored),
 # then carry both to the machine. From this repo:
@@ -48,7 +48,12 @@ fi
 if [ "$part" = all ] || [ "$part" = quant ]; then
     python3 -m pytest -q -rs tests/test_kernels_quant.py 2>&1 | tee "$out/gpu-quant-tests.log"
     python3 benchmarks/bench_quant.py --out "$out/quant-cuda" 2>&1 | tee "$out/gpu-quant-bench.log"
+fi
+if [ "$part" = all ] || [ "$part" = quant-generate ]; then
     python3 benchmarks/bench_generate.py --device cuda --dtypes bfloat16,int8,int4 --group-size 128 --batches 1 \
         --prefill-len 2048 --repeats 3 --no-transformers "${gpt_fast[@]}" --out "$out/generate-cuda-quantized" 2>&1 \
         | tee "$out/gpu-quant-generate.log"
+    python3 benchmarks/bench_generate.py --device cuda --preset llama-3-70b --dtypes int4 --group-size 128 \
+        --batches 1 --prefill-len 0 --new-tokens 64 --repeats 2 --no-transformers --out "$out/generate-cuda-70b-int4" \
+        2>&1 | tee "$out/gpu-quant-generate-70b.log"
 fi
