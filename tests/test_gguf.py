@@ -22,12 +22,12 @@ import torch
 from llama3.config import ModelArgs, RopeScaling
 from llama3.gguf import (
     GGUFError,
-    dequantize,
     find_smollm2_gguf,
     load_gguf_state_dict,
     load_gguf_tokenizer,
     read_gguf_config,
 )
+from llama3.gguf_quants import dequantize
 from llama3.model import rope_inv_freq
 
 gguf = pytest.importorskip("gguf")
@@ -113,9 +113,9 @@ def test_dequantize_to_bf16_rounds_the_fp32_value_once():
 
 
 def test_type_table_agrees_with_gguf_py():
-    from llama3.gguf import _GGML_TYPES
+    from llama3.gguf_quants import GGML_TYPES
 
-    for type_id, (name, block, size) in _GGML_TYPES.items():
+    for type_id, (name, block, size) in GGML_TYPES.items():
         assert Q(type_id).name == name
         assert gguf.GGML_QUANT_SIZES[Q(type_id)] == (block, size)
 

@@ -1,4 +1,4 @@
-"""GGUF Q4_0 / Q4_1 weights kept as int4 codes (`llama3.gguf.quantized_codes`, `int4_native=True`).
+"""GGUF Q4_0 / Q4_1 weights kept as int4 codes (`llama3.gguf_quants.quantized_codes`, `int4_native=True`).
 
 References, none of them our own dequantizer:
 - gguf-py (llama.cpp's Python package) writes the files, quantizes, reads the raw blocks back and
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama3.gguf import GGUFError, find_smollm2_gguf, iter_gguf_state_dict, quantized_codes
+from llama3.gguf import GGUFError, find_smollm2_gguf, iter_gguf_state_dict
+from llama3.gguf_quants import quantized_codes
 from llama3.quantize import QuantizedWeight
 
 gguf = pytest.importorskip("gguf")
