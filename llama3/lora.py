@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama3.model import Transformer
-from llama3.quantize import Int4Linear, Int8Linear
+from llama3.quantize import Int4Linear, Int8Linear, QuantizedWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -146,16 +146,18 @@ class LoRAConfig:
 
 
 class _FrozenQuantizedLinear(torch.autograd.Function):
-    """x @ W.T by the quantized kernel; the gradient to x is grad @ W with W dequantized (W itself is frozen)."""
+    """x @ W.T by the quantized kernel; the gradient to x is grad @ W with W dequantized (W itself is frozen).
+
+    The backward product runs in float32 (CPUs without bf16 units emulate bfloat16 matmuls, 5-10x slower)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: nn.Module) -> Tensor:
-        ctx.layer = layer
-        return layer(x)
+    def forward(ctx, x: Tensor, frozen: FrozenQuantizedLinear) -> Tensor:
+        ctx.frozen = frozen
+        return frozen.base(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad @ dequantized_weight(ctx.layer, grad.dtype), None
+        return (grad.float() @ ctx.frozen.weight()).to(grad.dtype), None
 
 
 def dequantized_weight(layer: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -175,25 +177,52 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype) -> Tensor:
     raise LoRAError(f"cannot dequantize a {type(layer).__name__}")
 
 
+def int4_codes(layer: Int4Linear) -> QuantizedWeight | None:
+    """The 4-bit codes behind an Int4Linear, read back once through its kernel (`dequantized_weight`) with its
+    own scales and zeros, and kept only if they give back exactly the weight the kernel multiplies by (None
+    otherwise). Dequantizing them for each backward pass costs a few elementwise ops instead of a matmul of
+    `in_features` rows through the kernel."""
+    act = layer.scales_and_zeros.dtype
+    w = dequantized_weight(layer, act)
+    N, g = layer.out_features, layer.group_size
+    scales, zeros = (layer.scales_and_zeros[:, :N, i].t().float() for i in (0, 1))  # (N, K // g)
+    s, z = scales.repeat_interleave(g, dim=1), zeros.repeat_interleave(g, dim=1)
+    codes = ((w.float() - z) / s.where(s != 0, 1) + 8).round().clamp(0, 15).to(torch.uint8)
+    q = QuantizedWeight("int4", codes, scales, zeros, g)
+    return q if torch.equal(q.dequantize().to(act), w) else None
+
+
 def _base_forward(base: nn.Module, x: Tensor) -> Tensor:
     if isinstance(base, nn.Linear):
         return F.linear(x, base.weight)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _FrozenQuantizedLinear.apply(x, base)
     return base(x)
 
 
 class FrozenQuantizedLinear(nn.Module):
-    """An int8/int4 projection without adapters (the output head, untargeted projections) that passes the
-    gradient to its input, so that training can reach the adapters before it."""
+    """An int8/int4 projection that passes the gradient to its input through its dequantized weight (the
+    kernels have no autograd), so that training reaches the adapters before it. Holds no copy of the weight:
+    int8 codes dequantize as they are; int4 keeps its codes two to a byte (`int4_codes`) beside the kernel's
+    packing (half a byte per weight more), or without them reads the weight back through the kernel."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.out_features, self.in_features = base.out_features, base.in_features
+        self._int4 = None
+        if isinstance(base, Int4Linear):
+            q = int4_codes(base)
+            self._int4 = None if q is None else q.stored()
+
+    def weight(self) -> Tensor:
+        """The float32 (out, in) weight of the base."""
+        if self._int4 is not None:
+            return QuantizedWeight.from_stored("int4", self.base.group_size, self._int4, "int4").dequantize()
+        return dequantized_weight(self.base, torch.float32)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _base_forward(self.base, x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenQuantizedLinear.apply(x, self)
+        return self.base(x)
 
 
 class LoRALinear(nn.Module):
@@ -203,6 +232,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rows: dict[str, tuple[int, int]], config: LoRAConfig):
         super().__init__()
         self.base = base.requires_grad_(False)
+        # a quantized base runs through a wrapper that gives its input a gradient (see FrozenQuantizedLinear),
+        # held in a list so that the base is not registered twice (state_dict, .to())
+        self._frozen = None if isinstance(base, nn.Linear) else [FrozenQuantizedLinear(base)]
         self.rows = rows
         self.out_features, self.in_features = base.out_features, base.in_features
         self.scaling = config.scaling
@@ -226,7 +258,7 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(b)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _base_forward(self.base, x)
+        out = _base_forward(self.base, x) if self._frozen is None else self._frozen[0](x)
         if self.merged:
             return out
         # float32 adapters on a float32 input, added in float32, rounded once to the output's dtype (as PEFT)

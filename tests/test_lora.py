@@ -16,11 +16,13 @@ import torch.nn.functional as F
 
 from llama3.lora import (
     TARGET_MODULES,
+    FrozenQuantizedLinear,
     LoRAConfig,
     LoRAError,
     LoRALinear,
     add_lora,
     dequantized_weight,
+    int4_codes,
     load_adapter,
     lora_parameters,
     merge_lora,
@@ -190,6 +192,17 @@ def test_qlora_gradients_match_the_dequantized_float_reference(mode):
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     assert grads[0][0].abs().max() > 0
+
+
+def test_int4_codes_are_read_back_exactly():
+    """The codes QLoRA keeps for the backward pass are the ones the layer was built from."""
+    q = quantize(torch.randn(48, 128), "int4", group_size=64)
+    layer = quantized_linear(q, torch.bfloat16, torch.device("cpu"))
+    back = int4_codes(layer)
+    assert back is not None and torch.equal(back.codes, q.codes)
+    frozen = FrozenQuantizedLinear(layer)
+    # float32: the kernel's own weight before it rounds its output to bfloat16
+    assert torch.equal(frozen.weight().to(torch.bfloat16), dequantized_weight(layer, torch.bfloat16))
 
 
 def test_merge_into_quantized_base_is_refused():
