@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ChatFormat": "llama3.chat_format",
     "ChatMLFormat": "llama3.chat_format",
+    "JinjaChatFormat": "llama3.chat_format",
     "Llama": "llama3.generation",
     "ModelArgs": "llama3.config",
     "RopeScaling": "llama3.config",
@@ -30,6 +31,7 @@ _EXPORTS = {
 __all__ = [  # the keys of _EXPORTS, spelled out for linters and type checkers
     "ChatFormat",
     "ChatMLFormat",
+    "JinjaChatFormat",
     "Llama",
     "ModelArgs",
     "RopeScaling",
@@ -41,7 +43,7 @@ __all__ = [  # the keys of _EXPORTS, spelled out for linters and type checkers
 ]
 
 if TYPE_CHECKING:
-    from llama3.chat_format import ChatFormat, ChatMLFormat
+    from llama3.chat_format import ChatFormat, ChatMLFormat, JinjaChatFormat
     from llama3.checkpoint import default_model
     from llama3.config import ModelArgs, RopeScaling, SamplingParams
     from llama3.generation import Llama
