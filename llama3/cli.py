@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune}"
+        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve}"
     )
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
@@ -162,7 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--batch-size", type=int, default=8, metavar="N", help="conversations per batch (default: 8)")
     guard.set_defaults(parser=guard, max_seq_len=None)
     _add_finetune_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (needs the serve extra: pip install 'llama3[serve]')"
+    )
+    _add_load_args(sv)
+    sv.add_argument("--adapter", metavar="DIR", help="apply a LoRA adapter (llama3 finetune's or PEFT's)")
+    sv.add_argument("--chat-template", choices=["auto", "builtin", "jinja"], default="auto", help="(default: auto)")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to bind (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    sv.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="requests decoded together (default: 8)")
+    sv.add_argument(
+        "--max-seq-len", "-c", type=int, metavar="L", help="prompt + answer tokens per request (default: 4096 or less)"
+    )
+    sv.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before HTTP 429 (64)")
+    sv.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="prompt tokens per step (512)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env LLAMA3_API_KEY, else none)")
+    sv.add_argument("--served-model-name", metavar="NAME", help="the model name clients send (default: from --model)")
+    sv.set_defaults(parser=sv)
 
 
 def _add_finetune_parser(sub) -> None:
@@ -227,6 +248,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"argument --max-seq-len: must be >= 2, got {args.max_seq_len}")
         if not 0 <= args.lora_dropout < 1:
             parser.error(f"argument --lora-dropout: must be in [0, 1), got {args.lora_dropout}")
+        return
+    if args.command == "serve":
+        for flag in ("max_batch_size", "prefill_chunk", "max_seq_len"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+        if args.max_queue < 0:
+            parser.error(f"argument --max-queue: must be >= 0, got {args.max_queue}")
+        if not 0 <= args.port < 65536:
+            parser.error(f"argument --port: must be in [0, 65535], got {args.port}")
         return
     if args.command == "guard":
         if not args.model:
@@ -623,6 +653,39 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    import logging
+
+    missing = [m for m in ("starlette", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"llama3 serve needs {', '.join(missing)}: pip install 'llama3[serve]'")
+    from llama3.serve import create_app, run
+
+    llm, log, _ = load(args)
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    name = args.served_model_name or (
+        Path(args.model).name if args.model and os.path.exists(args.model) else args.model
+    )
+    app = create_app(
+        llm,
+        model_name=name or "SmolLM2-135M-Instruct",
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_seq_len=args.max_seq_len,
+        prefill_chunk=args.prefill_chunk,
+        api_key=args.api_key,
+    )
+    engine = app.state.engine
+    log(
+        f"llama3: serving '{name or 'SmolLM2-135M-Instruct'}' on http://{args.host}:{args.port}/v1 "
+        f"({engine.max_batch_size} rows of {engine.max_seq_len} tokens)"
+    )
+    run(app, args.host, args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from llama3.finetune import TrainConfig, finetune
 
@@ -684,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
             "perplexity": cmd_perplexity,
             "guard": cmd_guard,
             "finetune": cmd_finetune,
+            "serve": cmd_serve,
         }
         return commands[args.command](args)
     except KeyboardInterrupt:
