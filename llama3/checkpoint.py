@@ -9,6 +9,8 @@ copy of the checkpoint.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import pickle
 import re
@@ -16,6 +18,7 @@ import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +37,9 @@ from llama3.quantize import (
 )
 from llama3.quantize import check_settings as check_quantize_settings
 from llama3.quantize import quantize as quantize_weight
+
+if TYPE_CHECKING:
+    from llama3.tp import TensorParallel
 
 
 class CheckpointError(ValueError):
@@ -130,6 +136,7 @@ def load_model(
     progress: bool = True,
     group_size: int = DEFAULT_GROUP_SIZE,
     keep_output: bool = False,
+    shard: TensorParallel | None = None,
 ) -> Transformer:
     """Builds a `Transformer` from a checkpoint.
 
@@ -138,6 +145,7 @@ def load_model(
     (as transformers does, which loads GGUF in float32 too). `quantize` ("int8" or "int4", with int4's
     `group_size`) quantizes every projection as it is read (see `llama3.quantize`); activations are then
     bfloat16 by default. `keep_output` leaves the output projection float (tied: the embedding itself).
+    `shard` (`llama3.tp`): this rank's part of a tensor-parallel model, read slice by slice.
     """
     device = parse_device(device)
     ops = get_ops(backend, device)  # an unknown or unusable backend is refused before loading
@@ -154,8 +162,11 @@ def load_model(
     if dtype is None and gguf_file(path) is not None and quantize is None:
         dtype = torch.float32
     dtype = _parse_dtype(dtype)
-    args, tensors, count = open_checkpoint(path, progress, int4_native=quantize == "int4" and group_size == 32)
-    model = build_model(args, tensors, count, device, dtype, progress, str(path), quantize, group_size, keep_output)
+    int4_native = quantize == "int4" and group_size == 32
+    args, tensors, count = open_checkpoint(path, progress, int4_native, mapped=shard is not None)
+    model = build_model(
+        args, tensors, count, device, dtype, progress, str(path), quantize, group_size, keep_output, shard
+    )
     model.set_ops(ops)
     return model
 
@@ -197,13 +208,18 @@ def gguf_file(path: Path) -> Path | None:
     return ggufs[0] if ggufs else None
 
 
-def open_checkpoint(path: Path, progress: bool = True, int4_native: bool = False) -> tuple[ModelArgs, HFTensors, int]:
-    """Finds the format at `path`; returns its ModelArgs and a lazy stream of HF-named tensors."""
+def open_checkpoint(
+    path: Path, progress: bool = True, int4_native: bool = False, mapped: bool = False
+) -> tuple[ModelArgs, HFTensors, int]:
+    """Finds the format at `path`; returns its ModelArgs and a lazy stream of HF-named tensors.
+
+    `mapped`: safetensors tensors come as views of the memory-mapped file, for a reader that copies only a
+    slice of each (a tensor-parallel rank): nothing else of the file is read into the process's memory."""
     gguf = gguf_file(path)
     if gguf is not None:
         return _open_gguf(gguf, progress, int4_native)
     if (path / "config.json").exists():
-        return _open_hf(path)
+        return _open_hf(path, mapped)
     if (path / "params.json").exists():
         return _open_meta(path)
     if (path / "original" / "params.json").exists():
@@ -213,7 +229,7 @@ def open_checkpoint(path: Path, progress: bool = True, int4_native: bool = False
     )
 
 
-def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
+def _open_hf(path: Path, mapped: bool = False) -> tuple[ModelArgs, HFTensors, int]:
     args = ModelArgs.from_hf_config(path / "config.json")
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -237,7 +253,7 @@ def _open_hf(path: Path) -> tuple[ModelArgs, HFTensors, int]:
     stored = stored_quantization(path)
 
     def tensors() -> Iterator[tuple[str, Tensor | QuantizedWeight]]:
-        stream = (item for shard in shards for item in _read_safetensors(path / shard, *headers[shard]))
+        stream = (item for shard in shards for item in _read_safetensors(path / shard, *headers[shard], mapped))
         yield from (_stored_weights(stream, stored, path) if stored else stream)
 
     return args, tensors, sum(len(entries) for entries, _ in headers.values())
@@ -349,18 +365,27 @@ def _safetensors_header(file: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read_safetensors(file: Path, header: dict, data_start: int) -> Iterator[tuple[str, Tensor]]:
+def _read_safetensors(file: Path, header: dict, data_start: int, mapped: bool = False) -> Iterator[tuple[str, Tensor]]:
     """Each tensor read straight into its own private buffer, in file order.
 
     Plain reads rather than safetensors' memory map: a mapped file stays resident until every tensor
     viewing it is gone, which would count a second copy of the checkpoint against host memory.
+    `mapped`: views of the file mapped copy-on-write instead, for a caller that copies a slice of each.
     """
     with open(file, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if mapped else None
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if entry["dtype"] not in _SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
-            t = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
             begin, end = entry["data_offsets"]
+            dtype, numel = _SAFETENSORS_DTYPES[entry["dtype"]], math.prod(entry["shape"])
+            if mm is not None and numel and end - begin == numel * dtype.itemsize:  # sizes checked in the header
+                yield (
+                    name,
+                    torch.frombuffer(mm, dtype=dtype, count=numel, offset=data_start + begin).view(entry["shape"]),
+                )
+                continue
+            t = torch.empty(entry["shape"], dtype=dtype)
             buffer = t.reshape(-1).view(torch.uint8).numpy()
             f.seek(data_start + begin)
             if end - begin != buffer.nbytes or f.readinto(buffer) != buffer.nbytes:
@@ -520,12 +545,17 @@ def build_model(
     quantize: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     keep_output: bool = False,
+    shard: TensorParallel | None = None,
 ) -> Transformer:
     """Materialises a meta-device `Transformer` from HF-named tensors, checking names and shapes.
 
     With `quantize`, each projection weight is quantized as soon as it is read (a stream may also hand
     over weights already quantized, `QuantizedWeight`), so no float copy of the model is ever held.
+    With `shard` (tensor parallelism, `llama3.tp`), the world size is checked before any tensor is read,
+    and each tensor is cut to this rank's rows or columns before it is copied or quantized.
     """
+    if shard is not None:
+        shard.check(args, quantize, group_size)
     expected = args.hf_shapes()
     parts: dict[str, dict[int, Tensor | QuantizedWeight]] = {}
     state: dict[str, Tensor] = {}
@@ -545,6 +575,8 @@ def build_model(
             )
         if isinstance(t, Tensor) and not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
+        if shard is not None:
+            t = shard.slice(name, t, args)
         ours, slot, n_slots = _fused_name(name)
         mode = quantize and is_quantized_layer(ours) and mode_for(ours, quantize, keep_output)
         if isinstance(t, QuantizedWeight) and t.mode != mode:  # a GGUF Q4 output projection: int8, or float
@@ -554,7 +586,7 @@ def build_model(
         elif mode:
             parts.setdefault(ours, {})[slot] = _quantize(t, mode, group_size, f"{source}: {name}")
         else:
-            parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype)
+            parts.setdefault(ours, {})[slot] = t.to(device=device, dtype=dtype, copy=shard is not None)  # not a view
         output_mode = quantize and args.tie_embeddings and mode_for("output", quantize, keep_output)
         if output_mode and ours == "tok_embeddings.weight":  # the output projection's own copy
             q = _quantize(t, output_mode, group_size, f"{source}: {name}")
@@ -580,7 +612,7 @@ def build_model(
         raise CheckpointError(" ".join(msg))
 
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args) if shard is None else shard.parallelize(Transformer(shard.local_args(args)))
     for path, module in quantized.items():  # quantized projections replace their nn.Linear
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent), attr, module)
