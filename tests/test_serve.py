@@ -1,0 +1,460 @@
+"""The OpenAI-compatible server (`llama3.serve`) on 127.0.0.1, driven by the official `openai` client and raw HTTP.
+
+References are independent of the server: the same request alone through `Llama.generate` on a second copy of
+the model (its own KV cache), and transformers' log-softmax for logprobs. The model is a tiny random Llama
+with the real 128,256-token vocabulary, in float32. Every wait is bounded; servers stop at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from llama3 import Llama  # noqa: E402
+from llama3.serve import create_app  # noqa: E402
+
+NAME = "tiny"
+API_KEY = "sk-test-key"
+
+
+class Server:
+    """uvicorn serving `app` in a background thread, on a socket bound here to a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the server did not stop"
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def client(self, api_key: str = API_KEY, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
+
+
+def load(d) -> Llama:
+    return Llama.from_pretrained(d, device="cpu", dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_llama3) -> Llama:
+    """A second copy of the model, with its own KV cache: what each request gets alone."""
+    return load(tiny_llama3[0])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama3):
+    """4 rows, 8 queue places, 16-token prefill chunks (so longer prompts are prefilled in several)."""
+    app = create_app(
+        load(tiny_llama3[0]), model_name=NAME, max_batch_size=4, max_queue=8, prefill_chunk=16, api_key=API_KEY
+    )
+    with Server(app) as s:
+        yield s
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def token_ids(choice) -> list[int]:
+    return choice.model_extra["token_ids"]
+
+
+def prompt_of(i: int, length: int) -> list[int]:
+    """A token prompt of `length` ids, different for each i (plain word tokens of the Llama 3 vocabulary)."""
+    return [128000] + [1000 + (97 * i + 13 * j) % 20000 for j in range(length - 1)]
+
+
+# -- the API through the official client ---------------------------------------------------------------
+
+
+def test_chat_completion_is_the_greedy_answer_alone(server, ref):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
+    r = server.client().chat.completions.create(
+        model=NAME, messages=messages, max_tokens=12, temperature=0, extra_body={"return_token_ids": True}
+    )
+    prompt = ref.chat_format.encode_dialog_prompt(messages)
+    want = ref.generate([prompt], 12, temperature=0, stop_tokens=ref.chat_stop_tokens)[0]
+    (choice,) = r.choices
+    assert token_ids(choice) == want
+    assert choice.message.role == "assistant" and choice.message.content == ref.tokenizer.decode(want)
+    assert choice.finish_reason == ("length" if len(want) == 12 else "stop")
+    assert r.object == "chat.completion" and r.model == NAME
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), 12)
+    assert r.usage.total_tokens == len(prompt) + 12
+    assert r.model_extra["prompt_token_ids"] == prompt
+
+
+def test_streamed_completion_equals_the_plain_one(server):
+    client = server.client()
+    kwargs = dict(model=NAME, prompt="The capital of France is", max_tokens=10, temperature=0)
+    plain = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    # chat: the role first, then the content
+    chat = list(
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True
+        )
+    )
+    plain = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+    )
+    assert chat[0].choices[0].delta.role == "assistant" and chat[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == plain.choices[0].message.content
+    assert chat[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def test_raw_stream_ends_with_done(server):
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_across_token_boundaries_is_not_returned(server, ref):
+    prompt = prompt_of(1, 5)
+    full = ref.generate([prompt], 16, temperature=0, stop_tokens=[])[0]
+    pieces = [ref.tokenizer.decode([t]) for t in full]
+    text = "".join(pieces)
+    # a stop string made of the end of token 3's text and the start of token 4's: it spans a boundary
+    k = len("".join(pieces[:4]))
+    stop = text[k - 2 : k + 2]
+    assert len(stop) == 4 and text.find(stop) == k - 2, "pick a prompt whose text has a unique 4-char span"
+    client = server.client()
+    kwargs = dict(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[stop, "never-seen"])
+    r = client.completions.create(**kwargs)
+    assert r.choices[0].text == text[: k - 2] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True))
+    assert streamed == text[: k - 2]
+
+
+def test_seed_reproduces_and_matches_generate(server, ref):
+    client = server.client()
+    kwargs = dict(model=NAME, prompt=prompt_of(2, 6), max_tokens=10, temperature=0.9, top_p=0.8, seed=1234)
+    a = client.completions.create(**kwargs, extra_body={"return_token_ids": True})
+    b = client.completions.create(**kwargs, n=2, extra_body={"return_token_ids": True})
+    want = ref.generate(
+        [prompt_of(2, 6)], 10, temperature=0.9, top_p=0.8, seed=1234, stop_tokens=ref.tokenizer.stop_tokens
+    )
+    assert token_ids(a.choices[0]) == token_ids(b.choices[0]) == want[0]
+    other = ref.generate(
+        [prompt_of(2, 6)], 10, temperature=0.9, top_p=0.8, seed=1235, stop_tokens=ref.tokenizer.stop_tokens
+    )
+    assert token_ids(b.choices[1]) == other[0]  # choice j is seeded seed + j
+    assert token_ids(b.choices[0]) != token_ids(b.choices[1])
+
+
+def test_logprobs_are_the_models_log_softmax(server, tiny_llama3):
+    hf = tiny_llama3[1]
+    prompt = prompt_of(3, 7)
+    client = server.client()
+    r = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=3, extra_body={"return_token_ids": True}
+    )
+    ids = token_ids(r.choices[0])
+    with torch.no_grad():  # transformers' logits for every position, independently of our model
+        ref_lp = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+    lp = r.choices[0].logprobs
+    assert torch.allclose(torch.tensor(lp.token_logprobs), ref_lp[torch.arange(len(ids)), ids], atol=1e-4)
+    tok = server.app.state.engine.tokenizer
+    for i, top in enumerate(lp.top_logprobs):
+        values, indices = ref_lp[i].topk(3)
+        assert list(top) == [tok.token_bytes(t).decode("utf-8", "replace") for t in indices.tolist()]
+        assert torch.allclose(torch.tensor(list(top.values())), values, atol=1e-4)
+    # chat: per-token entries with bytes and top_logprobs
+    c = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, logprobs=True,
+        top_logprobs=2, extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    entries = c.choices[0].logprobs.content
+    assert len(entries) == len(token_ids(c.choices[0])) and all(len(e.top_logprobs) == 2 for e in entries)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)  # greedy: the top one
+    assert [bytes(e.bytes) for e in entries] == [tok.token_bytes(t) for t in token_ids(c.choices[0])]
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [NAME]
+    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}  # no key needed
+
+
+def test_errors_arrive_as_the_clients_exceptions(server):
+    client = server.client()
+    hi = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=hi)
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    for kwargs, param in [
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+        ({"max_tokens": 1000}, "max_tokens"),  # prompt + answer over the 256-token context
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=NAME, messages=hi, **kwargs)
+        assert e.value.status_code == 400 and e.value.param == param, (kwargs, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt=prompt_of(0, 300), max_tokens=1)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="sk-wrong").models.list()
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b'{"model": "tiny", "prompt": "x"', 400, None),  # malformed JSON
+        (b'["not", "an", "object"]', 400, None),
+        (b'{"model": "tiny", "prompt": 5}', 400, "prompt"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": "10"}', 400, "max_tokens"),
+        (b'{"model": "tiny", "prompt": "x", "stream": "yes"}', 400, "stream"),
+        (b'{"model": "tiny", "prompt": [1, 999999]}', 400, "prompt"),
+        (b'{"prompt": "x"}', 400, "model"),
+        (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ],
+)
+def test_bad_bodies_get_a_400_naming_the_field(server, body, status, param):
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert "Traceback" not in r.text and "/" not in error["message"].replace("true/false", "")
+
+
+def test_auth_body_size_and_routes(server):
+    url, auth = server.url, {"Authorization": f"Bearer {API_KEY}"}
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": API_KEY}):
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 401
+    huge = b'{"model": "tiny", "prompt": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+    r = httpx.post(f"{url}/v1/completions", content=huge, headers=auth, timeout=30)
+    assert r.status_code == 413
+    r = httpx.post(f"{url}/v1/completions", content=iter([huge[: 1 << 20]] * 6), headers=auth, timeout=30)  # chunked
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.get(f"{url}/v1/nothing", headers=auth, timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{url}/v1/completions", headers=auth, timeout=10)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_metrics_in_prometheus_format(server):
+    server.client().completions.create(model=NAME, prompt="Hi", max_tokens=2)
+    r = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    for name in ("llama3_requests_total", "llama3_generation_tokens_total", "llama3_queue_length",
+                 "llama3_batch_rows_used", "llama3_time_to_first_token_seconds_bucket"):  # fmt: skip
+        assert name in r.text
+
+
+# -- continuous batching -------------------------------------------------------------------------------
+
+
+def test_continuous_batching_is_exact(server, ref):
+    """12 greedy requests of different prompt (up to 4 prefill chunks) and answer lengths, arriving at staggered
+    times, each get exactly the tokens `Llama.generate` gives the same request alone."""
+    jobs = [(prompt_of(i, 2 + (i * 5) % 60), 3 + (i * 7) % 20) for i in range(12)]
+    want = [ref.generate([p], n, temperature=0, stop_tokens=ref.tokenizer.stop_tokens)[0] for p, n in jobs]
+    client = server.client()
+    steps0, tokens0 = server.engine.steps, server.engine.tokens_generated
+
+    def run(i):
+        time.sleep(0.03 * i)
+        p, n = jobs[i]
+        r = client.completions.create(
+            model=NAME, prompt=p, max_tokens=n, temperature=0, extra_body={"return_token_ids": True}
+        )
+        return token_ids(r.choices[0])
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(run, range(12), timeout=120))
+    assert got == want
+    steps, tokens = server.engine.steps - steps0, server.engine.tokens_generated - tokens0
+    assert steps < tokens - 12, "requests shared decode steps"  # (each request's first token comes from its prefill)
+
+
+def test_static_decode_form_gives_the_same_tokens(tiny_llama3, ref):
+    """The decode step as CUDA captures it (every row, the whole cache, idle rows at the scratch slot), run
+    eagerly on the CPU: the same tokens as each request alone."""
+    from llama3.config import SamplingParams
+    from llama3.engine import Engine, GenerationRequest
+
+    jobs = [(prompt_of(i, 3 + 9 * i), 4 + 3 * i, i) for i in range(5)]
+    want = [ref.generate([p], n, temperature=0.8, top_p=0.9, seed=s, stop_tokens=[])[0] for p, n, s in jobs]
+    engine = Engine(load(tiny_llama3[0]), max_batch_size=3, max_queue=8, max_seq_len=128, static_decode=True).start()
+    got, done = [[] for _ in jobs], threading.Semaphore(0)
+    try:
+        for i, (p, n, s) in enumerate(jobs):
+
+            def emit(o, i=i):
+                got[i] += [o.token] if o.token is not None else []
+                if o.finish_reason:
+                    done.release()
+
+            engine.submit([GenerationRequest(p, n, emit, SamplingParams(0.8, 0.9, None), seed=s)])
+        assert all(done.acquire(timeout=60) for _ in jobs)
+    finally:
+        engine.stop()
+    assert got == want
+
+
+# -- load and faults -----------------------------------------------------------------------------------
+
+
+def test_client_killed_mid_stream_frees_its_row(server):
+    body = {"model": NAME, "prompt": prompt_of(5, 4), "max_tokens": 200, "temperature": 0, "stream": True}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{server.url}/v1/completions", json=body, headers=auth) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert wait_until(lambda: server.engine.running == 1)
+    # the connection is closed with 190-odd tokens to go: the row is free before they are generated
+    assert wait_until(lambda: server.engine.running == 0, timeout=10)
+    # a plain request whose client gives up frees its row too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=auth, timeout=0.5)
+    assert wait_until(lambda: server.engine.running == 0, timeout=10)
+    # and the next requests run at full batch
+    client = server.client()
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(
+            pool.map(lambda i: client.completions.create(model=NAME, prompt=prompt_of(i, 3), max_tokens=3), range(4))
+        )
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in rs)
+
+
+def test_many_clients_with_a_small_queue_complete_or_get_429(server, ref):
+    """64 requests from 16 concurrent clients against 4 rows and 8 queue places: each gets its own exact answer
+    or a 429 with Retry-After; nothing hangs, nothing is mixed up between clients."""
+    prompts = {i: prompt_of(100 + i, 2 + i % 5) for i in range(16)}
+    want = {
+        i: ref.generate([p], 4, temperature=0, stop_tokens=ref.tokenizer.stop_tokens)[0] for i, p in prompts.items()
+    }
+    client = server.client()
+    outcomes = []
+
+    def client_loop(c: int) -> None:
+        for _ in range(4):
+            try:
+                r = client.completions.create(
+                    model=NAME, prompt=prompts[c], max_tokens=4, temperature=0, extra_body={"return_token_ids": True}
+                )
+                outcomes.append(("ok", token_ids(r.choices[0]) == want[c]))
+            except openai.RateLimitError as e:
+                outcomes.append(("429", e.response.headers.get("retry-after") == "1"))
+
+    threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert len(outcomes) == 64 and all(right for _, right in outcomes)
+    assert any(kind == "ok" for kind, _ in outcomes)
+    assert wait_until(lambda: server.engine.running == 0 and server.engine.waiting == 0)
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+
+def test_llama3_serve_command(tiny_llama3):
+    """`llama3 serve` in its own process: loopback, the API key from the environment, one answer."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "LLAMA3_API_KEY": API_KEY}
+    cmd = [sys.executable, "-m", "llama3", "serve", "--model", str(tiny_llama3[0]), "--dtype", "float32", "--port",
+           str(port), "--max-batch-size", "2", "--served-model-name", NAME]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_until(up, timeout=90)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=30)
+        r = client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0, timeout=30).models.list()
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate(timeout=5)
+    assert "3 completion tokens" in out  # the per-request log line
+    assert "Traceback" not in out
+
+
+def test_serve_without_the_extra_names_it(monkeypatch, capsys):
+    from llama3.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert main(["serve"]) == 1
+    assert "pip install 'llama3[serve]'" in capsys.readouterr().err
