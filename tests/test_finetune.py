@@ -212,6 +212,17 @@ def test_resume_repeats_the_losses_of_an_uninterrupted_run(byte_llama, tmp_path,
         finetune(config(byte_llama, tmp_path / "b", resume=True, **(kwargs | {"learning_rate": 1e-3})))
 
 
+def test_accumulating_two_micro_batches_equals_one_batch_of_both(byte_llama, tmp_path):
+    """The loss of a step is the mean over all its learned tokens, however they are split into micro-batches."""
+    losses = []
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        c = config(byte_llama, tmp_path / str(batch_size), batch_size=batch_size, grad_accum=grad_accum, max_steps=3)
+        c.data = write_jsonl(tmp_path / "four.jsonl", DIALOGS[:4])  # one step = one epoch = the same 4 rows
+        c.lora_dropout = 0.0
+        losses.append(finetune(c)["losses"])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(byte_llama):
     grads = []
     for checkpointing in (False, True):
