@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -369,7 +369,7 @@ def load_for_training(config: TrainConfig):
         progress=config.progress,
     )
     torch.manual_seed(config.seed)
-    add_lora(llm.model, config.lora_config())
+    add_lora(llm.model, replace(config.lora_config(), base_model=str(src)))
     return llm, src
 
 

@@ -353,3 +353,17 @@ def test_output_dir_is_left_alone_without_resume(byte_llama, tmp_path):
     with pytest.raises(FileExistsError, match="holds a checkpoint of an earlier run"):
         finetune(config(byte_llama, tmp_path, max_steps=1))
     shutil.rmtree(tmp_path / "out")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from llama3.cli import main
+
+    code = main(["finetune", "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"llama3: error: data file not found: {tmp_path / 'none.jsonl'}\n"
+    data = write_jsonl(tmp_path / "t.jsonl", DIALOGS)
+    code = main(["finetune", "--data", data, "--output", str(tmp_path / "o"), "--target-modules", "lm_head", "-q"])
+    assert code == 1 and "unknown LoRA target module(s) 'lm_head'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--data", data, "--output", str(tmp_path / "o"), "--lora-rank", "0"])
+    assert e.value.code == 2 and "argument --lora-rank: must be >= 1, got 0" in capsys.readouterr().err
