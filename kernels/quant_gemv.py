@@ -136,20 +136,31 @@ def _dequantize_kernel(
     stride_on,
     INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (cols < n)[:, None] & (ks < k)[None, :]
+    k0 = tl.program_id(1) * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
+    col_mask = (cols < n)[:, None]
+    mask = col_mask if EVEN_K else col_mask & (ks < k)[None, :]  # uniform along K: 16-byte loads and stores
     rows64 = cols.to(tl.int64)[:, None]
-    if INT4:
-        packed = tl.load(q_ptr + rows64 * stride_qn + (ks // 2)[None, :], mask=mask, other=0)
-        codes = (packed >> ((ks % 2) * 4)[None, :]) & 15  # element 2j: low nibble; 2j + 1: high nibble
-        group = (ks // GROUP_SIZE)[None, :]
-        scale = tl.load(scale_ptr + rows64 * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(zero_ptr + rows64 * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
-        w = (codes.to(tl.float32) - 8.0) * scale + zero
+    if INT4:  # as in the matmul kernel: bytes unpacked side by side, each group's (scale, zero) repeated
+        nbytes = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte_mask = col_mask if EVEN_K else col_mask & (2 * nbytes < k)[None, :]
+        packed = tl.load(q_ptr + rows64 * stride_qn + nbytes[None, :], mask=byte_mask, other=0)
+        groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+        g_mask = col_mask & (groups * GROUP_SIZE < k)[None, :]
+        scale = _repeat(
+            tl.load(scale_ptr + rows64 * stride_sn + groups[None, :], mask=g_mask, other=0.0), GROUP_SIZE // 2
+        )
+        zero = _repeat(
+            tl.load(zero_ptr + rows64 * stride_sn + groups[None, :], mask=g_mask, other=0.0), GROUP_SIZE // 2
+        )
+        w_even = ((packed & 15).to(tl.float32) - 8.0) * scale + zero
+        w_odd = ((packed >> 4).to(tl.float32) - 8.0) * scale + zero
+        w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
     else:
         codes = tl.load(q_ptr + rows64 * stride_qn + ks[None, :], mask=mask, other=0)
         w = codes.to(tl.float32) * tl.load(scale_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
@@ -310,7 +321,7 @@ def dequantize_int4_weight(
 def _dequantize(codes, scales, zeros, k: int, group_size: int) -> torch.Tensor:
     n = codes.shape[0]
     out = torch.empty((n, k), dtype=scales.dtype, device=codes.device)
-    block_n, block_k = 32, 256
+    block_n, block_k = 32, 256  # a step of 256 inputs holds whole groups (K is a multiple of the group)
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         codes,
         scales,
@@ -323,6 +334,7 @@ def _dequantize(codes, scales, zeros, k: int, group_size: int) -> torch.Tensor:
         out.stride(0),
         INT4=group_size > 0,
         GROUP_SIZE=max(group_size, 1),
+        EVEN_K=k % block_k == 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=4,

@@ -47,6 +47,7 @@ if [ "$part" = all ] || [ "$part" = bench ]; then
 fi
 if [ "$part" = all ] || [ "$part" = quant ]; then
     python3 -m pytest -q -rs tests/test_kernels_quant.py 2>&1 | tee "$out/gpu-quant-tests.log"
+    python3 scripts/kernel_report.py --quantized 2>&1 | tee "$out/kernel-report-quantized.log"
     python3 benchmarks/bench_quant.py --out "$out/quant-cuda" 2>&1 | tee "$out/gpu-quant-bench.log"
 fi
 if [ "$part" = all ] || [ "$part" = quant-generate ]; then

@@ -2,6 +2,7 @@
 
     python scripts/kernel_report.py                 # Llama-3-8B decode and prefill shapes, bf16, sm_90 (H100)
     python scripts/kernel_report.py --arch 80       # A100
+    python scripts/kernel_report.py --quantized     # + the int8 / int4 weight-only kernels
 
 Each kernel wrapper runs on meta tensors while its launches are recorded instead of executed; every
 recorded launch is then compiled ahead of time for the chosen architecture with the same
@@ -163,8 +164,11 @@ def compile_and_inspect(launch: Launch, arch: int = 90) -> Compiled:
     return Compiled(launch, ptx, registers, spilled, kernel.metadata.shared, _count_loads(ptx))
 
 
-def llama3_8b_launches(batch: int = 1, prompt_len: int = 2048, cache_len: int = 4096) -> list[Launch]:
-    """The kernels' launches for a Llama-3-8B bf16 decode step and prefill, recorded on meta tensors."""
+def llama3_8b_launches(
+    batch: int = 1, prompt_len: int = 2048, cache_len: int = 4096, quantized: bool = False
+) -> list[Launch]:
+    """The kernels' launches for a Llama-3-8B bf16 decode step and prefill, recorded on meta tensors; with
+    `quantized`, those of the int8 / int4 weight kernels too (`quantized_cases`)."""
     from llama3.kernels.decode_attention import decode_attention
     from llama3.kernels.gemv import gemv
     from llama3.kernels.rms_norm import rms_norm
@@ -219,7 +223,8 @@ def llama3_8b_launches(batch: int = 1, prompt_len: int = 2048, cache_len: int = 
                 )
             )
 
-    cases += quantized_cases(batch, prompt_len)
+    if quantized:
+        cases += quantized_cases(batch, prompt_len)
 
     launches: list[Launch] = []
     for label, run in cases:
@@ -279,9 +284,10 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100, 80: A100)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", action="store_true", help="one JSON object per launch instead of the table")
+    p.add_argument("--quantized", action="store_true", help="also the int8 / int4 weight kernels (quant_gemv)")
     a = p.parse_args()
     if a.json:
-        for launch in llama3_8b_launches(a.batch):
+        for launch in llama3_8b_launches(a.batch, quantized=a.quantized):
             c = compile_and_inspect(launch, a.arch)
             target = re.search(r"^\.target (\w+)", c.ptx, re.M)
             row = dict(label=launch.label, target=target.group(1) if target else None, registers=c.registers)
@@ -289,7 +295,7 @@ def main() -> None:
         return
     print(f"sm_{a.arch}, Llama-3-8B shapes, bf16, batch {a.batch}")
     print(f"{'launch':<38} {'regs':>5} {'spill B':>8} {'smem B':>7}  global loads (v4 / v2 / scalar / cp.async)")
-    for launch in llama3_8b_launches(a.batch):
+    for launch in llama3_8b_launches(a.batch, quantized=a.quantized):
         c = compile_and_inspect(launch, a.arch)
         ld = c.loads
         print(

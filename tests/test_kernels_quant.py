@@ -127,10 +127,18 @@ def test_int4_kernel_matches_the_matmul_of_its_dequantized_weight(rows, group_si
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode, group_size", [("int8", None), *[("int4", g) for g in GROUP_SIZES]])
-def test_dequantize_kernel_equals_the_reference_dequantization(mode, group_size, dtype):
-    """The prefill path's dequantize-then-cuBLAS: the weight computed in fp32 and rounded once, bit for bit."""
-    n, k = 45, 512
+@pytest.mark.parametrize(
+    "mode, group_size, k",
+    [
+        *[("int8", None, k) for k in (512, 300)],
+        *[("int4", g, 512) for g in GROUP_SIZES],
+        *[("int4", g, 640) for g in (32, 64, 128)],
+    ],
+)
+def test_dequantize_kernel_equals_the_reference_dequantization(mode, group_size, k, dtype):
+    """The prefill path's dequantize-then-cuBLAS: the weight computed in fp32 and rounded once, bit for bit
+    (K = 300 and 640 end in a partial step of the kernel)."""
+    n = 45
     q = quantize(weights(n, k), mode, group_size or 32)
     scales = q.scales.to(dtype)
     if mode == "int8":
