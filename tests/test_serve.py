@@ -358,8 +358,8 @@ def test_static_decode_form_gives_the_same_tokens(tiny_llama3, ref):
 # -- load and faults -----------------------------------------------------------------------------------
 
 
-def test_client_killed_mid_stream_frees_its_row(server):
-    body = {"model": NAME, "prompt": prompt_of(5, 4), "max_tokens": 200, "temperature": 0, "stream": True}
+def test_client_killed_mid_stream_frees_its_row(server, monkeypatch):
+    body = {"model": NAME, "prompt": prompt_of(5, 4), "max_tokens": 250, "temperature": 0, "stream": True}
     auth = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{server.url}/v1/completions", json=body, headers=auth) as r:
@@ -368,10 +368,13 @@ def test_client_killed_mid_stream_frees_its_row(server):
             assert wait_until(lambda: server.engine.running == 1)
     # the connection is closed with 190-odd tokens to go: the row is free before they are generated
     assert wait_until(lambda: server.engine.running == 0, timeout=10)
-    # a plain request whose client gives up frees its row too
+    # a plain request whose client gives up frees its row too (before its 250 tokens)
+    monkeypatch.setattr("llama3.serve.DISCONNECT_POLL_S", 0.1)
+    tokens0 = server.engine.tokens_generated
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=auth, timeout=0.5)
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=auth, timeout=0.3)
     assert wait_until(lambda: server.engine.running == 0, timeout=10)
+    assert server.engine.tokens_generated - tokens0 < 250
     # and the next requests run at full batch
     client = server.client()
     with ThreadPoolExecutor(4) as pool:
@@ -410,6 +413,24 @@ def test_many_clients_with_a_small_queue_complete_or_get_429(server, ref):
     assert len(outcomes) == 64 and all(right for _, right in outcomes)
     assert any(kind == "ok" for kind, _ in outcomes)
     assert wait_until(lambda: server.engine.running == 0 and server.engine.waiting == 0)
+
+
+def test_the_wait_queue_is_bounded(tiny_llama3):
+    """Requests beyond the free rows wait, at most max_queue of them; all of an n > 1 request or none."""
+    from llama3.engine import Engine, GenerationRequest, QueueFull
+
+    engine = Engine(load(tiny_llama3[0]), max_batch_size=4, max_queue=8, max_seq_len=64)  # not started: nothing runs
+
+    def request():
+        return GenerationRequest([128000, 1000], 4, lambda o: None)
+
+    engine.submit([request() for _ in range(10)])
+    with pytest.raises(QueueFull):
+        engine.submit([request() for _ in range(3)])  # 4 rows + 8 places: 13 do not fit, and none is queued
+    engine.submit([request(), request()])
+    with pytest.raises(QueueFull):
+        engine.submit([request()])
+    assert engine.waiting == 12
 
 
 # -- the command ---------------------------------------------------------------------------------------
