@@ -27,15 +27,16 @@ Message = dict[str, str]
 Dialog = list[Message]
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, generator=None) -> Tensor:
-    """logits (B, V) -> token ids (B,), on the device, with no host sync (so it can be graph-captured).
+def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int | None) -> Tensor:
+    """logits (B, V) -> the distribution (B, V) fp32 that `sample` draws from.
 
-    temperature 0 is greedy. top_k keeps the k most likely tokens; top_p keeps, in order of
-    probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does (it
-    zeroes `cumsum - p_i > p`): the smallest set reaching p, plus the token that lands exactly on p.
+    temperature 0 (greedy) is the one-hot of the argmax. top_k keeps the k most likely tokens; top_p keeps,
+    in order of probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does
+    (it zeroes `cumsum - p_i > p`): the smallest set reaching p, plus the token that lands exactly on p.
+    The result is not renormalised after top-p; `draw` does not need it to be.
     """
     if temperature <= 0:
-        return logits.float().argmax(dim=-1)  # same index; CPU argmax over bf16 is 2x slower than over fp32
+        return torch.nn.functional.one_hot(logits.float().argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -46,10 +47,25 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, 
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p).
-    # Unlike torch.multinomial it needs no renormalisation and no host sync.
+    return probs
+
+
+def draw(probs: Tensor, generator=None) -> Tensor:
+    """One token per row of `probs` (B, V), in proportion to its (not necessarily normalised) weights.
+
+    Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p).
+    Unlike torch.multinomial it needs no renormalisation and no host sync.
+    """
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
     return (probs / race).argmax(dim=-1)
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, generator=None) -> Tensor:
+    """logits (B, V) -> token ids (B,), on the device, with no host sync (so it can be graph-captured):
+    a draw from `sampling_probs`; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.float().argmax(dim=-1)  # same index; CPU argmax over bf16 is 2x slower than over fp32
+    return draw(sampling_probs(logits, temperature, top_p, top_k), generator)
 
 
 def _token_ids(ids: Sequence, vocab: int, what: str) -> list[int]:
@@ -190,10 +206,17 @@ class Llama:
         adapter_model.safetensors + adapter_config.json), applied to the model without merging."""
         if chat_template not in CHAT_TEMPLATE_CHOICES:  # before anything loads
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {chat_template!r}")
-        from llama3.checkpoint import default_model, gguf_file, load_model, resolve
+        from llama3.checkpoint import default_model, gguf_file, load_model, parse_device, resolve
+        from llama3.tp import TensorParallel, local_device
 
+        # under torchrun (WORLD_SIZE > 1) this process loads and runs its tensor-parallel share (llama3.tp)
+        shard = TensorParallel.from_environment(parse_device(device))
+        if shard is not None:
+            if adapter is not None:
+                raise ValueError("LoRA adapters are not supported with tensor parallelism (torchrun); merge it first")
+            device = local_device(parse_device(device))
         path = resolve(default_model() if src is None else src)
-        model = load_model(path, device, dtype, backend, quantize, progress, group_size, keep_output)
+        model = load_model(path, device, dtype, backend, quantize, progress, group_size, keep_output, shard)
         if adapter is not None:
             from llama3.lora import load_adapter
 
@@ -236,14 +259,22 @@ class Llama:
         top_k: int | None = None,
         stop_tokens: Sequence[int] | None = None,
         seed: int | None = None,
+        *,
+        draft: Llama | None = None,
+        speculate_k: int = 4,
+        prompt_lookup: int | None = None,
     ) -> list[list[int]]:
         """The new tokens of each prompt, up to (not including) its first stop token.
 
-        stop_tokens None uses the tokenizer's; [] never stops. temperature 0 is greedy.
+        stop_tokens None uses the tokenizer's; [] never stops. temperature 0 is greedy. `draft` (a smaller
+        model with the same vocabulary) or `prompt_lookup` (the longest n-gram to look up in the prompt and
+        the text so far) turns on speculative decoding, `speculate_k` guesses per step: the same tokens
+        when greedy, the same distribution when sampling (see `llama3.speculative`); one prompt at a time.
         """
         out: list[list[int]] = [[] for _ in prompt_tokens]
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
         for step in self.generate_stream(
-            prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop_tokens, seed, sync_every=8
+            prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop_tokens, seed, sync_every=8, **speculation
         ):
             for row, token in enumerate(step):
                 if token is not None:
@@ -261,16 +292,24 @@ class Llama:
         stop_tokens: Sequence[int] | None = None,
         seed: int | None = None,
         sync_every: int = 1,
+        *,
+        draft: Llama | None = None,
+        speculate_k: int = 4,
+        prompt_lookup: int | None = None,
     ) -> Iterator[list[int | None]]:
         """Yields, per decode step, each row's new token (None once the row has stopped).
 
         Tokens stay on the device for `sync_every` steps between host reads; the stop check needs
-        the only sync.
+        the only sync. With `draft` or `prompt_lookup` (see `generate`) a step is one token of a
+        speculative round, which syncs once per round.
         """
         params = SamplingParams(temperature, top_p, top_k)
         check_seed(seed)
         prompts = self._check_prompts(prompt_tokens, max_new_tokens)
         stops = self._check_stop_tokens(stop_tokens)
+        if draft is not None or prompt_lookup is not None:
+            yield from self._speculate(prompts, max_new_tokens, params, stops, seed, draft, speculate_k, prompt_lookup)
+            return
         if max_new_tokens == 0:
             self.last_stats = {
                 "time_to_first_token_s": 0.0,
@@ -331,6 +370,82 @@ class Llama:
                 "seconds": elapsed,
                 "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
                 "finish_reasons": ["stop" if f else "length" for f in finished],  # a stop token, or max_new_tokens
+            }
+
+    def _speculate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        stops: list[int],
+        seed: int | None,
+        draft: Llama | None,
+        speculate_k: int,
+        prompt_lookup: int | None,
+    ) -> Iterator[list[int | None]]:
+        """`generate_stream` by speculative decoding (`llama3.speculative`), eagerly: one prompt, one token a step."""
+        from llama3.speculative import ModelDrafter, PromptLookupDrafter, speculative_decode
+
+        if draft is not None and prompt_lookup is not None:
+            raise ValueError("pass either draft or prompt_lookup, not both")
+        if not isinstance(speculate_k, int) or isinstance(speculate_k, bool) or speculate_k < 1:
+            raise ValueError(f"speculate_k must be an integer >= 1, got {speculate_k!r}")
+        if len(prompts) != 1:
+            raise ValueError(
+                f"speculative decoding runs one prompt at a time, got a batch of {len(prompts)} "
+                "(rows would accept different numbers of guesses per step); call generate once per prompt"
+            )
+        if prompt_lookup is not None:
+            if not isinstance(prompt_lookup, int) or isinstance(prompt_lookup, bool) or prompt_lookup < 1:
+                raise ValueError(f"prompt_lookup (the longest n-gram) must be an integer >= 1, got {prompt_lookup!r}")
+            drafter = PromptLookupDrafter(prompt_lookup, self.model.args.vocab_size, self.device)
+        else:
+            if not isinstance(draft, Llama):
+                raise TypeError(f"draft must be a Llama (e.g. Llama.from_pretrained(...)), got {type(draft).__name__}")
+            if draft.model.args.vocab_size != self.model.args.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary has {draft.model.args.vocab_size} tokens and the target's "
+                    f"{self.model.args.vocab_size}: speculative decoding needs the same tokenizer in both"
+                )
+            if draft.device != self.device:
+                raise ValueError(f"the draft model is on {draft.device}, the target on {self.device}: use one device")
+            need = len(prompts[0]) + max_new_tokens
+            if need > draft.context_length:
+                raise ValueError(f"prompt + max_new_tokens = {need} exceeds the draft context ({draft.context_length})")
+            draft._ensure_cache(1, need)
+            drafter = ModelDrafter(draft, params, self._generator)
+        if max_new_tokens == 0:
+            self.last_stats = {"time_to_first_token_s": 0.0, "decode_steps": 0, "seconds": 0.0}
+            self.last_stats |= {"tokens_per_second": 0.0, "finish_reasons": ["length"], "drafted": 0, "accepted": 0}
+            return
+        self._ensure_cache(1, len(prompts[0]) + max_new_tokens)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self._generator.manual_seed(seed)
+        t0, first_token_at, n, finished = time.perf_counter(), None, 0, False
+        stats: dict = {}
+        tokens = speculative_decode(self, drafter, prompts[0], max_new_tokens, params, stops, speculate_k, stats)
+        try:
+            for token in tokens:
+                first_token_at = first_token_at or time.perf_counter()
+                n += 1
+                finished = token is None
+                yield [token]
+        finally:
+            tokens.close()
+            elapsed = time.perf_counter() - t0
+            ttft = (first_token_at or time.perf_counter()) - t0
+            drafted = stats.get("drafted", 0)
+            self.last_stats = {
+                "time_to_first_token_s": ttft,
+                "decode_steps": n,
+                "seconds": elapsed,
+                "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
+                "finish_reasons": ["stop" if finished else "length"],
+                "verify_steps": stats.get("verify_steps", 0),
+                "drafted": drafted,
+                "accepted": stats.get("accepted", 0),
+                "acceptance_rate": stats.get("accepted", 0) / drafted if drafted else 0.0,
             }
 
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
@@ -402,8 +517,13 @@ class Llama:
         stop_tokens: Sequence[int] | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        *,
+        draft: Llama | None = None,
+        speculate_k: int = 4,
+        prompt_lookup: int | None = None,
     ) -> list[str]:
-        """Continues each prompt (encoded with BOS); returns the new text only, cut before any `stop` string."""
+        """Continues each prompt (encoded with BOS); returns the new text only, cut before any `stop` string.
+        `draft`, `speculate_k`, `prompt_lookup`: speculative decoding, as in `generate`."""
         if (
             isinstance(prompts, str)
             or not isinstance(prompts, Sequence)
@@ -411,7 +531,8 @@ class Llama:
         ):
             raise TypeError("text_completion takes a list of prompt strings, e.g. ['The capital of France is']")
         tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        return self._complete(tokens, max_new_tokens, stop, temperature, top_p, top_k, stop_tokens, seed)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        return self._complete(tokens, max_new_tokens, stop, temperature, top_p, top_k, stop_tokens, seed, **speculation)
 
     def chat_completion(
         self,
@@ -422,8 +543,13 @@ class Llama:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        *,
+        draft: Llama | None = None,
+        speculate_k: int = 4,
+        prompt_lookup: int | None = None,
     ) -> list[Message]:
-        """The assistant's reply to each dialog, as {"role": "assistant", "content": ...}."""
+        """The assistant's reply to each dialog, as {"role": "assistant", "content": ...}; `draft`,
+        `speculate_k`, `prompt_lookup`: speculative decoding, as in `generate`."""
         if (
             isinstance(dialogs, (str, Mapping))
             or not isinstance(dialogs, Sequence)
@@ -431,7 +557,9 @@ class Llama:
         ):
             raise TypeError("chat_completion takes a list of dialogs, each a list of messages: [[{'role': ..., ...}]]")
         tokens = [self.chat_format.encode_dialog_prompt(d) for d in dialogs]
-        texts = self._complete(tokens, max_new_tokens, stop, temperature, top_p, top_k, self.chat_stop_tokens, seed)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        args = (temperature, top_p, top_k, self.chat_stop_tokens, seed)
+        texts = self._complete(tokens, max_new_tokens, stop, *args, **speculation)
         return [{"role": "assistant", "content": text} for text in texts]
 
     def stream(
@@ -458,9 +586,9 @@ class Llama:
             if text:
                 yield text
 
-    def _complete(self, prompts: list[list[int]], max_new_tokens: int, stop, *args) -> list[str]:
+    def _complete(self, prompts: list[list[int]], max_new_tokens: int, stop, *args, **speculation) -> list[str]:
         texts = [""] * len(prompts)
-        for row, _, text in self._stream_rows(prompts, max_new_tokens, stop, *args, sync_every=8):
+        for row, _, text in self._stream_rows(prompts, max_new_tokens, stop, *args, sync_every=8, **speculation):
             texts[row] += text
         return texts
 
