@@ -177,7 +177,11 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     sv.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="requests decoded together (default: 8)")
     sv.add_argument(
-        "--max-seq-len", "-c", type=int, metavar="L", help="prompt + answer tokens per request (default: 4096 or less)"
+        "--max-seq-len",
+        "-c",
+        type=int,
+        metavar="L",
+        help="prompt + answer tokens per request (default: the model's context, at most 2048)",
     )
     sv.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before HTTP 429 (64)")
     sv.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="prompt tokens per step (512)")
