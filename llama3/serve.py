@@ -543,11 +543,11 @@ def create_app(
     lifespan (uvicorn runs it); `app.state.engine` is the `llama3.engine.Engine`.
 
     `max_seq_len` bounds each row's prompt + answer (default: the Llama's `max_seq_len`, else the model's
-    context up to 4096); `max_queue` requests may wait beyond the `max_batch_size` running ones, the rest get
+    context up to 2048); `max_queue` requests may wait beyond the `max_batch_size` running ones, the rest get
     HTTP 429. `api_key` (default: the LLAMA3_API_KEY environment variable): Bearer auth on all but /health.
     """
     if max_seq_len is None:
-        max_seq_len = llm.max_seq_len or min(llm.model.args.max_seq_len, 4096)
+        max_seq_len = llm.max_seq_len or min(llm.model.args.max_seq_len, 2048)
     engine = Engine(llm, max_batch_size, max_queue, max_seq_len, prefill_chunk, static_decode)
     try:
         metrics = _Metrics(engine)
