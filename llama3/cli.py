@@ -93,6 +93,23 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="end the answer before this text (repeatable; e.g. --stop $'\\n\\n')",
     )
     p.add_argument(
+        "--draft",
+        metavar="SRC",
+        help="speculative decoding: a smaller model with the same vocabulary guesses, the model checks "
+        "(e.g. meta-llama/Llama-3.2-1B-Instruct for 3.1-8B); loaded with the model's --device/--dtype/--backend/"
+        "--quantize; same output distribution (same tokens when greedy); one prompt at a time",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        help="speculative decoding without a draft: guesses copied from where the last N (down to 1) tokens "
+        "occurred in the prompt or the answer so far (editing, summarising, code)",
+    )
+    p.add_argument(
+        "--speculate-k", type=int, default=4, metavar="K", help="guesses per step with --draft or --prompt-lookup (4)"
+    )
+    p.add_argument(
         "--chat-template",
         choices=["auto", "builtin", "jinja"],
         default="auto",
@@ -289,6 +306,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"argument --max-seq-len/-c: must be >= 1, got {args.max_seq_len}")
     if any(not s for s in args.stop):
         parser.error("argument --stop: must not be empty")
+    if args.speculate_k < 1:
+        parser.error(f"argument --speculate-k: must be >= 1, got {args.speculate_k}")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        parser.error(f"argument --prompt-lookup: must be >= 1, got {args.prompt_lookup}")
+    if args.draft and args.prompt_lookup is not None:
+        parser.error("argument --prompt-lookup: not allowed with --draft (one way of guessing at a time)")
     if args.command == "generate":
         if args.guard and not (args.chat or args.system is not None):
             parser.error("argument --guard: screens chat turns; use it with --chat (or --system)")
@@ -399,11 +422,37 @@ def _report(llm, log, n: int) -> None:
         f"llama3: {s['decode_steps']} tokens, first after {s['time_to_first_token_s'] * 1000:.0f} ms, "
         f"{s['tokens_per_second']:.1f} tokens/s"
     )
+    if s.get("drafted"):
+        log(f"llama3: {s['accepted']} of {s['drafted']} guesses accepted ({s['acceptance_rate']:.0%})")
+
+
+def speculation(args: argparse.Namespace, log) -> dict[str, Any]:
+    """The speculative-decoding options of `Llama.stream` (--draft, loaded here, or --prompt-lookup)."""
+    spec: dict[str, Any] = {"speculate_k": args.speculate_k}
+    if args.prompt_lookup is not None:
+        return {**spec, "prompt_lookup": args.prompt_lookup}
+    if not args.draft:
+        return {}
+    from llama3.generation import Llama
+
+    log(f"llama3: draft {args.draft}")
+    quantize = None if args.quantize in (None, "none") else args.quantize
+    draft = Llama.from_pretrained(
+        args.draft,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        progress=not args.quiet,
+        quantize=quantize,
+        group_size=args.group_size,
+    )
+    return {**spec, "draft": draft}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     llm, log, load_s = load(args)
+    spec = speculation(args, log)
     guard = load_guard(args, log) if args.guard else None
     refusal = guard and screen(guard, [{"role": "user", "content": prompt}], "message")
     if refusal:
@@ -418,7 +467,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = _budget(llm, len(tokens), args.max_new_tokens)
     t0 = time.perf_counter()
     out_tokens, pieces = [], []
-    for token, text in llm.stream(tokens, n, **_sampling(args), **extra):
+    for token, text in llm.stream(tokens, n, **_sampling(args), **extra, **spec):
         if token is not None:
             out_tokens.append(token)
         if args.json or guard:  # an answer is screened before any of it is shown
@@ -480,6 +529,7 @@ def _chat_help() -> str:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     llm, log, _ = load(args)
+    spec = speculation(args, log)
     guard = load_guard(args, log) if args.guard else None
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history: list[dict[str, str]] = list(system)
@@ -531,7 +581,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history = candidate
         reply = []
         try:
-            for _, piece in llm.stream(tokens, n, stop_tokens=llm.chat_stop_tokens, **_sampling(args)):
+            for _, piece in llm.stream(tokens, n, stop_tokens=llm.chat_stop_tokens, **_sampling(args), **spec):
                 reply.append(piece)
                 if not guard:  # a guarded answer is shown only once it is screened
                     sys.stdout.write(piece)

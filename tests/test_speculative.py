@@ -322,3 +322,55 @@ def test_the_statistic_catches_a_wrong_acceptance_rule(small_models, monkeypatch
     counts, _ = speculative_counts(target, (1,), speculate_k=2, **params, **spec)
     stat, limit = chi_square(counts[0], reference_marginal(target, 1, **params))
     assert stat > limit, stat
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def run_main(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    import io
+    import sys
+
+    from llama3.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_draft_and_prompt_lookup_give_the_plain_greedy_answer(tiny_llama3, capsys, monkeypatch):
+    import json
+
+    d = str(tiny_llama3[0])
+    common = ("--model", d, "--dtype", "float32", "-t", "0", "-n", "16")
+    prompt = "Hello world, this is a test. Hello world, this is"
+    code, out, _ = run_main(capsys, monkeypatch, "generate", prompt, "--json", "-q", *common)
+    assert code == 0
+    plain = json.loads(out)["tokens"]
+    for spec in (("--draft", d), ("--prompt-lookup", "3", "--speculate-k", "2")):
+        code, out, err = run_main(capsys, monkeypatch, "generate", prompt, "--json", *common, *spec)
+        assert code == 0, err
+        assert json.loads(out)["tokens"] == plain
+    code, out, err = run_main(capsys, monkeypatch, "generate", prompt, *common, "--draft", d)
+    assert "guesses accepted (100%)" in err  # the draft has the model's weights
+    chat_plain = run_main(capsys, monkeypatch, "chat", *common, "-q", stdin="Hi there\n")
+    chat_draft = run_main(capsys, monkeypatch, "chat", *common, "-q", "--draft", d, stdin="Hi there\n")
+    assert chat_draft == chat_plain and chat_plain[0] == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--speculate-k", "0", "--prompt-lookup", "2"), "--speculate-k: must be >= 1"),
+        (("--prompt-lookup", "0"), "--prompt-lookup: must be >= 1"),
+        (("--prompt-lookup", "2", "--draft", "x"), "not allowed with --draft"),
+    ],
+)
+def test_cli_refuses_bad_speculation_flags(capsys, monkeypatch, flags, message):
+    code, _, err = run_main(capsys, monkeypatch, "generate", "Hi", *flags)
+    assert code == 2 and message in err
