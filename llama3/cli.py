@@ -204,6 +204,7 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="prompt tokens per step (512)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env LLAMA3_API_KEY, else none)")
     sv.add_argument("--served-model-name", metavar="NAME", help="the model name clients send (default: from --model)")
+    sv.add_argument("--guard", metavar="SRC", help="a Llama Guard checkpoint that screens each request's last message")
     sv.set_defaults(parser=sv)
 
 
@@ -717,6 +718,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llama3.serve import create_app, run
 
     llm, log, _ = load(args)
+    guard = load_guard(args, log) if args.guard else None
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     name = args.served_model_name or (
@@ -730,6 +732,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         prefill_chunk=args.prefill_chunk,
         api_key=args.api_key,
+        guard=guard,
     )
     engine = app.state.engine
     log(
