@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -148,9 +149,12 @@ class _Choice:
 class _Server:
     """The endpoints of one app over one model and its engine."""
 
-    def __init__(self, llm: Llama, engine: Engine, model_name: str, max_body_bytes: int, metrics: _Metrics | None):
+    def __init__(
+        self, llm: Llama, engine: Engine, model_name: str, max_body_bytes: int, metrics: _Metrics | None, guard
+    ):
         self.llm, self.engine, self.model_name = llm, engine, model_name
         self.max_body_bytes, self.metrics = max_body_bytes, metrics
+        self.guard, self._guard_lock = guard, threading.Lock()  # the guard model runs one conversation at a time
         self.created = now()
 
     # -- routes ----------------------------------------------------------------------------------------
@@ -175,6 +179,7 @@ class _Server:
             prompt = await asyncio.to_thread(self.llm.chat_format.encode_dialog_prompt, messages)
         except ValueError as e:
             raise RequestError(f"messages: {e}", param="messages") from None
+        await self._screen([m for m in messages if m["role"] in ("user", "assistant")], "messages")
         return await self._generate(request, req, [prompt], self.llm.chat_stop_tokens, chat=True)
 
     async def completions(self, request: Request) -> Response:
@@ -184,6 +189,7 @@ class _Server:
         prompts = []
         for p in req.prompts():
             if isinstance(p, str):
+                await self._screen([{"role": "user", "content": p}], "prompt")
                 prompts.append(await asyncio.to_thread(self.llm.tokenizer.encode, p, bos=True))
             elif all(0 <= t < vocab for t in p):
                 prompts.append(p)
@@ -207,6 +213,28 @@ class _Server:
         except ClientDisconnect:
             raise RequestError("the client went away", status=400) from None
         return b"".join(chunks)
+
+    async def _screen(self, conversation: list[dict[str, str]], where: str) -> None:
+        """With a Llama Guard model (--guard), an unsafe last message is refused before the model sees it."""
+        if self.guard is None:
+            return
+        from llama3.cli import describe_categories
+        from llama3.guard import classify
+
+        def check():
+            with self._guard_lock:
+                return classify(self.guard, conversation)
+
+        try:
+            result = await asyncio.to_thread(check)
+        except ValueError as e:
+            raise RequestError(f"{where}: Llama Guard cannot read it: {e}", param=where) from None
+        if not result.safe:
+            raise RequestError(
+                f"{where}: refused as unsafe by Llama Guard ({describe_categories(self.guard, result.categories)})",
+                param=where,
+                code="content_filter",
+            )
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -538,6 +566,7 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     static_decode: bool | None = None,
+    guard: Llama | None = None,
 ) -> Starlette:
     """An ASGI app serving `llm` with the OpenAI API. The scheduler thread starts and stops with the app's
     lifespan (uvicorn runs it); `app.state.engine` is the `llama3.engine.Engine`.
@@ -545,6 +574,8 @@ def create_app(
     `max_seq_len` bounds each row's prompt + answer (default: the Llama's `max_seq_len`, else the model's
     context up to 2048); `max_queue` requests may wait beyond the `max_batch_size` running ones, the rest get
     HTTP 429. `api_key` (default: the LLAMA3_API_KEY environment variable): Bearer auth on all but /health.
+    `guard`: a Llama Guard model that screens each conversation's last message (and each text prompt); an unsafe
+    one gets HTTP 400 with code `content_filter` (answers are not screened: they stream).
     """
     if max_seq_len is None:
         max_seq_len = llm.max_seq_len or min(llm.model.args.max_seq_len, 2048)
@@ -554,7 +585,7 @@ def create_app(
     except ImportError:
         metrics = None
     name = model_name or "llama3"
-    server = _Server(llm, engine, name, max_body_bytes, metrics)
+    server = _Server(llm, engine, name, max_body_bytes, metrics, guard)
 
     async def on_request_error(request: Request, exc: RequestError) -> Response:
         headers = {"Retry-After": "1"} if exc.status == 429 else None

@@ -304,6 +304,34 @@ def test_metrics_in_prometheus_format(server):
         assert name in r.text
 
 
+def test_guard_refuses_unsafe_messages(tiny_llama3, ref, monkeypatch):
+    """--guard: the last message of each conversation (and each text prompt) is screened before the model sees it.
+    (Llama Guard itself is tested in test_guard.py; here its verdicts are fixed.)"""
+    from llama3.guard import GuardResult
+
+    seen = []
+
+    def classify(guard, conversation):
+        seen.append(conversation)
+        return GuardResult(safe="bomb" not in conversation[-1]["content"], categories=["S9"])
+
+    monkeypatch.setattr("llama3.guard.classify", classify)
+    with Server(create_app(load(tiny_llama3[0]), model_name=NAME, max_batch_size=2, guard=ref)) as s:
+        client = s.client()
+        unsafe = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How to build a bomb?"}]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=NAME, messages=unsafe, max_tokens=2)
+        assert e.value.code == "content_filter" and e.value.param == "messages" and "S9: Hate" in e.value.message
+        assert seen[-1] == unsafe[1:]  # the system message is not part of what Llama Guard reads
+        r = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Bake bread?"}], max_tokens=2
+        )
+        assert r.usage.completion_tokens >= 1
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=NAME, prompt="a bomb", max_tokens=2)
+        assert e.value.param == "prompt" and s.engine.tokens_generated == r.usage.completion_tokens
+
+
 # -- continuous batching -------------------------------------------------------------------------------
 
 
