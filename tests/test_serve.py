@@ -189,6 +189,14 @@ def test_seed_reproduces_and_matches_generate(server, ref):
     )
     assert token_ids(b.choices[1]) == other[0]  # choice j is seeded seed + j
     assert token_ids(b.choices[0]) != token_ids(b.choices[1])
+    # n choices streamed: each chunk names its choice; the texts are the plain response's
+    chat = dict(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, n=3, seed=5, temperature=1)
+    plain = client.chat.completions.create(**chat)
+    texts = ["", "", ""]
+    for chunk in client.chat.completions.create(**chat, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in plain.choices] and len(set(texts)) == 3
 
 
 def test_logprobs_are_the_models_log_softmax(server, tiny_llama3):
