@@ -63,6 +63,7 @@ from llama3.protocol import (
 log = logging.getLogger("llama3.serve")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+_API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 DISCONNECT_POLL_S = 0.5  # how often a plain (not streamed) request checks that its client is still there
 
 
@@ -103,8 +104,9 @@ class _Gate:
             await refusal(scope, receive, counting_send)
         else:
             await self.app(scope, receive, counting_send)
-        if self.metrics is not None and scope["path"].startswith("/v1/"):
-            self.metrics.requests.labels(scope["path"], str(status.get("code", 0))).inc()
+        if self.metrics is not None and scope["path"].startswith("/v1/"):  # any other path: one label, not one each
+            path = scope["path"] if scope["path"] in _API_PATHS else "other"
+            self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
 
 
 class _Metrics:
