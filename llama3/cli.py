@@ -451,7 +451,9 @@ def speculation(args: argparse.Namespace, log) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = read_prompt(args)
+    from llama3.tp import run_on_rank0
+
+    prompt = run_on_rank0(read_prompt, args)  # under torchrun rank 0 reads it (stdin is one), every rank gets it
     llm, log, load_s = load(args)
     spec = speculation(args, log)
     guard = load_guard(args, log) if args.guard else None
@@ -537,9 +539,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chat with the model. /help lists the commands; Ctrl-C stops an answer.", file=sys.stderr)
+    from llama3.tp import rank0_input
+
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = rank0_input("> " if interactive else "")  # input(); under torchrun rank 0's, on every rank
         except EOFError:
             if interactive:
                 print(file=sys.stderr)
@@ -792,11 +796,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_world(args: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1): the process group of the tensor-parallel ranks, started before any input
+    is read; rank 0 alone reads input and prints (the other ranks' stdout and messages are silenced)."""
+    if args.command not in ("generate", "chat"):
+        raise ValueError(f"'llama3 {args.command}' does not run under torchrun; generate and chat do")
+    from llama3.checkpoint import parse_device
+    from llama3.tp import TensorParallel, rank
+
+    TensorParallel.from_environment(parse_device(args.device))
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+        args.quiet = True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
+    world = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
+        if world:
+            start_world(args)
         commands = {
             "generate": cmd_generate,
             "chat": cmd_chat,
@@ -814,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE
     except (ValueError, OSError, RuntimeError) as e:  # bad input, a failed load: one line, no traceback
-        print(f"llama3: error: {e}", file=sys.stderr)
+        print(f"llama3: error{_rank_note(world)}: {e}", file=sys.stderr)
         return 1
     except MemoryError:
         print(
@@ -822,6 +843,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if world:  # a rank that ends, by an error too, leaves the group: the others fail at once, not at a timeout
+            from llama3.tp import shutdown
+
+            shutdown()
+
+
+def _rank_note(world: bool) -> str:
+    """ " (rank 2)" for messages of a torchrun rank other than 0; every rank reports its own failure."""
+    if not world:
+        return ""
+    from llama3.tp import rank
+
+    return f" (rank {rank()})" if rank() else ""
 
 
 if __name__ == "__main__":
