@@ -19,9 +19,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kernel_report.py"
 
 
-def compile_all(batch: int) -> list[dict]:
+def compile_all(batch: int, *flags: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(SCRIPT), "--arch", "90", "--batch", str(batch), "--json"]
+    cmd = [sys.executable, str(SCRIPT), "--arch", "90", "--batch", str(batch), "--json", *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines()]
@@ -49,3 +49,24 @@ def test_large_streams_are_read_in_async_or_16_byte_copies(kernels: list[dict]) 
             assert loads["cp.async"] > 0, f"{label}: weights / KV cache not pipelined through shared memory: {loads}"
         else:
             assert loads["v4"] > 0, f"{label}: no 16-byte vector loads: {loads}"
+
+
+@pytest.fixture(scope="module")
+def quantized_kernels() -> list[dict]:
+    """Only the int8 / int4 kernels of `kernel_report.py --quantized` (decode GEMV, tiled prefill, dequantize)."""
+    return [k for k in compile_all(1, "--quantized") if k["label"].startswith(("int8", "int4"))]
+
+
+def test_quantized_kernels_compile_and_stream_their_codes(quantized_kernels: list[dict]) -> None:
+    """The int8/int4 GEMV and tiled-prefill kernels pipeline their codes through shared memory (the first
+    int4 version read them a byte at a time); the dequantize kernels write in 16-byte vectors."""
+    labels = {k["label"] for k in quantized_kernels}
+    for kind in ("int8 gemv", "int4/128 gemv", "int8 prefill", "int4/128 prefill", "int8 dequantize"):
+        assert any(label.startswith(kind) for label in labels), (kind, sorted(labels))
+    for k in quantized_kernels:
+        label, loads = k["label"], k["loads"]
+        assert k["target"] == "sm_90a" and k["spilled_bytes"] == 0, k
+        if "(kernel 2)" in label or "dequantize" in label:
+            assert loads["v4"] > 0, f"{label}: no 16-byte vector loads: {loads}"
+        else:
+            assert loads["cp.async"] > 0, f"{label}: codes not pipelined through shared memory: {loads}"
