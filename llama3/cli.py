@@ -392,7 +392,8 @@ def load(args: argparse.Namespace):
 
 def weights_note(model) -> str:
     """ ", int4 weights" when the projections are quantized (asked for, or as the checkpoint stores them)."""
-    kind = type(model.layers[0].feed_forward.w2).__name__
+    w2 = model.layers[0].feed_forward.w2
+    kind = type(getattr(w2, "base", w2)).__name__  # under a LoRA adapter (--adapter), its frozen base
     return {"Int8Linear": ", int8 weights", "Int4Linear": ", int4 weights"}.get(kind, "")
 
 

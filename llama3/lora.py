@@ -208,14 +208,14 @@ class FrozenQuantizedLinear(nn.Module):
         super().__init__()
         self.base = base
         self.out_features, self.in_features = base.out_features, base.in_features
-        self._int4 = None
-        if isinstance(base, Int4Linear):
-            q = int4_codes(base)
-            self._int4 = None if q is None else q.stored()
+        self._int4: dict[str, Tensor] | bool | None = None  # read at the first backward; False: not exact
 
     def weight(self) -> Tensor:
         """The float32 (out, in) weight of the base."""
-        if self._int4 is not None:
+        if self._int4 is None and isinstance(self.base, Int4Linear):
+            q = int4_codes(self.base)
+            self._int4 = False if q is None else q.stored()
+        if self._int4:
             return QuantizedWeight.from_stored("int4", self.base.group_size, self._int4, "int4").dequantize()
         return dequantized_weight(self.base, torch.float32)
 
