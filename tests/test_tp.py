@@ -104,6 +104,7 @@ def _sharded_equals_whole(tp, checkpoints: dict[str, Path]) -> None:
     import torch.distributed as dist
 
     from llama3.generation import Llama
+    from llama3.tp import shutdown
 
     g = torch.Generator().manual_seed(0)
     for name in ("gqa", "tied-few-kv"):
@@ -130,6 +131,13 @@ def _sharded_equals_whole(tp, checkpoints: dict[str, Path]) -> None:
         with torch.no_grad():
             a, b = sharded(tokens).float(), whole(tokens).float()
         torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())
+        # a rank that fails leaves the group (as the CLI does on an error): the others fail at once, no timeout
+        if tp.rank == 1:
+            return shutdown()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="Connection closed by peer"), torch.no_grad():
+            sharded(tokens)
+        assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
