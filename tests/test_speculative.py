@@ -291,6 +291,12 @@ def test_the_draft_reports_the_distribution_it_drew_from(small_models):
     expected = processed(logits, 0.6, 0.9, 4)
     torch.testing.assert_close(q / q.sum(-1, keepdim=True), expected.float(), atol=1e-5, rtol=1e-4)
     assert (expected[torch.arange(3), guesses] > 0).all()
+    counts = torch.zeros(VOCAB, dtype=torch.long)
+    with torch.inference_mode():  # and the guesses are drawn from that q
+        for _ in range(300):
+            counts[drafter.propose(history, 1)[0]] += 1
+    stat, limit = chi_square(counts, expected[0])
+    assert stat < limit, (counts.tolist(), (expected[0] * 300).tolist())
 
 
 def always_accept(guesses, q, p, generator):
