@@ -15,12 +15,14 @@ rank's rows or columns of every checkpoint tensor before anything is copied, bui
 `local_args`, and `parallelize` adds the collectives.
 
 Plain collectives rather than DTensor: the fused `wqkv` holds [q | k | v] rows and a key/value head may be
-replicated, which no DTensor placement describes (Shard(0) of the fused weight would cut across q, k and v);
-and `dist.all_reduce` / `all_gather_single` on NCCL are captured by CUDA graphs as they are.
+replicated, which no DTensor placement describes (Shard(0) of the fused weight would cut across q, k and v); the
+hooks are three lines, the model's modules stay plain tensors, and an in-place `dist.all_reduce` on NCCL is what
+a CUDA graph can capture (the decode step's graph then holds the collectives; not run here: no GPUs).
 
-Every rank computes bit-identical logits (the all-reduced activations and gathered logits are the same bytes on
-every rank), so sampling with the same seed gives every rank the same token with no per-token broadcast: the
-generation loop takes rank 0's seed (`rank0_value`).
+Every rank computes bit-identical logits (the all-reduced activations and the gathered logits are the same bytes
+on every rank), so the same seed gives every rank the same token with no per-token broadcast. The seed of
+`generate(seed=None)` is drawn from torch's default generator, which `from_environment` seeds alike on every rank
+with a value broadcast from rank 0; a caller that starts the process group itself seeds alike itself.
 """
 
 from __future__ import annotations
@@ -160,7 +162,6 @@ class TensorParallel:
             if model.args.tie_embeddings:
                 model.output.weight = model.tok_embeddings.weight
             model.register_forward_hook(self._gather_logits)
-        model.tp = self
         return model
 
     def _all_reduce_output(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
