@@ -48,6 +48,7 @@ class ModelDrafter:
         self.device = self.model.tok_embeddings.weight.device
 
     def prefill(self, prompt: list[int]) -> None:
+        """The prompt into the draft's cache (its own prefill; only the last position's logits are made)."""
         tokens = torch.tensor([prompt], device=self.device)
         last = torch.tensor([len(prompt) - 1], device=self.device)
         self.model(tokens, torch.arange(len(prompt), device=self.device), logits_pos=last, kv_len=len(prompt))
@@ -60,21 +61,18 @@ class ModelDrafter:
         rewriting it otherwise changes nothing.
         """
         pos = len(history) - 1  # slot of the current token
+        p = self.params
         tokens = torch.tensor([history[-2:]], device=self.device)
         input_pos = torch.arange(pos + 1 - tokens.shape[1], pos + 1, device=self.device)
         guesses, probs = [], []
         for i in range(k):
             logits = self.model(tokens, input_pos, kv_len=pos + 1 + i)[:, -1]
-            q = sampling_probs(logits, *self._params())
+            q = sampling_probs(logits, p.temperature, p.top_p, p.top_k)
             token = draw(q, self.generator)
             guesses.append(token)
             probs.append(q)
             tokens, input_pos = token[:, None], torch.tensor([pos + 1 + i], device=self.device)
         return torch.cat(guesses), torch.cat(probs)
-
-    def _params(self) -> tuple[float, float, int | None]:
-        p = self.params
-        return p.temperature, p.top_p, p.top_k
 
 
 def prompt_lookup(history: list[int], max_ngram: int, k: int) -> list[int]:
@@ -98,7 +96,7 @@ class PromptLookupDrafter:
         self.max_ngram, self.vocab_size, self.device = max_ngram, vocab_size, device
 
     def prefill(self, prompt: list[int]) -> None:
-        pass
+        """Nothing to prepare: the prompt is searched as part of the history."""
 
     def propose(self, history: list[int], k: int) -> tuple[Tensor, Tensor]:
         guesses = torch.tensor(prompt_lookup(history, self.max_ngram, k), dtype=torch.long, device=self.device)
