@@ -8,6 +8,7 @@ Every process is bounded in time and killed on failure.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -183,16 +184,24 @@ def test_world_size_that_does_not_divide_is_refused_before_reading(checkpoints):
                     group_size=128, shard=TensorParallel(0, 4))  # fmt: skip
 
 
-def test_cli_under_torchrun_prints_the_single_process_text(tiny_llama3, capsys):
+@pytest.mark.parametrize(
+    "command, stdin",
+    [
+        (["generate", "The sky is"], ""),
+        (["chat"], "Hi there\n/reset\nWhat is 2+2?\n"),  # rank 0 reads each line, every rank answers it
+    ],
+)
+def test_cli_under_torchrun_prints_the_single_process_text(tiny_llama3, capsys, monkeypatch, command, stdin):
     from llama3.cli import main
 
     d, _ = tiny_llama3
-    args = ["generate", "--model", str(d), "--dtype", "float32", "-n", "10", "-t", "0", "--quiet", "The sky is"]
+    args = [*command, "--model", str(d), "--dtype", "float32", "-n", "10", "-t", "0", "--quiet"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     assert main(args) == 0
     single = capsys.readouterr().out
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "-m", "llama3", *args]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port()), "-m", "llama3", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=WORLD_TIMEOUT_S, env=env)
+    done = subprocess.run(torchrun, input=stdin, capture_output=True, text=True, timeout=WORLD_TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == single and single.strip()
