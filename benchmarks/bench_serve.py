@@ -153,7 +153,7 @@ def main() -> None:
     args = [sys.executable, __file__, "--serve-only", "--port", str(port), "--device", a.device, "--preset",
             a.preset, "--dtype", a.dtype, "--max-batch-size", str(a.max_batch_size), "--max-seq-len",
             str(a.max_seq_len)]  # fmt: skip
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.Popen(args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         import httpx
@@ -199,7 +199,7 @@ def main() -> None:
         "new_tokens": a.new_tokens,
         "requests_per_client": a.requests_per_client,
         "max_batch_size": a.max_batch_size,
-        "load_average_before": os.getloadavg()[0],
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # at the start, at the end
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     stem = Path(a.out) if a.out else RESULTS / f"serve-{a.device.split(':')[0]}"
@@ -208,7 +208,8 @@ def main() -> None:
     lines = [
         f"Serving {a.preset} ({a.dtype}, random weights), {a.prompt_len}-token prompts, {a.new_tokens} greedy tokens "
         f"streamed, {a.requests_per_client} requests per client, one server with {a.max_batch_size} rows. "
-        f"{meta['machine']}, torch {meta['torch']}, {meta['date']}.",
+        f"{meta['machine']}, torch {meta['torch']}, {meta['date']}; 1-minute load average {load_before:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end (the machine's other jobs share its cores).",
         "",
         "| clients | requests | output tok/s | gain vs 1 client | TTFT p50 (ms) | TTFT p95 (ms) |",
         "|---|---|---|---|---|---|",
