@@ -190,6 +190,7 @@ def test_world_size_that_does_not_divide_is_refused_before_reading(checkpoints):
         (["generate", "The sky is"], ""),
         (["chat"], "Hi there\n/reset\nWhat is 2+2?\n"),  # rank 0 reads each line, every rank answers it
     ],
+    ids=["generate", "chat"],
 )
 def test_cli_under_torchrun_prints_the_single_process_text(tiny_llama3, capsys, monkeypatch, command, stdin):
     from llama3.cli import main
