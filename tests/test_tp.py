@@ -2,8 +2,9 @@
 
 Each world loads tiny random checkpoints written by transformers twice per rank, whole (tp=1, no collective) and
 sharded, and compares them: logits and greedy tokens, including key/value heads fewer than ranks and tied
-embeddings; the bytes each rank materialises while loading; int4 weights. The CLI runs under torchrun.
-Every process is bounded in time and killed on failure.
+embeddings, and int4 weights; the ranks' sampled tokens agree; a rank that leaves fails the others at once.
+Loading needs no collective, so the bytes each rank allocates while loading are measured here, rank by rank.
+The CLI's generate and chat run under torchrun. Every process is bounded in time and killed on failure.
 """
 
 from __future__ import annotations
