@@ -12,13 +12,13 @@ Each loop of the scheduler thread:
    stop string or its token budget leaves at once, freeing its row for the next request.
 
 Why the rows stay independent: the model writes token (b, t) at cache slot input_pos[b, t] and lets it
-attend to slots 0..input_pos[b, t] of row b only (`Transformer.forward`), so a row computes what it
-would alone, whatever the other rows hold. A prefill touches one row: the layers' caches are swapped,
-for that forward, for one-row views of the same memory. In a decode step, rows that are not generating
-(free, or half-way through their prompt) run a dummy token at the last slot of their own row, a slot no
-request ever reads: a request of P prompt and N new tokens writes slots 0..P+N-2 and P+N <= the context.
-Sampling draws from each request's own generator, seeded from the request, with the same calls as
-`Llama.generate` makes for that request alone, so a seeded request gets the same tokens whatever else
+attend to slots 0..input_pos[b, t] of row b only (`Transformer.forward`), so a row computes what it would
+alone, whatever the other rows hold. A prefill touches only its own rows: the layers' caches are swapped,
+for that forward, for views of those rows (adjacent rows, prefilled together). In a decode step, rows that
+are not generating (free, or half-way through their prompt) run a dummy token at the last slot of their own
+row, a slot no request ever reads: a request of P prompt and N new tokens writes slots 0..P+N-2 and P+N <=
+the context. Sampling draws from each request's own generator, seeded from the request, with the same calls
+as `Llama.generate` makes for that request alone, so a seeded request gets the same tokens whatever else
 runs beside it.
 
 The decode step has a fixed shape on CUDA (every row of the batch, the whole cache attended, masked) and
@@ -155,9 +155,6 @@ class Engine:
         self.model.setup_cache(self.max_batch_size, self.max_seq_len)
         caches = [layer.attention.cache for layer in self.model.layers]
         self._full_caches = caches
-        self._row_caches = [
-            [_CacheView(c.k[r : r + 1], c.v[r : r + 1]) for c in caches] for r in range(len(self._rows))
-        ]
         if self.static_decode:
             self._setup_static()
         self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
@@ -248,32 +245,50 @@ class Engine:
                 self._rows[i] = None
 
     def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens, oldest requests first; a finished prompt samples its first token."""
-        budget = self.prefill_chunk
+        """Up to `prefill_chunk` prompt tokens, oldest requests first; a finished prompt samples its first token.
+
+        Rows in adjacent cache rows (requests that arrived together) share one forward, right-padded as
+        `Llama.generate` pads a ragged batch; padding goes to the scratch slot, as idle rows do in a decode step.
+        """
+        budget, chunks = self.prefill_chunk, []
         for row in sorted(
             (r for r in self._rows if r is not None and not r.decoding), key=lambda r: r.req.submitted_at
         ):
             if budget <= 0:
                 break
-            prompt = row.req.prompt
-            start = row.prefilled
-            end = min(len(prompt), start + budget)
-            tokens = torch.tensor([prompt[start:end]], device=self.device)
-            input_pos = torch.arange(start, end, device=self.device)[None]
-            with self._cache_rows(row.index):
+            end = min(len(row.req.prompt), row.prefilled + budget)
+            chunks.append((row, row.prefilled, end))
+            budget -= end - row.prefilled
+        chunks.sort(key=lambda c: c[0].index)
+        while chunks:
+            n = 1
+            while n < len(chunks) and chunks[n][0].index == chunks[0][0].index + n:
+                n += 1
+            group, chunks = chunks[:n], chunks[n:]
+            T = max(end - start for _, start, end in group)
+            tokens = torch.zeros(n, T, dtype=torch.long)
+            input_pos = torch.full((n, T), self.max_seq_len - 1, dtype=torch.long)
+            for b, (row, start, end) in enumerate(group):
+                tokens[b, : end - start] = torch.tensor(row.req.prompt[start:end])
+                input_pos[b, : end - start] = torch.arange(start, end)
+            last = torch.tensor([end - start - 1 for _, start, end in group], device=self.device)
+            with self._cache_rows(group[0][0].index, n):
                 logits = self.model(
-                    tokens, input_pos, logits_pos=torch.tensor([end - start - 1], device=self.device), kv_len=end
+                    tokens.to(self.device), input_pos.to(self.device), logits_pos=last, kv_len=max(e for *_, e in group)
                 )
-            row.prefilled, budget = end, budget - (end - start)
-            if row.decoding:
-                self._sample([row], logits[:, -1], one_row=True)
+            for row, _, end in group:
+                row.prefilled = end
+            done = [(b, row) for b, (row, _, _) in enumerate(group) if row.decoding]
+            if done:
+                self._sample([row for _, row in done], logits[:, -1], [b for b, _ in done])
 
     @contextlib.contextmanager
-    def _cache_rows(self, index: int):
-        """The model's caches swapped, for one forward, for views of row `index` (a batch of one writes there)."""
+    def _cache_rows(self, first: int, n: int):
+        """The model's caches swapped, for one forward, for views of rows first..first+n-1 (a batch of n writes
+        there)."""
         layers = self.model.layers
-        for layer, view in zip(layers, self._row_caches[index], strict=True):
-            layer.attention.cache = view
+        for layer, cache in zip(layers, self._full_caches, strict=True):
+            layer.attention.cache = _CacheView(cache.k[first : first + n], cache.v[first : first + n])
         try:
             yield
         finally:
@@ -297,7 +312,7 @@ class Engine:
         else:
             logits = self.model(tokens_t, slots_t, kv_len=max(r.next_slot for r in rows) + 1)
         self.steps += 1
-        self._sample(rows, logits[:, -1])
+        self._sample(rows, logits[:, -1], [r.index for r in rows])
 
     def _setup_static(self) -> None:
         B = self.max_batch_size
@@ -328,23 +343,23 @@ class Engine:
         self._graph.replay()
         return self._static_logits
 
-    def _sample(self, rows: list[_Row], logits: Tensor, one_row: bool = False) -> None:
-        """logits (B, vocab), row r's at r.index (at 0 for a one-row prefill): each row's next token."""
-        at = (lambda r: 0) if one_row else (lambda r: r.index)
+    def _sample(self, rows: list[_Row], logits: Tensor, where: list[int]) -> None:
+        """logits (B, vocab), rows[i]'s at where[i]: each row's next token."""
+        at = {r.index: w for r, w in zip(rows, where, strict=True)}
         picked: dict[int, Tensor] = {}
         greedy = [r for r in rows if r.req.params.temperature <= 0]
         if greedy:
-            idx = torch.tensor([at(r) for r in greedy], device=logits.device)
+            idx = torch.tensor([at[r.index] for r in greedy], device=logits.device)
             for r, t in zip(greedy, logits[idx].float().argmax(dim=-1), strict=True):
                 picked[r.index] = t
         for r in rows:
             if r.req.params.temperature > 0:
-                p, i = r.req.params, at(r)
+                p, i = r.req.params, at[r.index]
                 picked[r.index] = sample(logits[i : i + 1], p.temperature, p.top_p, p.top_k, r.generator)[0]
         want = [r for r in rows if r.req.logprobs is not None]
         logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:
-            idx = torch.tensor([at(r) for r in want], device=logits.device)
+            idx = torch.tensor([at[r.index] for r in want], device=logits.device)
             chosen = torch.stack([picked[r.index] for r in want])
             lp = logits[idx].float().log_softmax(dim=-1)
             k = max(r.req.logprobs for r in want)
