@@ -51,14 +51,18 @@ def serve(a: argparse.Namespace) -> None:
     import logging
 
     import torch
-    from bench_generate import random_model
+    from bench_generate import random_model, random_quantized_model
 
     from llama3 import Llama, ModelArgs
     from llama3.serve import create_app, run
 
     torch.manual_seed(0)
     device = torch.device(a.device)
-    model = random_model(ModelArgs.from_name(a.preset), device, getattr(torch, a.dtype), "auto")
+    args = ModelArgs.from_name(a.preset)
+    if a.quantize:  # bfloat16 activations, weights quantized as they are made
+        model = random_quantized_model(args, device, a.quantize, 32, "auto")
+    else:
+        model = random_model(args, device, getattr(torch, a.dtype), "auto")
     llm = Llama(model, llama3_tokenizer())
     app = create_app(
         llm, model_name=a.preset, max_batch_size=a.max_batch_size, max_queue=256, max_seq_len=a.max_seq_len
@@ -131,6 +135,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="llama-3-155m")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only int8/int4 (bf16 activations)")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels (default: %(default)s)")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=32)
@@ -152,7 +157,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     args = [sys.executable, __file__, "--serve-only", "--port", str(port), "--device", a.device, "--preset",
             a.preset, "--dtype", a.dtype, "--max-batch-size", str(a.max_batch_size), "--max-seq-len",
-            str(a.max_seq_len)]  # fmt: skip
+            str(a.max_seq_len), *(["--quantize", a.quantize] if a.quantize else [])]  # fmt: skip
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.Popen(args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -190,7 +195,7 @@ def main() -> None:
     meta = {
         "preset": a.preset,
         "device": a.device,
-        "dtype": a.dtype,
+        "dtype": a.quantize or a.dtype,
         "machine": machine(a.device),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -206,8 +211,8 @@ def main() -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
-        f"Serving {a.preset} ({a.dtype}, random weights), {a.prompt_len}-token prompts, {a.new_tokens} greedy tokens "
-        f"streamed, {a.requests_per_client} requests per client, one server with {a.max_batch_size} rows. "
+        f"Serving {a.preset} ({meta['dtype']}, random weights), {a.prompt_len}-token prompts, {a.new_tokens} greedy "
+        f"tokens streamed, {a.requests_per_client} requests per client, one server with {a.max_batch_size} rows. "
         f"{meta['machine']}, torch {meta['torch']}, {meta['date']}; 1-minute load average {load_before:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end (the machine's other jobs share its cores).",
         "",
