@@ -338,8 +338,10 @@ def parse_request(cls: type[SamplingRequest], raw: bytes) -> SamplingRequest:
     if not isinstance(data, dict):
         raise RequestError(f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     for key, default in UNSUPPORTED.items():
-        if data.get(key, default) not in (default, None):
-            raise RequestError(f"{key}: not supported by this server", param=key, code="unsupported_parameter")
+        value = data.get(key)
+        if value in (None, default, {}, []) or (key == "tool_choice" and value in ("none", "auto")):
+            continue  # not set, or set to what this server does anyway (some clients always send these)
+        raise RequestError(f"{key}: not supported by this server", param=key, code="unsupported_parameter")
     try:
         return cls.model_validate_json(raw)
     except ValidationError as e:
