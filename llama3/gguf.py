@@ -33,7 +33,6 @@ import mmap
 import os
 import re
 import struct
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,14 @@ from llama3.gguf_quants import (
 )
 from llama3.model import rope_inv_freq
 from llama3.quantize import QuantizedWeight
-from llama3.tokenizer import GPT2_PAT_STR, LLAMA3_PAT_STR, Tokenizer, bytes_to_unicode
+from llama3.tokenizer import (
+    GPT2_PAT_STR,
+    LLAMA3_PAT_STR,
+    Tokenizer,
+    TokenizerError,
+    bytes_to_unicode,
+    without_missing_bytes,
+)
 
 _MISSING = object()
 
@@ -558,7 +564,10 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             raise GGUFError(f"{f.path}: tokens {ranks[token_bytes]} and {i} are the same bytes {token_bytes!r}")
         ranks[token_bytes] = i
     _check_merge_order(f, {t: i for i, t in enumerate(tokens)})
-    pat_str = _without_missing_bytes(pat_str, ranks, f.path)
+    try:
+        pat_str = without_missing_bytes(pat_str, ranks, f.path)
+    except TokenizerError as e:
+        raise GGUFError(str(e)) from None
 
     def special_name(key: str) -> str | None:
         token_id = f.get(f"tokenizer.ggml.{key}", None)
@@ -607,49 +616,3 @@ def _check_merge_order(f: _GGUF, ids: dict[str, int]) -> None:
                 "and token ids disagree, so tiktoken's rank-ordered merging cannot reproduce this vocabulary"
             )
         last = merged
-
-
-def _without_missing_bytes(pat_str: str, ranks: dict[bytes, int], path: Path) -> str:
-    """`pat_str`, changed so that characters the vocabulary cannot spell are left out of every piece.
-
-    tiktoken needs every byte of a piece to be a token, and panics (an uncatchable-by-`except Exception`
-    PanicException) on one that is not. A trained vocabulary can lack bytes: SmolLM2's has no token for
-    six ASCII control characters (0x04, 0x06, 0x13, 0x14, 0x16, 0x1d) nor for the UTF-8 lead bytes
-    0xf1/0xf2 (unassigned planes 4-11). tiktoken skips text its regex does not match, so excluding
-    those characters from the pattern's catch-all classes drops them, as Hugging Face's BPE (no unk
-    token) drops such bytes. Two differences remain on such input: HF still merges across a dropped
-    byte ("!\\x04!" -> "!!"), and for a 4-byte character it keeps the continuation bytes.
-    """
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if not missing:
-        return pat_str
-    excluded = []
-    for b in missing:
-        if b < 0x80:
-            first, last = b, b
-        elif b < 0xC2 or b > 0xF4:
-            if b <= 0xBF:  # a continuation byte: part of every non-ASCII character in its range
-                raise GGUFError(f"{path}: the vocabulary has no token for byte 0x{b:02x}, which UTF-8 text uses")
-            continue  # 0xc0, 0xc1, 0xf5-0xff never occur in UTF-8
-        elif b < 0xE0:  # lead byte of a 2-, 3- or 4-byte character: the code points it starts
-            first = (b - 0xC0) << 6
-            last = first + 0x3F
-        elif b < 0xF0:
-            first = (b - 0xE0) << 12
-            last = first + 0xFFF
-        else:
-            first = (b - 0xF0) << 18
-            last = first + 0x3FFFF
-        # Letters, digits and whitespace are matched by other parts of the pattern; those cannot be dropped.
-        for c in map(chr, range(first, last + 1)):
-            if c.isspace() and c not in "\x1c\x1d\x1e\x1f" or unicodedata.category(c)[0] in "LN":
-                raise GGUFError(
-                    f"{path}: the vocabulary has no token for byte 0x{b:02x}, which the character {c!r} uses"
-                )
-        excluded.append(rf"\x{{{first:x}}}" if first == last else rf"\x{{{first:x}}}-\x{{{last:x}}}")
-    exclusion = "".join(excluded)
-    changed = pat_str.replace(r"[^\s\p{L}\p{N}]", rf"[^\s\p{{L}}\p{{N}}{exclusion}]")
-    changed = changed.replace(r"[^\r\n\p{L}\p{N}]", rf"[^\r\n\p{{L}}\p{{N}}{exclusion}]")
-    if changed == pat_str:
-        raise GGUFError(f"{path}: the vocabulary lacks bytes {[hex(b) for b in missing]}")
-    return changed

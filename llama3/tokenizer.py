@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -234,9 +235,6 @@ def _encoding_from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[st
             ranks[bytes(byte_of[c] for c in token)] = token_id
         except KeyError:
             raise TokenizerError(f"{path}: vocabulary entry {token!r} is not byte-level BPE") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise TokenizerError(f"{path}: byte-level BPE needs all 256 bytes; missing {missing[:8]}")
 
     last = -1
     for merge in model.get("merges", []):
@@ -248,7 +246,53 @@ def _encoding_from_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[st
                 "cannot reproduce this tokenizer"
             )
         last = merged
-    return ranks, special_tokens, pat_str
+    return ranks, special_tokens, without_missing_bytes(pat_str, ranks, path)
+
+
+def without_missing_bytes(pat_str: str, ranks: dict[bytes, int], path: Path) -> str:
+    """`pat_str`, changed so that characters the vocabulary cannot spell are left out of every piece.
+
+    tiktoken needs every byte of a piece to be a token, and panics (an uncatchable-by-`except Exception`
+    PanicException) on one that is not. A trained vocabulary can lack bytes: SmolLM2's has no token for
+    six ASCII control characters (0x04, 0x06, 0x13, 0x14, 0x16, 0x1d) nor for the UTF-8 lead bytes
+    0xf1/0xf2 (unassigned planes 4-11). tiktoken skips text its regex does not match, so excluding
+    those characters from the pattern's catch-all classes drops them, as Hugging Face's BPE (no unk
+    token) drops such bytes. Two differences remain on such input: HF still merges across a dropped
+    byte ("!\\x04!" -> "!!"), and for a 4-byte character it keeps the continuation bytes.
+    """
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if not missing:
+        return pat_str
+    excluded = []
+    for b in missing:
+        if b < 0x80:
+            first, last = b, b
+        elif b < 0xC2 or b > 0xF4:
+            if b <= 0xBF:  # a continuation byte: part of every non-ASCII character in its range
+                raise TokenizerError(f"{path}: the vocabulary has no token for byte 0x{b:02x}, which UTF-8 text uses")
+            continue  # 0xc0, 0xc1, 0xf5-0xff never occur in UTF-8
+        elif b < 0xE0:  # lead byte of a 2-, 3- or 4-byte character: the code points it starts
+            first = (b - 0xC0) << 6
+            last = first + 0x3F
+        elif b < 0xF0:
+            first = (b - 0xE0) << 12
+            last = first + 0xFFF
+        else:
+            first = (b - 0xF0) << 18
+            last = first + 0x3FFFF
+        # Letters, digits and whitespace are matched by other parts of the pattern; those cannot be dropped.
+        for c in map(chr, range(first, last + 1)):
+            if c.isspace() and c not in "\x1c\x1d\x1e\x1f" or unicodedata.category(c)[0] in "LN":
+                raise TokenizerError(
+                    f"{path}: the vocabulary has no token for byte 0x{b:02x}, which the character {c!r} uses"
+                )
+        excluded.append(rf"\x{{{first:x}}}" if first == last else rf"\x{{{first:x}}}-\x{{{last:x}}}")
+    exclusion = "".join(excluded)
+    changed = pat_str.replace(r"[^\s\p{L}\p{N}]", rf"[^\s\p{{L}}\p{{N}}{exclusion}]")
+    changed = changed.replace(r"[^\r\n\p{L}\p{N}]", rf"[^\r\n\p{{L}}\p{{N}}{exclusion}]")
+    if changed == pat_str:
+        raise TokenizerError(f"{path}: the vocabulary lacks bytes {[hex(b) for b in missing]}")
+    return changed
 
 
 def _pat_str_from_pre_tokenizer(pre: dict[str, Any] | None, path: Path) -> str:

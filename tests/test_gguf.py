@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from llama3.gguf import (
 )
 from llama3.gguf_quants import dequantize
 from llama3.model import rope_inv_freq
+from llama3.tokenizer import Tokenizer, bytes_to_unicode
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -233,6 +235,21 @@ def test_smollm2_tokenizer_drops_bytes_its_vocabulary_lacks(smollm2_tok, smollm2
     tok = smollm2_tok
     for text in ["a\x04b", "x \x04\x06 y", "\x1d"]:
         assert tok.encode(text) == smollm2_hf_tokenizer.encode(text, add_special_tokens=False), repr(text)
+
+
+def test_a_tokenizer_json_lacking_bytes_loads_like_transformers(smollm2, tmp_path):
+    """transformers saves SmolLM2's GGUF vocabulary as a tokenizer.json (as a checkpoint merged from the
+    embedded model holds it) without tokens for 8 bytes; our tokenizer.json reader drops those bytes as
+    the GGUF reader does, and tokenizes as transformers does on that same file."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name).save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
+    assert bytes_to_unicode()[0x04] not in vocab  # no token for byte 0x04 (nor for 7 others)
+    for text in [*CORPUS, "a\x04b", "x \x04\x06 y", "\x1d"]:
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False, split_special_tokens=True), repr(text)
 
 
 # ---------------------------------------------------------------------------------------------------
