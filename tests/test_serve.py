@@ -252,6 +252,16 @@ def test_errors_arrive_as_the_clients_exceptions(server):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=NAME, messages=hi, **kwargs)
         assert e.value.status_code == 400 and e.value.param == param, (kwargs, e.value.body)
+    # unsupported fields at their neutral values, as some clients always send them, are accepted
+    client.chat.completions.create(
+        model=NAME,
+        messages=hi,
+        max_tokens=1,
+        frequency_penalty=0,
+        presence_penalty=0,
+        logit_bias={},
+        tool_choice="none",
+    )
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=NAME, prompt=prompt_of(0, 300), max_tokens=1)
     assert e.value.code == "context_length_exceeded"
