@@ -41,7 +41,9 @@ def read_log(path: Path) -> tuple[list[dict], list[dict]]:
 def plot(train: list[dict], evals: list[dict], output: Path, title: str | None) -> None:
     try:
         import matplotlib
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":  # matplotlib is there but one of its own imports failed: show that
+            raise
         sys.exit('plotting needs matplotlib, the "plot" extra: pip install -e ".[plot]" (or pip install matplotlib)')
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
