@@ -137,7 +137,7 @@ def _sharded_equals_whole(tp, checkpoints: dict[str, Path]) -> None:
         if tp.rank == 1:
             return shutdown()
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match="Connection closed by peer"), torch.no_grad():
+        with pytest.raises(RuntimeError, match="Connection (closed|reset) by peer"), torch.no_grad():
             sharded(tokens)
         assert time.monotonic() - started < 10
 
