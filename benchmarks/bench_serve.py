@@ -1,7 +1,7 @@
 """The server under load: aggregate output tokens/s and time to first token at 1, 4 and 16 concurrent clients,
 all against the same server (`llama3 serve`'s app, continuous batching), so the rows show the batching gain.
 
-    python benchmarks/bench_serve.py                          # CPU: 155M Llama-3-shaped config, random weights
+    python benchmarks/bench_serve.py --threads 1              # CPU: 155M Llama-3-shaped config, random weights
     python benchmarks/bench_serve.py --device cuda --preset llama-3-8b
     python benchmarks/bench_serve.py --clients 1,4,16 --prompt-len 32 --new-tokens 64 --requests-per-client 2
 
@@ -57,6 +57,8 @@ def serve(a: argparse.Namespace) -> None:
     from llama3.serve import create_app, run
 
     torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     args = ModelArgs.from_name(a.preset)
     if a.quantize:  # bfloat16 activations, weights quantized as they are made
@@ -134,8 +136,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="llama-3-155m")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 on CUDA; float32 on the CPU (without bf16 units a CPU emulates 16-row bf16 matmuls: "
+        "slower than float32's)",
+    )
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only int8/int4 (bf16 activations)")
+    p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's, one per core)")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels (default: %(default)s)")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=32)
@@ -146,6 +154,7 @@ def main() -> None:
     p.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.serve_only:
         sys.path.insert(0, str(Path(__file__).parent))
         return serve(a)
@@ -157,7 +166,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     args = [sys.executable, __file__, "--serve-only", "--port", str(port), "--device", a.device, "--preset",
             a.preset, "--dtype", a.dtype, "--max-batch-size", str(a.max_batch_size), "--max-seq-len",
-            str(a.max_seq_len), *(["--quantize", a.quantize] if a.quantize else [])]  # fmt: skip
+            str(a.max_seq_len), *(["--quantize", a.quantize] if a.quantize else []),
+            *(["--threads", str(a.threads)] if a.threads else [])]  # fmt: skip
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.Popen(args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -204,6 +214,7 @@ def main() -> None:
         "new_tokens": a.new_tokens,
         "requests_per_client": a.requests_per_client,
         "max_batch_size": a.max_batch_size,
+        "threads": a.threads or "default",
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # at the start, at the end
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -212,7 +223,8 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"Serving {a.preset} ({meta['dtype']}, random weights), {a.prompt_len}-token prompts, {a.new_tokens} greedy "
-        f"tokens streamed, {a.requests_per_client} requests per client, one server with {a.max_batch_size} rows. "
+        f"tokens streamed, {a.requests_per_client} requests per client, one server with {a.max_batch_size} rows, "
+        f"{a.threads or 'default'} torch threads. "
         f"{meta['machine']}, torch {meta['torch']}, {meta['date']}; 1-minute load average {load_before:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end (the machine's other jobs share its cores).",
         "",
