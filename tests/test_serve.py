@@ -350,6 +350,14 @@ def test_guard_refuses_unsafe_messages(tiny_llama3, ref, monkeypatch):
         assert e.value.param == "prompt" and s.engine.tokens_generated == r.usage.completion_tokens
 
 
+def test_metrics_without_prometheus_client_is_a_clear_404(tiny_llama3, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    with Server(create_app(load(tiny_llama3[0]), model_name=NAME, max_batch_size=1)) as s:
+        r = httpx.get(f"{s.url}/metrics", timeout=10)
+        assert r.status_code == 404 and "prometheus-client" in r.json()["error"]["message"]
+        assert s.client().completions.create(model=NAME, prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+
+
 # -- continuous batching -------------------------------------------------------------------------------
 
 
