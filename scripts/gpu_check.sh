@@ -3,7 +3,7 @@
 # the measured GEMV / cuBLAS choice), the kernels' compile report, and the GPU benchmark (Llama-3-8B
 # shape, random weights, transformers static+compile and optionally gpt-fast in the same run).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench|quant|quant-generate]   # logs and results go to
+#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench|quant|quant-generate|spec]   # logs, results go to
 #                                                                   # OUT_DIR (default benchmarks/results, all)
 # Each part fits one 10-minute device call: about 2 minutes of tests, 5 to 7 of benchmark (most of it
 # compiling transformers and gpt-fast). Weight-only int8 / int4, not timed on a GPU yet (give each part a
@@ -11,6 +11,8 @@
 # (our Triton kernels beside tinygemm, torch._weight_int8pack_mm and bf16 cuBLAS, per Llama-3-8B
 # projection); `quant-generate` the decode benchmark at batch 1, Llama-3-8B in bf16 / int8 / int4 (with
 # gpt-fast's int8 / int4 when third_party/gpt-fast holds its quantize.py too), then Llama-3-70B in int4.
+# `spec`: speculative decoding's verified step (Llama-3-8B shape drafted by a 1B shape) against plain steps,
+# and the break-even acceptance rate (bench_speculative.py writes to benchmarks/results/).
 #
 # Offline GPU machines: put wheels in .whl/ (ignored) and gpt-fast in third_party/gpt-fast (ignored),
 # then carry both to the machine. From this repo:
@@ -57,4 +59,7 @@ if [ "$part" = all ] || [ "$part" = quant-generate ]; then
     python3 benchmarks/bench_generate.py --device cuda --preset llama-3-70b --dtypes int4 --group-size 128 \
         --batches 1 --prefill-len 0 --new-tokens 64 --repeats 2 --no-transformers --out "$out/generate-cuda-70b-int4" \
         2>&1 | tee "$out/gpu-quant-generate-70b.log"
+fi
+if [ "$part" = all ] || [ "$part" = spec ]; then
+    python3 benchmarks/bench_speculative.py --device cuda 2>&1 | tee "$out/gpu-speculative.log"
 fi
