@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llama3 import __version__
-from llama3.config import ParamError, SamplingParams, check_seed
+from llama3.config import ParamError, SamplingParams, check_seed, parse_jsonl
 
 GUARD_HELP = (
     "a Llama Guard checkpoint (e.g. meta-llama/Meta-Llama-Guard-2-8B) that screens each user message before the "
@@ -256,25 +256,28 @@ def _add_finetune_parser(sub) -> None:
     ft.set_defaults(parser=ft, keep_output=False)
 
 
+def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
+    """Each of `flags` (attribute names) that is set must be >= 1; the error names the flag as typed."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {value}")
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every option checked before the model loads, each error naming the flag the user typed."""
     if args.command == "quantize":
         return
     if args.command == "finetune":
-        for flag in ("lora_rank", "batch_size", "grad_accum", "max_steps", "epochs", "logging_steps", "eval_steps",
-                     "save_steps"):  # fmt: skip
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {value}")
+        _require_positive(parser, args, "lora_rank", "batch_size", "grad_accum", "max_steps", "epochs",
+                          "logging_steps", "eval_steps", "save_steps")  # fmt: skip
         if args.max_seq_len < 2:
             parser.error(f"argument --max-seq-len: must be >= 2, got {args.max_seq_len}")
         if not 0 <= args.lora_dropout < 1:
             parser.error(f"argument --lora-dropout: must be in [0, 1), got {args.lora_dropout}")
         return
     if args.command == "serve":
-        for flag in ("max_batch_size", "prefill_chunk", "max_seq_len"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 1:
-                parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+        _require_positive(parser, args, "max_batch_size", "prefill_chunk", "max_seq_len")
         if args.max_queue < 0:
             parser.error(f"argument --max-queue: must be >= 0, got {args.max_queue}")
         if not 0 <= args.port < 65536:
@@ -285,8 +288,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(
                 "argument --model/-m: required: a Llama Guard checkpoint, e.g. meta-llama/Meta-Llama-Guard-2-8B"
             )
-        if args.batch_size < 1:
-            parser.error(f"argument --batch-size: must be >= 1, got {args.batch_size}")
+        _require_positive(parser, args, "batch_size")
         return
     if args.keep_output and args.quantize == "none":
         parser.error("argument --keep-output: needs a quantized model (--quantize int8 or int4), got --quantize none")
@@ -307,10 +309,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"argument --max-seq-len/-c: must be >= 1, got {args.max_seq_len}")
     if any(not s for s in args.stop):
         parser.error("argument --stop: must not be empty")
-    if args.speculate_k < 1:
-        parser.error(f"argument --speculate-k: must be >= 1, got {args.speculate_k}")
-    if args.prompt_lookup is not None and args.prompt_lookup < 1:
-        parser.error(f"argument --prompt-lookup: must be >= 1, got {args.prompt_lookup}")
+    _require_positive(parser, args, "speculate_k", "prompt_lookup")
     if args.draft and args.prompt_lookup is not None:
         parser.error("argument --prompt-lookup: not allowed with --draft (one way of guessing at a time)")
     if args.command == "generate":
@@ -648,15 +647,7 @@ def read_conversations(text: str, source: str) -> list[tuple[str, list[dict[str,
         whole = None
     if isinstance(whole, list) and (not whole or not isinstance(whole[0], list)):
         return [(source, whole)]
-    else:
-        lines = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{source}, line {number}: not JSON ({e.msg} at column {e.colno})") from None
+    lines = parse_jsonl(text.splitlines(), source)
     if not lines:
         raise ValueError(f"{source}: no conversation (a JSON list of messages, or one such list a line)")
     for number, conversation in lines:

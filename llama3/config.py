@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,20 @@ def read_json_object(path: Path, error: type[ValueError] = ConfigError, missing_
     if not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object, got a {type(data).__name__}")
     return data
+
+
+def parse_jsonl(lines: Iterable[str], source: Any, error: type[ValueError] = ValueError) -> list[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL text; a line that is not JSON is an `error`
+    naming `source` and the line."""
+    values = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise error(f"{source}, line {number}: not JSON ({e.msg} at column {e.colno})") from None
+    return values
 
 
 def _is_int(value: Any, low: int | None = None) -> bool:

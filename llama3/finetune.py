@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llama3.chat_format import ChatFormat, ChatMLFormat, JinjaChatFormat, _validate
+from llama3.config import parse_jsonl
 from llama3.lora import (
     TARGET_MODULES,
     LoRAConfig,
@@ -79,19 +80,12 @@ def read_chat_rows(path: str | os.PathLike) -> list[list[dict[str, str]]]:
         rows = [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
         where = "row"
     else:
-        rows = []
         with open(path, encoding="utf-8") as f:
             try:
                 lines = list(f)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: not JSON ({e.msg} at column {e.colno})") from None
+        rows = parse_jsonl(lines, path, DataError)
         where = "line"
     dialogs = []
     for n, row in rows:

@@ -187,3 +187,21 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
         torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     return out[0, len(prompt) :].tolist()
+
+
+def run_main(monkeypatch, capsys, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    """`llama3 ARGS` through the CLI's `main` in this process (no torch import per call): (exit code, stdout,
+    stderr), with `stdin` as standard input; argparse's errors give their exit code."""
+    import io
+    import sys
+
+    from llama3.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

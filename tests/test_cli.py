@@ -4,7 +4,6 @@ transformers (greedy `generate`, and the official Llama 3 chat template rendered
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import hf_greedy, run_main
 
 STOPS = (128001, 128008, 128009)  # the Llama 3.1 Instruct stop tokens (generation_config.json's eos ids)
 
@@ -39,17 +38,9 @@ def run_cli(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.Com
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """The command's `main` in this process (no torch import per call): returncode, stdout and stderr."""
-    from llama3.cli import main
 
     def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as e:  # argparse's errors
-            code = e.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        return subprocess.CompletedProcess(args, *run_main(monkeypatch, capsys, *args, stdin=stdin))
 
     return run
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import llama3_tokenizer_file, tiny_hf_model
+from conftest import llama3_tokenizer_file, run_main, tiny_hf_model
 
 from llama3.chat_format import JinjaChatFormat
 from llama3.guard import GuardResult, classify, classify_batch, format_prompt, parse
@@ -411,23 +411,6 @@ def safe_guard(tmp_path_factory):
     d = tmp_path_factory.mktemp("guard-safe")
     craft_guard(d, ALWAYS_SAFE)
     return d
-
-
-def run_main(monkeypatch, capsys, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    """`llama3 ARGS` in this process (no torch import per call): (exit code, stdout, stderr)."""
-    import io
-    import sys
-
-    from llama3.cli import main
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse's errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_guard_command_reads_jsonl_from_stdin_in_a_subprocess(unsafe_guard):

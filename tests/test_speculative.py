@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import run_main
 
 import llama3.speculative
 from llama3 import Llama, ModelArgs, Tokenizer, Transformer
@@ -333,39 +334,23 @@ def test_the_statistic_catches_a_wrong_acceptance_rule(small_models, monkeypatch
 # -- the command line ---------------------------------------------------------------------------------
 
 
-def run_main(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    import io
-    import sys
-
-    from llama3.cli import main
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse's errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_draft_and_prompt_lookup_give_the_plain_greedy_answer(tiny_llama3, capsys, monkeypatch):
     import json
 
     d = str(tiny_llama3[0])
     common = ("--model", d, "--dtype", "float32", "-t", "0", "-n", "16")
     prompt = "Hello world, this is a test. Hello world, this is"
-    code, out, _ = run_main(capsys, monkeypatch, "generate", prompt, "--json", "-q", *common)
+    code, out, _ = run_main(monkeypatch, capsys, "generate", prompt, "--json", "-q", *common)
     assert code == 0
     plain = json.loads(out)["tokens"]
     for spec in (("--draft", d), ("--prompt-lookup", "3", "--speculate-k", "2")):
-        code, out, err = run_main(capsys, monkeypatch, "generate", prompt, "--json", *common, *spec)
+        code, out, err = run_main(monkeypatch, capsys, "generate", prompt, "--json", *common, *spec)
         assert code == 0, err
         assert json.loads(out)["tokens"] == plain
-    code, out, err = run_main(capsys, monkeypatch, "generate", prompt, *common, "--draft", d)
+    code, out, err = run_main(monkeypatch, capsys, "generate", prompt, *common, "--draft", d)
     assert "guesses accepted (100%)" in err  # the draft has the model's weights
-    chat_plain = run_main(capsys, monkeypatch, "chat", *common, "-q", stdin="Hi there\n")
-    chat_draft = run_main(capsys, monkeypatch, "chat", *common, "-q", "--draft", d, stdin="Hi there\n")
+    chat_plain = run_main(monkeypatch, capsys, "chat", *common, "-q", stdin="Hi there\n")
+    chat_draft = run_main(monkeypatch, capsys, "chat", *common, "-q", "--draft", d, stdin="Hi there\n")
     assert chat_draft == chat_plain and chat_plain[0] == 0
 
 
@@ -378,5 +363,5 @@ def test_cli_draft_and_prompt_lookup_give_the_plain_greedy_answer(tiny_llama3, c
     ],
 )
 def test_cli_refuses_bad_speculation_flags(capsys, monkeypatch, flags, message):
-    code, _, err = run_main(capsys, monkeypatch, "generate", "Hi", *flags)
+    code, _, err = run_main(monkeypatch, capsys, "generate", "Hi", *flags)
     assert code == 2 and message in err
