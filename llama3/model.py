@@ -160,7 +160,15 @@ class TorchOps:
 
         `layer` is an `nn.Linear`, or a module holding a quantized weight (`llama3.quantize`) that runs
         its own kernel."""
-        return F.linear(x, layer.weight) if isinstance(layer, nn.Linear) else layer(x)
+        if not isinstance(layer, nn.Linear):
+            return layer(x)
+        w, rows = layer.weight, x.numel() // x.shape[-1]
+        if w.device.type == "cpu" and w.dtype == torch.float32 and 1 < rows <= 64:
+            # A few rows (batched decode, short chunks): MKL computes weight @ x.T 1.2-3.5x faster than
+            # x @ weight.T on 2 threads (a 128,256-token output projection for 16 rows: 39 against 58 ms),
+            # the same products in another order. The result is that product's transpose, a view.
+            return torch.mm(w, x.reshape(rows, -1).t()).t().view(*x.shape[:-1], -1)
+        return F.linear(x, w)
 
 
 class Attention(nn.Module):
