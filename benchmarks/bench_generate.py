@@ -4,6 +4,7 @@
     python benchmarks/bench_generate.py --device cuda         # GPU: Llama-3-8B shape, bf16, batch 1 and 8,
                                                               # 2048-token prefill, peak memory
     python benchmarks/bench_generate.py --model path.gguf     # a real checkpoint (e.g. the embedded SmolLM2)
+    python benchmarks/bench_generate.py --dtypes int4 --compile   # + the compiled CPU decode step beside eager
     python benchmarks/bench_generate.py --device cuda --gpt-fast third_party/gpt-fast   # + gpt-fast, batch 1
     python benchmarks/bench_generate.py --device cuda --dtypes bfloat16,int8,int4 --group-size 128
                                                               # weight-only int8 / int4: on CUDA the Triton
@@ -392,6 +393,9 @@ def main() -> None:
     p.add_argument(
         "--hf-eager", action="store_true", help="on CUDA also time transformers' eager dynamic-cache generate"
     )
+    p.add_argument(
+        "--compile", action="store_true", help="CPU: also time Llama(compile=True) (its compile time is reported)"
+    )
     p.add_argument("--gpt-fast", default=None, help="folder with gpt-fast's model.py and generate.py (batch 1)")
     p.add_argument("--out", default=None, help="results file stem (default: benchmarks/results/generate-<device>)")
     a = p.parse_args()
@@ -430,6 +434,13 @@ def main() -> None:
         ours_name = f"llama3 ({llm.model.ops.name})"
         ours = {batch: Ours(llm, batch, prompt_len, new_tokens) for batch in batches}  # warm-ups
         stats = extra.setdefault("by_dtype", {}).setdefault(dtype_name, {})
+        compiled = {}
+        if a.compile:  # the same model and cache; the warm-up (first generate) is where it compiles
+            t = time.perf_counter()
+            compiled_llm = Llama(llm.model, llm.tokenizer, compile=True, **cache)
+            compiled = {batch: Ours(compiled_llm, batch, prompt_len, new_tokens) for batch in batches}
+            stats["compile_and_warm_up_s"] = time.perf_counter() - t
+            print(f"{dtype_name}: compiled decode warmed up in {stats['compile_and_warm_up_s']:.1f} s", flush=True)
         if prefill_len:
             stats["prefill"] = time_prefill(llm, prefill_len, a.repeats)
             print(stats["prefill"], flush=True)
@@ -450,6 +461,8 @@ def main() -> None:
                 extra.setdefault("gpt_fast_errors", {})[dtype_name] = f"{type(e).__name__}: {e}"
         for batch in batches:
             runners = {ours_name: ours[batch]}
+            if compiled:
+                runners[f"{ours_name}, compiled"] = compiled[batch]
             if batch == 1:  # every weight once through a matrix-vector product: the floor under any system
                 if not quantize:
                     runners["floor: weights via F.linear"] = Floor(
@@ -518,6 +531,11 @@ def main() -> None:
         if "prefill" in st:
             pf = st["prefill"]
             lines.append(f"{dtype_name}: prefill of {pf['prefill_tokens']} tokens: {pf['prefill_tok_s']:.0f} tok/s.")
+        if "compile_and_warm_up_s" in st:
+            lines.append(
+                f"{dtype_name}: the compiled decode's first generate (compile + warm-up) took "
+                f"{st['compile_and_warm_up_s']:.1f} s (inductor's on-disk cache may hold earlier compiles)."
+            )
         if "peak_gpu_memory_gb" in st:
             budget = st["weights_gb"] + st["kv_cache_gb"] + 2**30 / 1e9
             lines.append(

@@ -10,6 +10,7 @@ Shapes: B batch, T new tokens, S cache slots, H query heads, KVH key/value heads
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -312,6 +313,7 @@ class Transformer(nn.Module):
         input_pos: Tensor | None = None,
         logits_pos: Tensor | None = None,
         kv_len: int | None = None,
+        run_block: Callable | None = None,
     ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) at `logits_pos`.
 
@@ -322,7 +324,9 @@ class Transformer(nn.Module):
         `logits_pos` (B,) picks one position per row (the last real token) so a prefill does not pay
         for the full (B, T, vocab) output projection. `kv_len`, a bound on the slots in use known on the
         host (> every input_pos), lets attention skip the empty rest of the cache; a CUDA graph, which
-        must serve every step, leaves it None.
+        must serve every step, leaves it None. `run_block(block, *inputs)` runs each block instead of
+        calling it: the compiled decode step passes a `torch.compile`d `TransformerBlock.forward`, one
+        graph that serves every layer (they differ only in their weights).
         """
         self._check_tokens(tokens, check_ids=input_pos is None)
         B, T = tokens.shape
@@ -337,8 +341,11 @@ class Transformer(nn.Module):
         cos, sin = self.ops.rope_tables(positions[..., None].float() * self.inv_freq)  # angles (B, T, D/2)
 
         x, residual = self.tok_embeddings(tokens), None
+        run_block = run_block or TransformerBlock.__call__
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, mask, positions if mask is not None else None, self.ops)
+            x, residual = run_block(
+                layer, x, residual, cos, sin, mask, positions if mask is not None else None, self.ops
+            )
         if logits_pos is not None:
             rows = torch.arange(B, device=tokens.device)
             x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)

@@ -85,6 +85,17 @@ def test_generate_streams_the_greedy_completion(checkpoint):
     assert "stopped at the 8-token limit" in r.stderr  # the answer was cut, not ended by the model
 
 
+def test_compile_decodes_transformers_greedy_text(cli, checkpoint, monkeypatch):
+    import llama3.generation
+
+    compile_block, made = llama3.generation.compiled_block, []
+    monkeypatch.setattr(llama3.generation, "compiled_block", lambda: made.append(1) or compile_block())
+    r = cli("generate", "Hello world", *tiny(checkpoint[0], "-n", "8", "--compile", "--quiet"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == completion(checkpoint, "Hello world", 8)[2] + "\n"
+    assert made == [1]  # --compile reached Llama
+
+
 def test_quiet_prints_only_the_text(cli, checkpoint):
     r = cli("generate", "Hi", *tiny(checkpoint[0], "-n", "4", "--quiet"))
     assert r.returncode == 0, r.stderr

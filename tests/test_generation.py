@@ -277,3 +277,44 @@ def test_cuda_graph_replay_gives_the_eager_tokens(checkpoint, backend):
         b = eager.generate(prompts, 24, stop_tokens=[], **kwargs)
         assert a == b
     assert any(s.graph is not None for s in graphed._steps.values())
+
+
+def test_compiled_decode_gives_transformers_tokens(checkpoint, llm):
+    """compile=True: the static step with its blocks through torch.compile, greedy and seeded sampling."""
+    d, hf = checkpoint
+    compiled = Llama.from_pretrained(d, device="cpu", dtype=torch.float32, compile=True)
+    prompts = encode_all(compiled)
+    assert compiled.generate(prompts, 12, temperature=0, stop_tokens=[]) == [hf_greedy(hf, p, 12) for p in prompts]
+    sampled = dict(temperature=0.8, top_p=0.9, seed=3, stop_tokens=[])
+    assert compiled.generate(prompts, 12, **sampled) == llm.generate(prompts, 12, **sampled)
+    assert all(step.static and step.run_block is not None for step in compiled._steps.values())
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_compiled_block_rounds_16_bit_values_as_eager_does(checkpoint, quantize):
+    """In bfloat16 (and int4, bf16 activations) the compiled block rounds where eager PyTorch rounds
+    (inductor's emulate_precision_casts), so a decode step's logits are eager's to the bit."""
+    from llama3.generation import compiled_block
+
+    llm = Llama.from_pretrained(checkpoint[0], device="cpu", dtype=torch.bfloat16, quantize=quantize)
+    model, prompt = llm.model, torch.tensor([encode_all(llm)[2]])
+    model.setup_cache(1, 64)
+    block, calls = compiled_block(), []
+
+    def run_block(*inputs):
+        calls.append(1)
+        return block(*inputs)
+
+    with torch.inference_mode():
+        model(prompt, torch.arange(prompt.shape[1]))
+        for pos in range(prompt.shape[1], prompt.shape[1] + 3):
+            token, at = torch.tensor([[pos % 100]]), torch.tensor([[pos]])
+            eager = model(token, at)
+            assert torch.equal(model(token, at, run_block=run_block), eager)
+    assert len(calls) == 3 * model.args.n_layers
+
+
+def test_compile_refuses_a_model_off_the_cpu(checkpoint):
+    meta = Llama.from_pretrained(checkpoint[0], device="cpu", dtype=torch.float32).model.to("meta")
+    with pytest.raises(ValueError, match="compiles the CPU decode step; this model is on meta"):
+        Llama(meta, Llama.from_pretrained(checkpoint[0], device="cpu").tokenizer, compile=True)
