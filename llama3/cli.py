@@ -394,6 +394,8 @@ def load(args: argparse.Namespace):
         f"{m.tok_embeddings.weight.dtype}{weights_note(m)}, "
         f"{m.tok_embeddings.weight.device}, backend {m.ops.name})"
     )
+    if getattr(args, "compile", False):
+        log("llama3: --compile: the first decode step compiles the block (seconds; inductor caches it on disk)")
     return llm, log, load_s
 
 
