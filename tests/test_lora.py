@@ -9,6 +9,7 @@ that the update moves the logits by far more than the tolerance.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from llama3.lora import (
     LoRALinear,
     add_lora,
     dequantized_weight,
+    dropout_masks,
     int4_codes,
     load_adapter,
     lora_parameters,
@@ -138,6 +140,50 @@ def test_peft_adapter_gives_peft_logits_in_ours(tiny, tmp_path):
     assert model.lora_config.target_modules == ("q_proj", "k_proj", "o_proj", "up_proj")
     with torch.no_grad():
         torch.testing.assert_close(model(x), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_gives_each_projection_its_own_dropout_mask(tiny, monkeypatch):
+    """In training, a fused layer adds B_i A_i (x * mask_i) * scaling on the rows of projection i, every mask
+    its own and none on the rows without an adapter: against that formula, one projection at a time."""
+    import llama3.lora as lora
+
+    _, _, model = tiny
+    add_lora(model, LoRAConfig(r=3, alpha=5, dropout=0.3, target_modules=("q_proj", "v_proj")))
+    randomize(lora_parameters(model))
+    layer = model.layers[0].attention.wqkv
+    masks = []
+    monkeypatch.setattr(lora, "dropout_masks", lambda *args: masks.append(dropout_masks(*args)) or masks[-1])
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    layer.train()
+    with torch.no_grad():
+        got = layer(x)
+    (m,) = masks
+    assert m.shape == (2, 10, layer.in_features) and not torch.equal(m[0], m[1])
+    want = F.linear(x, layer.base.weight)
+    for mask, name in zip(m, ("q_proj", "v_proj"), strict=True):
+        s, e = layer.rows[name]
+        want[..., s:e] += (
+            F.linear(F.linear(x * mask.view(x.shape), layer.lora_A[name]), layer.lora_B[name]) * layer.scaling
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_masks_drop_every_element_independently_with_probability_p(p):
+    """Against Bernoulli(p) for every element, within 5 standard deviations: the rate, the rate of two
+    neighbours both dropped (p^2) and of the same element in two masks (p^2); kept elements are 1 / (1 - p)."""
+    torch.manual_seed(0)
+    m = dropout_masks(2, torch.Size((300, 500)), p, torch.device("cpu"))
+    assert m.shape == (2, 300, 500)
+    assert torch.all((m == 0) | (m == torch.tensor(1 / (1 - p))))
+    dropped = (m == 0).flatten(1)
+
+    def near(observed: torch.Tensor, q: float) -> bool:
+        return abs(observed.float().mean().item() - q) < 5 * math.sqrt(q * (1 - q) / observed.numel())
+
+    assert near(dropped, p)
+    assert near(dropped[:, 1:] & dropped[:, :-1], p * p)
+    assert near(dropped[0] & dropped[1], p * p)
 
 
 def test_merge_equals_adapter_and_unmerge_restores(tiny):
