@@ -329,6 +329,18 @@ class Transformer(nn.Module):
         calling it: the compiled decode step passes a `torch.compile`d `TransformerBlock.forward`, one
         graph that serves every layer (they differ only in their weights).
         """
+        return self.ops.linear(self.hidden(tokens, input_pos, logits_pos, kv_len, run_block), self.output)
+
+    def hidden(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor | None = None,
+        logits_pos: Tensor | None = None,
+        kv_len: int | None = None,
+        run_block: Callable | None = None,
+    ) -> Tensor:
+        """`forward` without the output projection: the final-normed hidden states (B, T or 1, dim), for a
+        caller that needs logits at only some positions (fine-tuning's loss: the assistant tokens)."""
         self._check_tokens(tokens, check_ids=input_pos is None)
         B, T = tokens.shape
         if input_pos is None:
@@ -350,5 +362,4 @@ class Transformer(nn.Module):
         if logits_pos is not None:
             rows = torch.arange(B, device=tokens.device)
             x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)
-        x, _ = self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)
-        return self.ops.linear(x, self.output)
+        return self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
