@@ -63,6 +63,22 @@ TINY_CONFIGS = {
 }
 
 
+# Dialogs both chat-format test files render (ours against transformers' templates): whitespace that a
+# format must keep or strip, emoji and CJK, JSON and HTML-like content, an ipython (tool) turn last (Llama 3 only).
+CHAT_DIALOGS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "\n\nWhat is 2+2?  "}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Write a haiku about llamas 🦙."},
+        {"role": "assistant", "content": "Soft wool on the hills,\n  quiet steps in mountain air..."},
+        {"role": "user", "content": "(now in 日本語) 123456 don't"},
+    ],
+    [{"role": "user", "content": "   \t  "}, {"role": "assistant", "content": '{"json": true, "html": "<b>&</b>"}'}],
+    [{"role": "user", "content": "call a tool"}, {"role": "ipython", "content": "[1, 2, 3]\r\n"}],
+]
+
+
 def tiny_hf_config(vocab_size: int = 512, **overrides):
     from transformers import LlamaConfig
 

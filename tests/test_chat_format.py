@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import hf_llama3_tokenizer, llama3_tokenizer_file
+from conftest import CHAT_DIALOGS, hf_llama3_tokenizer, llama3_tokenizer_file
 
 from llama3.chat_format import ChatFormat, ChatMLFormat, JinjaChatFormat, builtin_chat_format, chat_format_for
 from llama3.tokenizer import GPT2_PAT_STR, Tokenizer, TokenizerError
@@ -17,18 +17,7 @@ SMOLLM2_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-DIALOGS = [
-    [{"role": "user", "content": "Hello!"}],
-    [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "\n\nWhat is 2+2?  "}],
-    [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Write a haiku about llamas 🦙."},
-        {"role": "assistant", "content": "Soft wool on the hills,\n  quiet steps in mountain air..."},
-        {"role": "user", "content": "(now in 日本語) 123456 don't"},
-    ],
-    [{"role": "user", "content": "   \t  "}, {"role": "assistant", "content": '{"json": true}'}],
-    [{"role": "user", "content": "call a tool"}, {"role": "ipython", "content": "[1, 2, 3]\r\n"}],
-]
+DIALOGS = CHAT_DIALOGS
 
 
 @pytest.fixture(scope="module")

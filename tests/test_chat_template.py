@@ -9,7 +9,7 @@ import functools
 import json
 
 import pytest
-from conftest import LLAMA3_CHAT_TEMPLATE, hf_llama3_tokenizer, llama3_tokenizer_file
+from conftest import CHAT_DIALOGS, LLAMA3_CHAT_TEMPLATE, hf_llama3_tokenizer, llama3_tokenizer_file
 
 from llama3.chat_format import (
     KNOWN_TEMPLATES,
@@ -76,17 +76,7 @@ LLAMA31_TEMPLATE_JSON = (
 )
 LLAMA31_TEMPLATE = json.loads(f'"{LLAMA31_TEMPLATE_JSON}"')
 
-DIALOGS = [
-    [{"role": "user", "content": "Hello!"}],
-    [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "\n\nWhat is 2+2?  "}],
-    [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Write a haiku about llamas 🦙."},
-        {"role": "assistant", "content": "Soft wool on the hills,\n  quiet steps in mountain air..."},
-        {"role": "user", "content": "(now in 日本語) 123456 don't"},
-    ],
-    [{"role": "user", "content": "   \t  "}, {"role": "assistant", "content": '{"json": true, "html": "<b>&</b>"}'}],
-]
+DIALOGS = CHAT_DIALOGS[:4]  # roles every format here knows (SmolLM2's has no ipython)
 WEATHER_TOOL = {
     "type": "function",
     "function": {
