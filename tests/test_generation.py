@@ -287,7 +287,7 @@ def test_compiled_decode_gives_transformers_tokens(checkpoint, llm):
     assert compiled.generate(prompts, 12, temperature=0, stop_tokens=[]) == [hf_greedy(hf, p, 12) for p in prompts]
     sampled = dict(temperature=0.8, top_p=0.9, seed=3, stop_tokens=[])
     assert compiled.generate(prompts, 12, **sampled) == llm.generate(prompts, 12, **sampled)
-    assert all(step.static and step.run_block is not None for step in compiled._steps.values())
+    assert all(step.run_block is not None for step in compiled._steps.values())
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
@@ -318,3 +318,31 @@ def test_compile_refuses_a_model_off_the_cpu(checkpoint):
     meta = Llama.from_pretrained(checkpoint[0], device="cpu", dtype=torch.float32).model.to("meta")
     with pytest.raises(ValueError, match="compiles the CPU decode step; this model is on meta"):
         Llama(meta, Llama.from_pretrained(checkpoint[0], device="cpu").tokenizer, compile=True)
+
+
+def test_attention_window_boundaries():
+    from llama3.generation import attention_window
+
+    assert [attention_window(n, 4096) for n in (1, 256, 257, 512, 513, 2049)] == [256, 256, 512, 512, 1024, 4096]
+    assert attention_window(300, 300) == 300  # never past the cache
+
+
+def test_compiled_decode_across_an_attention_window_boundary():
+    """Decode steps that cross from the 256-slot window to the 512-slot one give eager's logits
+    (float32: inductor's fused loops sum in another order, so within 1e-5, not to the bit)."""
+    from llama3 import ModelArgs, Transformer
+    from llama3.generation import attention_window, compiled_block
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=96, max_seq_len=1024)
+    model = Transformer(args).eval()
+    model.setup_cache(1, 1024)
+    tokens = torch.randint(0, 512, (1, 262), generator=torch.Generator().manual_seed(1))
+    block = compiled_block()
+    with torch.inference_mode():
+        model(tokens[:, :250], torch.arange(250))
+        for pos in range(250, 262):
+            token, at = tokens[:, pos : pos + 1], torch.tensor([[pos]])
+            eager = model(token, at, kv_len=pos + 1)
+            compiled = model(token, at, kv_len=attention_window(pos + 1, 1024), run_block=block)
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
