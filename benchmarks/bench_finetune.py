@@ -1,4 +1,4 @@
-"""LoRA training speed and peak memory: `llama3.finetune` against transformers + PEFT, same model, data, run.
+"""LoRA training speed and peak memory: `llama3.finetune` against transformers + PEFT and trl, same model, data, run.
 
     python benchmarks/bench_finetune.py                      # the embedded SmolLM2-135M (GGUF), float32 base, CPU
     python benchmarks/bench_finetune.py --steps 4 --rounds 3 --threads 2
@@ -10,14 +10,23 @@ learned tokens / their count, gradient clipping at 1.0. The systems:
 - llama3: `llama3.finetune.finetune(TrainConfig(...))` itself, the loop `llama3 finetune` runs, float32 base;
 - transformers + PEFT: `LlamaForCausalLM.from_pretrained(dir, gguf_file=...)` (float32) wrapped by
   `peft.get_peft_model`, trained by a plain PyTorch loop (forward for the logits, the same loss, backward,
-  clip, AdamW step). trl's SFTTrainer is not run (see the note the results carry).
+  clip, AdamW step);
+- trl: its `SFTTrainer` given that same transformers model and the LoRA as `peft_config` (trl wraps it), float32,
+  no packing, no gradient checkpointing, no eval or saving. The rows go in pre-tokenized: our encoding's
+  `input_ids` with the learned positions as `completion_mask` (`completion_only_loss=True`), since SmolLM2's
+  chat template has no {% generation %} markers for `assistant_only_loss`; trl builds the labels from them.
+  trl's collator, loss and Trainer loop do the rest; only the batches are ours, handed to its collator by a
+  `get_train_dataloader` override. What differs from the other two is listed in TRL_DIFFERENCES, which the
+  results carry as their note. trl is an optional baseline, not a dependency: without it the run skips it and
+  says why.
 
 Each run is a subprocess of its own (`--worker`), so its peak memory is its own: VmHWM from /proc/self/status
 after training (the high-water mark of resident memory, loading included) and the peak during training
 alone (the kernel's counter reset through /proc/self/clear_refs once the model is loaded, where allowed).
 A run trains 2 x `--steps` steps; tokens/s counts the real (unpadded) tokens of the second half (the first
-half warms up allocators and caches) over its wall time. Runs alternate between systems (ABBA...), so load
-drift on a shared machine hits both; the table gives the median over `--rounds` runs of each.
+half warms up allocators and caches) over its wall time (trl: a TrainerCallback's times at the ends of the
+steps). Runs alternate between systems (ABC CBA ...), so load drift on a shared machine hits all; the table gives
+the median over `--rounds` runs of each.
 Results go to benchmarks/results/finetune-cpu-smollm2.json and .md.
 """
 
@@ -42,10 +51,27 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "benchmarks" / "data" / "persona.jsonl"
-SYSTEMS = ("llama3", "transformers+peft")
-TRL_NOTE = (
-    "trl's SFTTrainer not run: trl 1.16.0 installs here without changing torch or transformers (pip --dry-run), "
-    "but it brings datasets, pandas and multiprocess into the shared environment; not added for this run"
+SYSTEMS = ("llama3", "transformers+peft", "trl")
+TRL_DIFFERENCES = (
+    "trains the same model (the float32 load above; transformers' GGUF marker removed, since Trainer refuses a "
+    "model marked quantized), LoRA (peft_config), AdamW (torch.optim.AdamW, not trl's default fused one), learning "
+    "rate, clipping and batches in float32 (trl's bf16 and gradient-checkpointing defaults off), timed by a "
+    "TrainerCallback from the end of the last warm-up step to the end of the last step. What still differs: "
+    "(1) its rows are pre-tokenized, our encoding's ids with the learned positions as `completion_mask` "
+    "(`completion_only_loss`), since SmolLM2's chat template has no {% generation %} markers for "
+    "`assistant_only_loss`; trl turns them into the same labels (the first loss is the same); "
+    "(2) the batches reach trl's collator through a `get_train_dataloader` override (a batch sampler of the other "
+    "runs' batches), as Trainer's samplers only make equal-size batches and 26 rows leave a batch of 2 each epoch; "
+    "(3) trl's collator pads with the tokenizer's pad id and passes an attention mask, so the model runs all L "
+    "positions of a batch (the others L - 1: the last token predicts nothing) and a padded batch gets an explicit "
+    "padding mask in attention (the others: causal only, padding ignored by the loss); "
+    "(4) trl's fused LM head scores every position on a CPU (in tiles, without Triton) and also computes each "
+    "position's entropy and top-1 for its logged metrics, where the PEFT loop takes the full logits and llama3 "
+    "projects only the labelled positions; "
+    "(5) the loop is transformers' Trainer with accelerate (logging every step, callbacks, a NaN check of each "
+    "loss) at a constant learning rate (the PEFT loop's too; llama3's is cosine, which costs nothing); "
+    "(6) its process also imports datasets and pyarrow and holds the rows as an Arrow table (in its memory after "
+    "loading, measured once SFTTrainer is built)"
 )
 
 
@@ -72,6 +98,29 @@ def load_avg() -> list[float]:
 
 
 # -- workers (one system, one run, in a process of its own) ------------------------------------------
+
+
+def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
+    """The rows as `llama3.finetune` encodes them (our tokenizer and chat format): the llama3 run's ids and labels."""
+    from llama3.chat_format import chat_format_for
+    from llama3.finetune import prepare, read_chat_rows
+    from llama3.gguf import load_gguf_tokenizer
+
+    chat_format = chat_format_for(load_gguf_tokenizer(gguf))
+    return prepare(read_chat_rows(DATA), chat_format, args.max_seq_len, str(DATA), lambda msg: None)
+
+
+def training_batches(train: list, args: argparse.Namespace) -> list[list[int]]:
+    """The 2 x steps batches (row indices) `llama3.finetune` trains on: epoch after epoch of length-grouped batches
+    (the last batch of an epoch can be short: 26 rows make batches of 8, 8, 8 and 2)."""
+    from llama3.finetune import length_grouped_batches
+
+    lengths = [len(e.ids) for e in train]
+    n_batches = -(-len(train) // args.batch_size)
+    epochs = [
+        length_grouped_batches(lengths, args.batch_size, args.seed, e) for e in range(-(-2 * args.steps // n_batches))
+    ]
+    return [epochs[k // n_batches][k % n_batches] for k in range(2 * args.steps)]
 
 
 def run_llama3(args: argparse.Namespace) -> dict:
@@ -125,18 +174,13 @@ def run_peft(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from llama3.chat_format import chat_format_for
     from llama3.checkpoint import default_model
-    from llama3.finetune import collate, length_grouped_batches, prepare, read_chat_rows
-    from llama3.gguf import load_gguf_tokenizer
+    from llama3.finetune import collate
     from llama3.lora import TARGET_MODULES
 
     gguf = default_model()
-    # our tokenizer and chat format encode the rows: the same ids and labels as the llama3 run
-    chat_format = chat_format_for(load_gguf_tokenizer(gguf))
-    train = prepare(read_chat_rows(DATA), chat_format, args.max_seq_len, str(DATA), lambda msg: None)
-    lengths = [len(e.ids) for e in train]
-    n_batches = -(-len(train) // args.batch_size)
+    train = encoded_rows(gguf, args)
+    batches = training_batches(train, args)
 
     model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     torch.manual_seed(args.seed)
@@ -154,14 +198,10 @@ def run_peft(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
     losses, tokens, t0 = [], 0, 0.0
-    batches: list[list[int]] = []
-    for k in range(2 * args.steps):
-        epoch, i = divmod(k, n_batches)
-        if i == 0:
-            batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
+    for k, rows in enumerate(batches):
         if k == args.steps:
             tokens, t0 = 0, time.perf_counter()
-        batch = [train[j] for j in batches[i]]
+        batch = [train[j] for j in rows]
         inputs, targets = collate(batch, torch.device("cpu"))
         n_targets = sum(e.n_targets for e in batch)
         logits = model(input_ids=inputs).logits
@@ -184,10 +224,117 @@ def run_peft(args: argparse.Namespace) -> dict:
     }
 
 
+def run_trl(args: argparse.Namespace) -> dict:
+    """trl's SFTTrainer: the transformers model above, LoRA through `peft_config`, the same rows and batches."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from llama3.checkpoint import default_model
+    from llama3.finetune import IGNORE
+    from llama3.lora import TARGET_MODULES
+
+    gguf = default_model()
+    train = encoded_rows(gguf, args)
+    batches = training_batches(train, args)
+    # pre-tokenized rows: our ids, and the learned positions as trl's completion mask (SmolLM2's chat template has no
+    # {% generation %} markers, which `assistant_only_loss` needs); trl turns them into the same labels
+    rows = Dataset.from_list(
+        [{"input_ids": e.ids, "completion_mask": [int(label != IGNORE) for label in e.labels]} for e in train]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # trl takes its pad id from it
+    model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF load has dequantized every weight into plain float32 nn.Linear/Embedding, but leaves a GGUF
+    # "quantizer" on the model as a marker, and Trainer refuses to train a model marked quantized: drop the marker
+    # (transformers' own remove_quantization_config); the model and its numbers stay what the PEFT run trains.
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model.hf_quantizer.remove_quantization_config(model)
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=list(TARGET_MODULES),
+        task_type="CAUSAL_LM",
+    )
+    step_end: dict[int, float] = {}
+    records: list[dict] = []
+    threads: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            step_end[state.global_step] = time.perf_counter()
+            threads.append(torch.get_num_threads())
+
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            records.append(dict(logs or {}))
+
+    class SameBatches(SFTTrainer):
+        """trl's samplers only make batches of one size; this feeds the other systems' batches to trl's collator."""
+
+        def get_train_dataloader(self):
+            dataset = self._remove_unused_columns(self.train_dataset, description="training")
+            return self.accelerator.prepare(DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator))
+
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(
+            output_dir=out,
+            use_cpu=True,
+            bf16=False,  # trl's default is bf16 autocast; the other systems train in float32
+            fp16=False,
+            gradient_checkpointing=False,  # trl's default is on
+            max_length=args.max_seq_len,
+            packing=False,
+            padding_free=False,
+            completion_only_loss=True,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=2 * args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            optim="adamw_torch",  # torch.optim.AdamW with its defaults, as the others (trl's default is the fused one)
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=args.seed,
+        )
+        trainer = SameBatches(
+            model=model,
+            args=config,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[Timer()],
+        )
+        rss_after_load, hwm_after_load, reset = proc_status("VmRSS"), proc_status("VmHWM"), reset_peak_rss()
+        trainer.train()
+    losses = [r["loss"] for r in records if "loss" in r]
+    fed = sum(len(train[j].ids) for b in batches for j in b)
+    counted = next(r["num_tokens"] for r in reversed(records) if "num_tokens" in r)
+    if counted != fed or len(losses) != 2 * args.steps:
+        raise RuntimeError(f"trl trained {counted} tokens in {len(losses)} steps, not the {fed} of our {len(batches)}")
+    tokens = sum(len(train[j].ids) for b in batches[args.steps :] for j in b)
+    return {
+        "tokens_per_s": tokens / (step_end[2 * args.steps] - step_end[args.steps]),
+        "losses": losses,
+        "rss_after_load": rss_after_load,
+        "hwm_after_load": hwm_after_load,
+        "peak_reset_after_load": reset,
+        "threads_while_training": sorted(set(threads)),
+    }
+
+
 def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = (run_llama3 if args.worker == "llama3" else run_peft)(args)
+    result = {"llama3": run_llama3, "transformers+peft": run_peft, "trl": run_trl}[args.worker](args)
     # VmHWM now: the peak while training if the counter was reset after loading, else the peak of the whole run
     hwm = proc_status("VmHWM")
     result["peak_rss_training"] = hwm if result["peak_reset_after_load"] else None
@@ -246,7 +393,11 @@ def main() -> None:
     import peft
     import transformers
 
-    order = [s for r in range(args.rounds) for s in (SYSTEMS if r % 2 == 0 else SYSTEMS[::-1])]  # ABBA...
+    trl_version, skipped = trl_available()
+    systems = SYSTEMS if trl_version else SYSTEMS[:2]
+    if skipped:
+        print(f"trl's SFTTrainer skipped: {skipped}", flush=True)
+    order = [s for r in range(args.rounds) for s in (systems if r % 2 == 0 else systems[::-1])]  # ABC CBA ...
     runs = []
     load_start = load_avg()
     for system in order:
@@ -262,7 +413,7 @@ def main() -> None:
     load_end = load_avg()
 
     rows = []
-    for system in SYSTEMS:
+    for system in systems:
         mine = [r for r in runs if r["system"] == system]
         peaks = [r["peak_rss_training"] for r in mine]
         rows.append(
@@ -277,12 +428,13 @@ def main() -> None:
                 "last_loss": mine[0]["losses"][-1],
             }
         )
-    ours, theirs = rows
-    speedup = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    ours = rows[0]
+    speedup = {row["system"]: ours["tokens_per_s"] / row["tokens_per_s"] for row in rows[1:]}
     date = datetime.date.today().isoformat()
     versions = (
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"Python {platform.python_version()}"
+        + (f"trl {trl_version}, " if trl_version else "")
+        + f"Python {platform.python_version()}"
     )
     threads = runs[0]["threads"]
     result = {
@@ -298,12 +450,24 @@ def main() -> None:
         "rows": rows,
         "speedup_tokens_per_s": speedup,
         "runs": runs,
-        "note": TRL_NOTE,
+        "note": f"trl's SFTTrainer (trl {trl_version}) {TRL_DIFFERENCES}"
+        if trl_version
+        else f"trl's SFTTrainer skipped: {skipped}",
     }
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / "finetune-cpu-smollm2"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, stem.with_suffix(".md"))
+
+
+def trl_available() -> tuple[str | None, str | None]:
+    """(trl's version, None) if its SFTTrainer imports here, else (None, why not)."""
+    try:
+        import trl
+        from trl import SFTTrainer  # noqa: F401
+    except Exception as e:  # an optional baseline: any import failure only skips it
+        return None, f"trl does not import here ({type(e).__name__}: {e}); `pip install trl` to add it"
+    return trl.__version__, None
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -332,13 +496,15 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {mib(row['peak_rss_training'])} | {mib(row['peak_rss_with_load'])} | {mib(row['rss_after_load'])} "
             f"| {row['first_loss']:.3f} -> {row['last_loss']:.3f} |"
         )
-    ours, theirs = rows
-    best = max(ours["tokens_per_s_runs"]) / max(theirs["tokens_per_s_runs"])
-    lines += [
-        "",
-        f"llama3 / transformers+PEFT tokens/s: {result['speedup_tokens_per_s']:.2f}x (medians), {best:.2f}x (best "
-        f"runs). {result['note']}.",
-    ]
+    ours = rows[0]
+    lines.append("")
+    for row in rows[1:]:
+        best = max(ours["tokens_per_s_runs"]) / max(row["tokens_per_s_runs"])
+        lines.append(
+            f"- llama3 / {row['system']} tokens/s: {result['speedup_tokens_per_s'][row['system']]:.2f}x (medians), "
+            f"{best:.2f}x (best runs)."
+        )
+    lines += ["", f"{result['note']}."]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
