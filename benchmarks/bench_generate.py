@@ -5,6 +5,8 @@
                                                               # 2048-token prefill, peak memory
     python benchmarks/bench_generate.py --model path.gguf     # a real checkpoint (e.g. the embedded SmolLM2)
     python benchmarks/bench_generate.py --dtypes int4 --compile   # + the compiled CPU decode step beside eager
+    python benchmarks/bench_generate.py --model path.gguf --dtypes float32,int4 --compile --llama-cpp
+                                                              # + llama.cpp on the same file (see below)
     python benchmarks/bench_generate.py --device cuda --gpt-fast third_party/gpt-fast   # + gpt-fast, batch 1
     python benchmarks/bench_generate.py --device cuda --dtypes bfloat16,int8,int4 --group-size 128
                                                               # weight-only int8 / int4: on CUDA the Triton
@@ -17,6 +19,14 @@ model.py and generate.py (and quantize.py, for its int8 / int4 rows) in an ignor
 ignored) and pass the folder. Its int8 / int4 rows quantize its own random model with its own handlers
 (`WeightOnlyInt8QuantHandler`, `WeightOnlyInt4QuantHandler`: tinygemm), which quantize the output projection
 too (int4 at 4 bits; ours keeps it at int8).
+
+llama.cpp (`--llama-cpp`, with `--model X.gguf` on CPU) decodes the same GGUF file through llama-cpp-python,
+which is never a dependency of this repository. Build it from source in the benchmark's environment, so that
+ggml is compiled for this CPU's instruction set (several minutes on 2 cores):
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+It runs in each dtype's group of turn-taking systems at batch 1, so it appears once per dtype.
 
 Random weights are made on the device (no download). Results go to benchmarks/results/generate-<device>.json
 and .md. Decode tokens/s counts the steps after the first token: (new_tokens - 1) / (total - time to first).
@@ -45,6 +55,7 @@ from llama3.model import rope_inv_freq  # noqa: E402
 from llama3.quantize import is_quantized_layer, mode_for, quantize, quantized_linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+LLAMA_CPP = "llama.cpp (llama-cpp-python)"
 
 
 class NullTokenizer:
@@ -154,11 +165,12 @@ class Ours:
 
     def __init__(self, llm: Llama, batch: int, prompt_len: int, new_tokens: int):
         self.llm, self.prompts, self.new_tokens = llm, prompts_for(batch, prompt_len), new_tokens
-        llm.generate(self.prompts, min(new_tokens, 8), temperature=0)  # warm-up: cache, graph capture, autotune
+        llm.generate(self.prompts, min(new_tokens, 8), temperature=0, stop_tokens=[])  # warm-up: cache, graphs
 
     def __call__(self) -> dict:
         sync(self.llm.device)
-        self.llm.generate(self.prompts, self.new_tokens, temperature=0)
+        # stop_tokens=[]: a real model's EOS must not end a run early; every system decodes new_tokens
+        self.tokens = self.llm.generate(self.prompts, self.new_tokens, temperature=0, stop_tokens=[])
         s = self.llm.last_stats
         return {"tok_s": s["tokens_per_second"], "ttft_ms": s["time_to_first_token_s"] * 1000}
 
@@ -284,6 +296,50 @@ class GptFast:
         return {"tok_s": 1 / max(step, 1e-9), "ttft_ms": (two - step) * 1000}
 
 
+class LlamaCpp:
+    """llama.cpp on the same GGUF file through llama-cpp-python: greedy, exactly `new_tokens` (its `generate` is
+    an endless token generator with no EOS check of its own), measured as `Ours` is, inside one call."""
+
+    def __init__(self, gguf: str, prompt_len: int, new_tokens: int, n_threads: int):
+        from llama_cpp import Llama as LlamaCppModel  # noqa: PLC0415  (optional: checked in main)
+
+        self.llm = LlamaCppModel(
+            gguf,
+            n_ctx=prompt_len + new_tokens,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            seed=0,
+            verbose=False,
+        )
+        self.prompt, self.new_tokens = prompts_for(1, prompt_len)[0], new_tokens
+        if max(self.prompt) >= self.llm.n_vocab():
+            raise SystemExit(f"prompt ids up to {max(self.prompt)} are outside {gguf}'s {self.llm.n_vocab()} tokens")
+        self.dtype = self.llm._model.desc().split()[-1]  # "llama 135M Q4_1": the file's weight type
+        self.run(min(new_tokens, 8))  # warm-up
+
+    def run(self, n: int) -> tuple[float, float]:
+        """Seconds to the first token and in all for `n` greedy tokens from an empty cache."""
+        t = time.perf_counter()
+        self.llm.reset()  # else `generate` reuses the previous run's cache for the same prompt: no prefill
+        self.tokens, first = [], 0.0
+        for token in self.llm.generate(self.prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=False):
+            self.tokens.append(token)
+            if len(self.tokens) == 1:
+                first = time.perf_counter() - t
+            if len(self.tokens) == n:  # stop before it evaluates the last token: as ours, n - 1 decode steps
+                break
+        return first, time.perf_counter() - t
+
+    def __call__(self) -> dict:
+        ttft, total = self.run(self.new_tokens)
+        return {"tok_s": (self.new_tokens - 1) / max(total - ttft, 1e-9), "ttft_ms": ttft * 1000}
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens two systems produce alike before their first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
 def interleaved(runners: dict, repeats: int) -> dict[str, dict]:
     """Alternates the systems run by run (machines drift; a shared VM drifts a lot) and keeps medians."""
     samples: dict[str, list[dict]] = {name: [] for name in runners}
@@ -397,6 +453,11 @@ def main() -> None:
         "--compile", action="store_true", help="CPU: also time Llama(compile=True) (its compile time is reported)"
     )
     p.add_argument("--gpt-fast", default=None, help="folder with gpt-fast's model.py and generate.py (batch 1)")
+    p.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="CPU, with --model X.gguf: also time llama.cpp (llama-cpp-python) on the same file, batch 1",
+    )
     p.add_argument("--out", default=None, help="results file stem (default: benchmarks/results/generate-<device>)")
     a = p.parse_args()
 
@@ -408,12 +469,25 @@ def main() -> None:
     new_tokens = a.new_tokens or (128 if cuda else 64)
     prefill_len = a.prefill_len if a.prefill_len is not None else (2048 if cuda else 0)
     preset = a.preset or ("llama-3-8b" if cuda else "llama-3-155m")
+    rows: list[dict] = []
+    extra: dict = {}
+    cpp = None
+    if a.llama_cpp:
+        if cuda or not (a.model or "").endswith(".gguf"):
+            p.error("--llama-cpp needs --model X.gguf on the CPU: llama.cpp decodes the same file")
+        try:
+            import llama_cpp  # noqa: PLC0415
+        except ImportError:
+            sys.exit(
+                "--llama-cpp needs llama-cpp-python, built from source for this CPU:\n"
+                '    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36'
+            )
+        cpp = LlamaCpp(a.model, prompt_len, new_tokens, torch.get_num_threads())
+        extra["llama_cpp"] = {"version": llama_cpp.__version__, "weights": cpp.dtype, "agreeing_tokens": {}}
 
     # One cache for every run, sized up front: growing it mid-benchmark would recapture graphs in a timed run
     cache = dict(max_batch_size=max(batches), max_seq_len=max(prompt_len + new_tokens, prefill_len + 1))
     started = time.perf_counter()
-    rows: list[dict] = []
-    extra: dict = {}
     for dtype_name in dtypes:
         quantize = dtype_name if dtype_name in ("int8", "int4") else None
         dtype = torch.bfloat16 if quantize else getattr(torch, dtype_name)
@@ -479,17 +553,24 @@ def main() -> None:
                     runners["transformers generate"] = Transformers(hf, batch, prompt_len, new_tokens, False)
             if gpt_fast is not None and batch == 1:
                 runners["gpt-fast (compiled)"] = GptFast(*gpt_fast, batch, prompt_len, new_tokens)
+            if cpp is not None and batch == 1:
+                runners[LLAMA_CPP] = cpp
             for name, r in interleaved(runners, a.repeats).items():
                 rows.append(
                     {
                         "system": name,
-                        "dtype": dtype_name,
+                        "dtype": cpp.dtype if name == LLAMA_CPP else dtype_name,
                         "batch": batch,
                         "decode_tok_s": r["tok_s"] * batch,
                         "ttft_ms": r["ttft_ms"],
                     }
                 )
+                if name == LLAMA_CPP:
+                    rows[-1]["timed_beside"] = dtype_name
                 print(rows[-1], flush=True)
+            if cpp is not None and batch == 1:  # the same file decoded: how long the greedy tokens agree
+                agree = agreeing_prefix(ours[batch].tokens[0], cpp.tokens)
+                extra["llama_cpp"]["agreeing_tokens"][dtype_name] = agree
         del llm, hf, gpt_fast
         if not a.model:
             del model
@@ -550,6 +631,15 @@ def main() -> None:
                 f"({extra['copy_bandwidth_tb_s']:.2f} TB/s) take {weights_ms:.2f} ms: "
                 f"{1000 / weights_ms:.0f} tok/s at batch 1."
             )
+    if "llama_cpp" in extra:
+        lc = extra["llama_cpp"]
+        agree = ", ".join(f"{d} {n}" for d, n in lc["agreeing_tokens"].items())
+        lines += [
+            "",
+            f"{LLAMA_CPP}: llama-cpp-python {lc['version']}, the file's {lc['weights']} weights, "
+            f"{torch.get_num_threads()} threads; timed in each dtype's group, so one row per group. Its greedy "
+            f"tokens equal ours (eager) for the first {agree} of {new_tokens} tokens.",
+        ]
     for dtype_name, error in extra.get("gpt_fast_errors", {}).items():
         lines += ["", f"gpt-fast {dtype_name} did not run: {error}"]
     lines += [
