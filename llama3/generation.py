@@ -261,6 +261,8 @@ class Llama:
         if shard is not None:
             if adapter is not None:
                 raise ValueError("LoRA adapters are not supported with tensor parallelism (torchrun); merge it first")
+            if compile:  # its collectives run in forward hooks, which the compiled block has not been tried with
+                raise ValueError("compile=True is not supported with tensor parallelism (torchrun)")
             device = local_device(parse_device(device))
         path = resolve(default_model() if src is None else src)
         model = load_model(path, device, dtype, backend, quantize, progress, group_size, keep_output, shard)

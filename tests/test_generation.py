@@ -346,3 +346,11 @@ def test_compiled_decode_across_an_attention_window_boundary():
             eager = model(token, at, kv_len=pos + 1)
             compiled = model(token, at, kv_len=attention_window(pos + 1, 1024), run_block=block)
             torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_compile_refuses_tensor_parallelism(checkpoint, monkeypatch):
+    from llama3.tp import TensorParallel
+
+    monkeypatch.setattr(TensorParallel, "from_environment", classmethod(lambda cls, device: cls(0, 2)))
+    with pytest.raises(ValueError, match="compile=True is not supported with tensor parallelism"):
+        Llama.from_pretrained(checkpoint[0], device="cpu", compile=True)
