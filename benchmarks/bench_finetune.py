@@ -169,14 +169,28 @@ def run_llama3(args: argparse.Namespace) -> dict:
     }
 
 
+def peft_lora(args: argparse.Namespace):
+    """The LoRA both transformers-side systems train: PEFT's config of the same rank, alpha, dropout, targets."""
+    from peft import LoraConfig
+
+    from llama3.lora import TARGET_MODULES
+
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=list(TARGET_MODULES),
+        task_type="CAUSAL_LM",
+    )
+
+
 def run_peft(args: argparse.Namespace) -> dict:
     """transformers' model from the same GGUF, PEFT's LoRA, and a plain loop over the same batches."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
     from llama3.checkpoint import default_model
     from llama3.finetune import collate
-    from llama3.lora import TARGET_MODULES
 
     gguf = default_model()
     train = encoded_rows(gguf, args)
@@ -184,14 +198,7 @@ def run_peft(args: argparse.Namespace) -> dict:
 
     model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     torch.manual_seed(args.seed)
-    config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=args.dropout,
-        target_modules=list(TARGET_MODULES),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, peft_lora(args))
     rss_after_load, hwm_after_load, reset = proc_status("VmRSS"), proc_status("VmHWM"), reset_peak_rss()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,14 +234,12 @@ def run_peft(args: argparse.Namespace) -> dict:
 def run_trl(args: argparse.Namespace) -> dict:
     """trl's SFTTrainer: the transformers model above, LoRA through `peft_config`, the same rows and batches."""
     from datasets import Dataset
-    from peft import LoraConfig
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from llama3.checkpoint import default_model
     from llama3.finetune import IGNORE
-    from llama3.lora import TARGET_MODULES
 
     gguf = default_model()
     train = encoded_rows(gguf, args)
@@ -251,13 +256,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     # (transformers' own remove_quantization_config); the model and its numbers stay what the PEFT run trains.
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     model.hf_quantizer.remove_quantization_config(model)
-    lora = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=args.dropout,
-        target_modules=list(TARGET_MODULES),
-        task_type="CAUSAL_LM",
-    )
+    lora = peft_lora(args)
     step_end: dict[int, float] = {}
     records: list[dict] = []
     threads: list[int] = []

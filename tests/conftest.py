@@ -79,6 +79,17 @@ CHAT_DIALOGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models (a few ms of small ops a step): with the 2 CI cores shared, a second OpenMP
+    thread mostly waits at barriers, making a forward 10-20x slower on a busy machine. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def tiny_hf_config(vocab_size: int = 512, **overrides):
     from transformers import LlamaConfig
 

@@ -38,13 +38,7 @@ VOCAB = 512
 INIT = 0.1  # as tests/test_model.py: attention far from uniform, so a wrong row or position shows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are a few ms of small ops: with the 2 CI cores shared, two threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -19,16 +19,7 @@ from llama3 import Llama, ModelArgs, Tokenizer, Transformer
 from llama3.generation import draw
 from llama3.speculative import prompt_lookup
 
-# Tiny random models. 2 cores shared with other jobs: one OpenMP thread avoids the barrier waits that
-# make a 2-thread forward of these shapes 10-20x slower on a busy machine.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NoTokenizer:
