@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -634,8 +635,34 @@ def create_app(
     return app
 
 
-def run(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serves `app` with uvicorn until interrupted."""
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """The listening socket of `run`, bound now, so that a busy port or a bad address is one clear error before
+    the server says it serves (uvicorn, binding it itself, would log a traceback and exit with status 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(
+    app: Starlette,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> None:
+    """Serves `app` with uvicorn until interrupted, on `sock` (from `bind`) or on host:port."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock] if sock is not None else None)
+    if not server.started:  # uvicorn has logged why (the engine failed to start, say)
+        raise RuntimeError("the server did not start")
