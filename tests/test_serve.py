@@ -565,11 +565,24 @@ def test_the_official_clients_calls_and_the_extensions_pass(server):
     extensions through extra_body) is accepted; an unknown extra_body field is refused by name."""
     client = server.client()
     hi = [{"role": "user", "content": "Hi"}]
+    extensions = {"top_k": 5, "return_token_ids": True}
+    plain = client.chat.completions.create(model=NAME, messages=hi, max_tokens=2, temperature=0, extra_body=extensions)
     r = client.chat.completions.create(
-        model=NAME, messages=hi, max_tokens=2, temperature=0, user="u1", store=False, metadata={"k": "v"},
-        parallel_tool_calls=False, service_tier="auto", extra_body={"top_k": 5, "return_token_ids": True},
-    )  # fmt: skip
+        model=NAME,
+        messages=hi,
+        max_tokens=2,
+        temperature=0,
+        user="u1",
+        store=False,
+        metadata={"k": "v"},
+        parallel_tool_calls=False,
+        service_tier="auto",
+        prompt_cache_key="k",
+        safety_identifier="s",
+        extra_body=extensions,
+    )
     assert r.usage.completion_tokens == len(token_ids(r.choices[0])) <= 2
+    assert token_ids(r.choices[0]) == token_ids(plain.choices[0])  # the bookkeeping fields change nothing
     streamed = list(client.completions.create(model=NAME, prompt="Hi", max_tokens=2, stream=True, temperature=0))
     assert streamed[-1].choices[0].finish_reason is not None
     with pytest.raises(openai.BadRequestError) as e:
