@@ -636,8 +636,8 @@ def create_app(
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """The listening socket of `run`, bound now, so that a busy port or a bad address is one clear error before
-    the server says it serves (uvicorn, binding it itself, would log a traceback and exit with status 3)."""
+    """The listening socket of `run`, bound by the caller before it says it serves: a busy port or a bad address
+    is then an OSError naming host:port (uvicorn, binding it itself, logs the error and exits with status 3)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
@@ -647,7 +647,6 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -658,11 +657,13 @@ def run(
     log_level: str = "info",
     sock: socket.socket | None = None,
 ) -> None:
-    """Serves `app` with uvicorn until interrupted, on `sock` (from `bind`) or on host:port."""
+    """Serves `app` with uvicorn until interrupted, on `sock` (from `bind`), else on host:port (bound by `bind`)."""
     import uvicorn
 
+    sock = bind(host, port) if sock is None else sock
+    host, port = sock.getsockname()[:2]  # uvicorn's "running on" line reads the address from its config
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run(sockets=[sock] if sock is not None else None)
+    server.run(sockets=[sock])
     if not server.started:  # uvicorn has logged why (the engine failed to start, say)
         raise RuntimeError("the server did not start")
