@@ -280,6 +280,9 @@ def test_errors_arrive_as_the_clients_exceptions(server):
         (b'{"model": "tiny", "prompt": [1, 999999]}', 400, "prompt"),
         (b'{"prompt": "x"}', 400, "model"),
         (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+        (b'{"model": "tiny", "prompt": "x", "seed": -5}', 400, "seed"),
+        (b'{"model": "tiny", "prompt": "x", "seed": 1.5}', 400, "seed"),
+        (b'{"modle": "tiny", "prompt": "x"}', 400, "modle"),  # the misspelt field, not the missing one
     ],
 )
 def test_bad_bodies_get_a_400_naming_the_field(server, body, status, param):
@@ -583,6 +586,9 @@ def test_the_official_clients_calls_and_the_extensions_pass(server):
     )
     assert r.usage.completion_tokens == len(token_ids(r.choices[0])) <= 2
     assert token_ids(r.choices[0]) == token_ids(plain.choices[0])  # the bookkeeping fields change nothing
+    # the answer sent back as the client returned it (with refusal, tool_calls...: message fields are not checked)
+    again = [*hi, r.choices[0].message, {"role": "user", "content": "And?"}]
+    assert client.chat.completions.create(model=NAME, messages=again, max_tokens=1).usage.completion_tokens == 1
     streamed = list(client.completions.create(model=NAME, prompt="Hi", max_tokens=2, stream=True, temperature=0))
     assert streamed[-1].choices[0].finish_reason is not None
     with pytest.raises(openai.BadRequestError) as e:
