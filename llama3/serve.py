@@ -642,8 +642,7 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
     try:
-        sock.bind((host, port))
-        sock.listen(2048)  # uvicorn's default backlog
+        sock.bind((host, port))  # not yet listening: a client meanwhile is refused, not left hanging on a load
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
