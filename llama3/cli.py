@@ -721,32 +721,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in ("starlette", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"llama3 serve needs {', '.join(missing)}: pip install 'llama3[serve]'")
-    from llama3.serve import create_app, run
+    from llama3.serve import bind, create_app, run
 
-    llm, log, _ = load(args)
-    guard = load_guard(args, log) if args.guard else None
-    if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    name = args.served_model_name or (
-        Path(args.model).name if args.model and os.path.exists(args.model) else args.model
-    )
-    app = create_app(
-        llm,
-        model_name=name or "SmolLM2-135M-Instruct",
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_seq_len=args.max_seq_len,
-        prefill_chunk=args.prefill_chunk,
-        api_key=args.api_key,
-        guard=guard,
-    )
-    engine = app.state.engine
-    log(
-        f"llama3: serving '{name or 'SmolLM2-135M-Instruct'}' on http://{args.host}:{args.port}/v1 "
-        f"({engine.max_batch_size} rows of {engine.max_seq_len} tokens)"
-    )
-    run(app, args.host, args.port, log_level="warning" if args.quiet else "info")
+    sock = bind(args.host, args.port)  # first: a busy port is one line, before minutes of loading
+    try:
+        llm, log, _ = load(args)
+        guard = load_guard(args, log) if args.guard else None
+        if guard is not None:
+            check_guard(guard, args.guard)
+        if not args.quiet:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        name = args.served_model_name or (
+            Path(args.model).name if args.model and os.path.exists(args.model) else args.model
+        )
+        app = create_app(
+            llm,
+            model_name=name or "SmolLM2-135M-Instruct",
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            max_seq_len=args.max_seq_len,
+            prefill_chunk=args.prefill_chunk,
+            api_key=args.api_key,
+            guard=guard,
+        )
+        engine = app.state.engine
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        log(
+            f"llama3: serving '{name or 'SmolLM2-135M-Instruct'}' on http://{host}:{port}/v1 "
+            f"({engine.max_batch_size} rows of {engine.max_seq_len} tokens)"
+        )
+        run(app, log_level="warning" if args.quiet else "info", sock=sock)
+    finally:
+        sock.close()
     return 0
+
+
+def check_guard(guard, source: str) -> None:
+    """A --guard model that cannot give a Llama Guard verdict is refused at start, not at each request: it
+    classifies one harmless message, the check `classify` makes of every verdict."""
+    from llama3.guard import classify
+
+    try:
+        classify(guard, [{"role": "user", "content": "Hello"}])
+    except ValueError as e:
+        raise ValueError(f"--guard {source}: not a Llama Guard model ({e})") from None
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -3,10 +3,14 @@
 Requests are checked here, field by field, so that a bad value becomes an OpenAI-style 400 body naming the
 field (`error_body`, `validation_error_body`) before anything reaches the model. Fields OpenAI defines that
 this server does not implement (tools, response_format, logit_bias, ...) are refused by name when set, rather
-than silently ignored; unknown extra fields are ignored, as OpenAI's own server does.
+than silently ignored. A field OpenAI does not define is refused too, as OpenAI's server refuses it
+("Unrecognized request argument supplied"): a typo such as `max_token` must not run to the full context.
+Only the top level of a request is checked so; message objects may carry other fields (an assistant message
+sent back as the client received it has `refusal`, `tool_calls`, ...).
 
-Extensions (sent by the official client through `extra_body`): `top_k`, and `return_token_ids` (each choice
-then carries the generated `token_ids`, and the response the `prompt_token_ids`), as vLLM offers them.
+Extensions (sent by the official client through `extra_body`): `EXTENSIONS`, that is `top_k`, and
+`return_token_ids` (each choice then carries the generated `token_ids`, and the response the
+`prompt_token_ids`), as vLLM offers them.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from llama3.config import ParamError, check_seed
 
 MAX_N = 16  # choices per request; each takes a row of the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
+EXTENSIONS = ("top_k", "return_token_ids")  # request fields beyond OpenAI's API (vLLM's names)
 
 
 class OpenAIModel(BaseModel):
@@ -66,11 +73,31 @@ UNSUPPORTED = {
     "frequency_penalty": 0,
     "presence_penalty": 0,
     "echo": False,
+    "modalities": ["text"],
+    "reasoning_effort": None,
+    "verbosity": None,
+    "web_search_options": None,
+    "moderation": None,
 }
+
+# Fields of OpenAI's API that do not change the answer (bookkeeping on OpenAI's side): accepted and dropped.
+IGNORED = (
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "parallel_tool_calls",  # only means something with tools, which are refused
+    *UNSUPPORTED,  # checked by `parse_request` before the model sees the body
+)
 
 
 class SamplingRequest(OpenAIModel):
-    """What chat and text completions share."""
+    """What chat and text completions share. Any other top-level field is refused by name (extra="forbid")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -79,11 +106,25 @@ class SamplingRequest(OpenAIModel):
     top_k: int | None = Field(default=None, ge=1)  # extension (vLLM's)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    seed: int | None = None  # checked by the library's own rule (`check_seed`), as the CLI's --seed is
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     return_token_ids: bool = False  # extension (vLLM's)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if k not in IGNORED} if isinstance(data, dict) else data
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, seed: int | None) -> int | None:
+        try:
+            check_seed(seed)
+        except ParamError as e:
+            raise ValueError(e.problem.replace(" or None", "")) from None  # JSON's null: the field left out
+        return seed
 
     @field_validator("stop")
     @classmethod
@@ -307,12 +348,17 @@ def _param_name(loc: tuple) -> str | None:
 def validation_error_body(error: ValidationError) -> dict[str, Any]:
     """The first problem of a pydantic ValidationError as a 400 body naming the field (never the input's value
     beyond what the client sent, never a path or traceback)."""
-    first = error.errors(include_url=False, include_context=False, include_input=False)[0]
+    errors = error.errors(include_url=False, include_context=False, include_input=False)
+    # an unknown field first: a misspelt `max_token` explains a missing or defaulted field better than any other
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     param = _param_name(tuple(first["loc"]))
-    msg = first["msg"].removeprefix("Value error, ")
+    msg, code = first["msg"].removeprefix("Value error, "), "invalid_value"
     if first["type"] == "missing":
         msg = "is a required field"
-    return error_body(f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+    elif first["type"] == "extra_forbidden":
+        msg = f"unrecognized request argument (this server's extensions to OpenAI's API: {', '.join(EXTENSIONS)})"
+        code = "unknown_parameter"
+    return error_body(f"{param}: {msg}" if param else msg, param=param, code=code)
 
 
 class RequestError(ValueError):

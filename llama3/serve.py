@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -634,8 +635,34 @@ def create_app(
     return app
 
 
-def run(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serves `app` with uvicorn until interrupted."""
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """The listening socket of `run`, bound by the caller before it says it serves: a busy port or a bad address
+    is then an OSError naming host:port (uvicorn, binding it itself, logs the error and exits with status 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))  # not yet listening: a client meanwhile is refused, not left hanging on a load
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(
+    app: Starlette,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> None:
+    """Serves `app` with uvicorn until interrupted, on `sock` (from `bind`), else on host:port (bound by `bind`)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    sock = bind(host, port) if sock is None else sock
+    host, port = sock.getsockname()[:2]  # uvicorn's "running on" line reads the address from its config
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:  # uvicorn has logged why (the engine failed to start, say)
+        raise RuntimeError("the server did not start")

@@ -499,3 +499,17 @@ def test_chat_guard_shows_a_safe_answer_and_refuses_an_unsafe_one(monkeypatch, c
         ("message", "Hi again", 1),  # the refused turn left the history
         ("answer", "Hi again", 2),
     ]
+
+
+def test_serve_starts_with_a_llama_guard_model(monkeypatch, capsys, safe_guard, unsafe_guard, tiny_llama3):
+    """`serve --guard` checks at start that the guard gives a verdict; a real one (whatever its verdict on the
+    check's message) passes it. (A model that is not one is refused: tests/test_serve.py.)"""
+    import llama3.serve
+
+    started = []
+    monkeypatch.setattr(llama3.serve, "run", lambda app, **kwargs: started.append(app))
+    for guard in (safe_guard, unsafe_guard[0]):
+        args = ("--model", str(tiny_llama3[0]), "--guard", str(guard), "--dtype", "float32", "--port", "0", "-q")
+        code, _, err = run_main(monkeypatch, capsys, "serve", *args)
+        assert code == 0 and err == "", err
+    assert len(started) == 2

@@ -280,6 +280,9 @@ def test_errors_arrive_as_the_clients_exceptions(server):
         (b'{"model": "tiny", "prompt": [1, 999999]}', 400, "prompt"),
         (b'{"prompt": "x"}', 400, "model"),
         (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+        (b'{"model": "tiny", "prompt": "x", "seed": -5}', 400, "seed"),
+        (b'{"model": "tiny", "prompt": "x", "seed": 1.5}', 400, "seed"),
+        (b'{"modle": "tiny", "prompt": "x"}', 400, "modle"),  # the misspelt field, not the missing one
     ],
 )
 def test_bad_bodies_get_a_400_naming_the_field(server, body, status, param):
@@ -534,3 +537,144 @@ def test_serve_without_the_extra_names_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     assert main(["serve"]) == 1
     assert "pip install 'llama3[serve]'" in capsys.readouterr().err
+
+
+# -- issue #21: no request silently misread, no start that cannot serve ------------------------------------------
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("completions", {"model": NAME, "prompt": "Hi", "max_token": 3}),
+        ("chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_token": 3}),
+    ],
+)
+def test_an_unknown_field_is_a_400_naming_it(server, path, body):
+    """OpenAI answers 400 for an argument it does not know; a typo must not run to the full context."""
+    r = post(server, path, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "max_token" and error["code"] == "unknown_parameter", error
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("max_token: unrecognized request argument") and "top_k" in error["message"]
+
+
+def test_the_official_clients_calls_and_the_extensions_pass(server):
+    """What the official client sends for valid calls (its own fields, OpenAI's bookkeeping ones, the documented
+    extensions through extra_body) is accepted; an unknown extra_body field is refused by name."""
+    client = server.client()
+    hi = [{"role": "user", "content": "Hi"}]
+    extensions = {"top_k": 5, "return_token_ids": True}
+    plain = client.chat.completions.create(model=NAME, messages=hi, max_tokens=2, temperature=0, extra_body=extensions)
+    r = client.chat.completions.create(
+        model=NAME,
+        messages=hi,
+        max_tokens=2,
+        temperature=0,
+        user="u1",
+        store=False,
+        metadata={"k": "v"},
+        parallel_tool_calls=False,
+        service_tier="auto",
+        prompt_cache_key="k",
+        safety_identifier="s",
+        extra_body=extensions,
+    )
+    assert r.usage.completion_tokens == len(token_ids(r.choices[0])) <= 2
+    assert token_ids(r.choices[0]) == token_ids(plain.choices[0])  # the bookkeeping fields change nothing
+    # the answer sent back as the client returned it (with refusal, tool_calls...: message fields are not checked)
+    again = [*hi, r.choices[0].message, {"role": "user", "content": "And?"}]
+    assert client.chat.completions.create(model=NAME, messages=again, max_tokens=1).usage.completion_tokens == 1
+    streamed = list(client.completions.create(model=NAME, prompt="Hi", max_tokens=2, stream=True, temperature=0))
+    assert streamed[-1].choices[0].finish_reason is not None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="Hi", extra_body={"top-k": 5})
+    assert e.value.param == "top-k" and e.value.code == "unknown_parameter"
+
+
+@pytest.mark.parametrize("seed, ok", [(-5, False), (2**64, False), (0, True), (2**64 - 1, True)])
+def test_seed_has_one_rule_for_the_server_and_the_cli(server, monkeypatch, capsys, seed, ok):
+    from conftest import run_main
+
+    r = post(server, "completions", {"model": NAME, "prompt": [1, 2], "max_tokens": 1, "seed": seed})
+    assert r.status_code == (200 if ok else 400), r.text
+    if not ok:
+        assert r.json()["error"]["param"] == "seed" and "must be an integer in [0, 2**64)" in r.text
+    # the CLI: refused before anything loads (exit 2), or accepted (and the missing model is the next problem)
+    code, _, err = run_main(monkeypatch, capsys, "generate", "hi", "--model", "/nonexistent/m", "--seed", str(seed))
+    assert (code == 2 and "argument --seed: must be an integer in [0, 2**64)" in err) is not ok, err
+
+
+def test_the_context_check_lands_exactly_on_the_boundary(server):
+    """prompt + max_tokens == the context fits; one more token is a 400 naming the limit; a chat request with no
+    max_tokens gets the rest of the context."""
+    context = server.engine.max_seq_len
+    prompt = prompt_of(3, context - 4)
+    r = post(server, "completions", {"model": NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == context - 4
+    r = post(server, "completions", {"model": NAME, "prompt": prompt, "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "max_tokens" and f"context is {context} tokens" in r.text
+    long_chat = [{"role": "user", "content": " ".join(["word"] * (context - 30))}]
+    r = post(server, "chat/completions", {"model": NAME, "messages": long_chat, "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= context
+
+
+def test_a_tiny_temperature_is_the_greedy_limit(server):
+    """temperature -> 0 is greedy: 1e-45 (the smallest float32) and 1e-38 give the temperature-0 tokens, not an
+    empty answer from logits divided into infinities."""
+    body = {"model": NAME, "prompt": prompt_of(4, 8), "max_tokens": 8, "return_token_ids": True}
+    greedy = post(server, "completions", {**body, "temperature": 0}).json()["choices"][0]
+    assert len(greedy["token_ids"]) > 0
+    for t in (1e-45, 1e-38):
+        choice = post(server, "completions", {**body, "temperature": t, "seed": 1}).json()["choices"][0]
+        assert (choice["token_ids"], choice["finish_reason"]) == (greedy["token_ids"], greedy["finish_reason"]), t
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_on_a_busy_port_is_one_clear_line(tiny_llama3, monkeypatch, capsys):
+    from conftest import run_main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code, out, err = run_main(monkeypatch, capsys, "serve", "--model", str(tiny_llama3[0]), "--port", str(port))
+    assert code == 1, err
+    assert err.strip().splitlines()[-1].startswith(f"llama3: error: cannot listen on 127.0.0.1:{port}: ")
+    assert "serving" not in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_guard_that_is_not_llama_guard(tiny_llama3, tmp_path, monkeypatch, capsys):
+    """A chat model given as --guard cannot give a verdict: one line at start, not a 400 on every request."""
+    import shutil
+
+    from conftest import run_main, save_tiny_hf
+
+    import llama3.serve
+
+    save_tiny_hf(tmp_path, vocab_size=128256, max_position_embeddings=1024)  # room for Llama Guard's prompt
+    (tmp_path / "original").mkdir()
+    shutil.copy(tiny_llama3[0] / "original" / "tokenizer.model", tmp_path / "original")
+
+    def serving(*args, **kwargs):
+        raise AssertionError("started serving")
+
+    monkeypatch.setattr(llama3.serve, "run", serving)
+    args = ("--model", str(tiny_llama3[0]), "--guard", str(tmp_path), "--dtype", "float32", "--port", str(free_port()))
+    code, _, err = run_main(monkeypatch, capsys, "serve", *args, "-q")
+    assert code == 1, err
+    assert err.strip().startswith(f"llama3: error: --guard {tmp_path}: not a Llama Guard model (")
+    assert len(err.strip().splitlines()) == 1 and "serving" not in err
