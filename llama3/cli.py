@@ -490,6 +490,16 @@ def _budget(llm, n_prompt: int, max_new_tokens: int) -> int:
     return room if max_new_tokens == -1 else max_new_tokens
 
 
+def _check_draft(spec: dict[str, Any], n_prompt: int, n: int) -> None:
+    """The --draft model reads the prompt and the answer too: both must fit its context (it may be shorter)."""
+    draft = spec.get("draft")
+    if draft is not None and n_prompt + n > draft.context_length:
+        raise ValueError(
+            f"the prompt ({n_prompt} tokens) and {n} new tokens do not fit the --draft model's context of "
+            f"{draft.context_length} tokens (a shorter prompt or a smaller -n)"
+        )
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
 
@@ -556,6 +566,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         tokens, extra = llm.tokenizer.encode(prompt, bos=True), {}
     n = _budget(llm, len(tokens), args.max_new_tokens)
+    _check_draft(spec, len(tokens), n)
     t0 = time.perf_counter()
     out_tokens, pieces = [], []
     for token, text in llm.stream(tokens, n, **_sampling(args), **extra, **spec):
@@ -666,6 +677,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
             continue
         tokens, n = fitted
+        try:
+            _check_draft(spec, len(tokens), n)
+        except ValueError as e:
+            print(f"llama3: message not sent: {e}", file=sys.stderr)
+            continue
         turns = [m for m in candidate if m["role"] != "system"]  # what Llama Guard reads
         refusal = guard and screen(guard, turns, "message")
         if refusal:  # the model never sees it, and it stays out of the history

@@ -441,6 +441,17 @@ def test_chat_answer_stopped_by_ctrl_c_says_interrupted(cli, checkpoint, monkeyp
     assert "-n" not in r.stderr.split("answer stopped")[1], r.stderr
 
 
+def test_a_draft_with_a_shorter_context_is_named_by_its_flag(cli, checkpoint, tmp_path):
+    d = shutil.copytree(checkpoint[0], tmp_path / "short")  # the same model as its own draft, 16-token context
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    r = cli("generate", "Hello world", "--draft", str(d), *tiny(checkpoint[0], "-n", "20", "-q"))
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert "--draft model's context of 16 tokens" in r.stderr and "max_new_tokens" not in r.stderr
+    r = cli("chat", "--draft", str(d), *tiny(checkpoint[0], "-n", "20", "-q"), stdin="hi\n")
+    assert r.returncode == 0 and r.stdout == "" and "message not sent" in r.stderr and "--draft" in r.stderr
+
+
 def test_default_model_is_the_embedded_smollm2():
     r = run_cli("generate", "The capital of France is", "--temperature", "0", "-n", "6")
     assert r.returncode == 0, r.stderr
