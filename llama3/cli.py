@@ -26,6 +26,20 @@ GUARD_HELP = (
 )
 DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
 GROUP_SIZES = (32, 64, 128, 256)  # llama3.quantize.GROUP_SIZES, not imported: it would import torch for --help
+# The library's parameter names (ParamError.param) and the flags that set them: an error names what was typed.
+PARAM_FLAGS = {
+    "temperature": "--temperature/-t",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "max_new_tokens": "--max-new-tokens/-n",
+    "max_seq_len": "--max-seq-len/-c",
+    "speculate_k": "--speculate-k",
+    "prompt_lookup": "--prompt-lookup",
+    "max_length": "--max-length",
+    "stride": "--stride",
+    "group_size": "--group-size",
+}
 CHAT_COMMANDS = {
     "/help": "show these commands",
     "/reset": "forget the conversation (keeps --system)",
@@ -33,8 +47,8 @@ CHAT_COMMANDS = {
 }
 
 
-def _add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help=DEFAULT_MODEL_HELP)
+def _add_load_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HELP) -> None:
+    p.add_argument("--model", "-m", help=model_help)
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (float32 for GGUF files)"
@@ -56,8 +70,19 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no model/progress/speed messages on stderr")
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for the model's matmuls (default: PyTorch's, one per core; OMP_NUM_THREADS sets it too). "
+        "On a machine busy with other work, --threads 1 can be several times faster",
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     _add_load_args(p)
+    _add_threads_arg(p)
     p.add_argument(
         "--adapter", metavar="DIR", help="apply a LoRA adapter (llama3 finetune's or PEFT's) without merging"
     )
@@ -140,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt", nargs="?", help="the text to continue; '-' or omitted with piped input: read it from stdin"
     )
     gen.add_argument("--file", "-f", metavar="FILE", help="read the prompt from FILE ('-': stdin)")
+    gen.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="no prompt: generate from the begin-of-text token alone (an empty prompt is refused otherwise)",
+    )
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the chat format")
     gen.add_argument("--system", help="system message (implies --chat)")
     gen.add_argument(
@@ -170,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=256, metavar="N", help="window step (default: 256)")
     ppl.add_argument("--bos", action="store_true", help="begin the text with the bos token")
     ppl.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _add_threads_arg(ppl)
     ppl.set_defaults(parser=ppl, max_seq_len=None)
     guard = sub.add_parser(
         "guard", help="classify conversations with Llama Guard: one JSON verdict a line (safe, categories, score)"
@@ -181,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a conversation as JSON (a list of {role, content} messages), or JSONL (one conversation a line) for "
         "a batch; '-' or omitted: stdin",
     )
-    _add_load_args(guard)
+    _add_load_args(guard, model_help="a Llama Guard checkpoint, e.g. meta-llama/Llama-Guard-3-1B (required)")
     guard.add_argument("--version", type=int, choices=[2, 3], help="Llama Guard 2 or 3 (default: from the checkpoint)")
     guard.add_argument("--batch-size", type=int, default=8, metavar="N", help="conversations per batch (default: 8)")
+    _add_threads_arg(guard)
     guard.set_defaults(parser=guard, max_seq_len=None)
     _add_finetune_parser(sub)
     _add_serve_parser(sub)
@@ -290,6 +322,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not 0 <= args.port < 65536:
             parser.error(f"argument --port: must be in [0, 65535], got {args.port}")
         return
+    _require_positive(parser, args, "threads")
     if args.command == "guard":
         if not args.model:
             parser.error(
@@ -305,11 +338,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not 1 <= args.stride <= args.max_length:
             parser.error(f"argument --stride: must be in [1, --max-length], got {args.stride}")
         return
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"argument --top-k: must be >= 1 (omit it to keep all tokens), got {args.top_k}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        parser.error(f"argument --seed: must be in [0, 2**64), got {args.seed}")
     try:
         SamplingParams(args.temperature, args.top_p, args.top_k)
         check_seed(args.seed)
     except ParamError as e:
-        parser.error(f"argument --{e.param.replace('_', '-')}: {e.problem}")
+        parser.error(param_message(e))
     if args.max_new_tokens < -1:
         parser.error(f"argument --max-new-tokens/-n: must be >= 0, or -1 for no limit, got {args.max_new_tokens}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
@@ -324,15 +361,36 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error("argument --guard: screens chat turns; use it with --chat (or --system)")
         if args.prompt is not None and args.file is not None:
             parser.error("give the prompt as PROMPT or with --file, not both")
-        if args.prompt is None and args.file is None and sys.stdin.isatty():
+        if args.unconditional:
+            if args.prompt is not None or args.file is not None:
+                parser.error("argument --unconditional: generates without a prompt; not allowed with PROMPT or --file")
+            if args.chat or args.system is not None:
+                parser.error("argument --unconditional: not allowed with --chat or --system (a chat has a message)")
+        elif args.prompt is None and args.file is None and sys.stdin.isatty():
             parser.error("a PROMPT is required (or --file FILE, or text piped on stdin)")
 
 
+def param_message(e: ParamError) -> str:
+    """A library ParamError as argparse words it, naming the flag (PARAM_FLAGS), not the Python parameter."""
+    return f"argument {PARAM_FLAGS.get(e.param, e.param)}: {e.problem}"
+
+
 def read_prompt(args: argparse.Namespace) -> str:
-    """PROMPT, or the text of --file / stdin without its trailing newlines (as `$(cat FILE)` reads it)."""
+    """PROMPT, or the text of --file / stdin without its trailing newlines (as `$(cat FILE)` reads it); an empty
+    or blank one is refused unless --unconditional asked for no prompt."""
+    if args.unconditional:
+        return ""
     if args.prompt is not None and args.prompt != "-":
-        return args.prompt
-    return read_text(args.file if args.file not in (None, "-") else None).rstrip("\r\n")
+        prompt, source = args.prompt, "PROMPT"
+    else:
+        file = args.file if args.file not in (None, "-") else None
+        prompt, source = read_text(file).rstrip("\r\n"), file or "stdin"
+    if not prompt.strip():
+        raise ValueError(
+            f"the prompt ({source}) is {'empty' if not prompt else 'only whitespace'}: nothing to continue "
+            "(--unconditional generates from the begin-of-text token alone)"
+        )
+    return prompt
 
 
 def read_text(source: str | None) -> str:
@@ -365,9 +423,23 @@ def quantize_mode(args: argparse.Namespace) -> str | None:
     return None
 
 
+def set_thread_defaults() -> None:
+    """GNU OpenMP (PyTorch's CPU build) threads spin-wait between parallel regions; on a machine whose cores
+    are busy with other work, a spinning thread holds a core another thread is waiting for, and `generate`
+    ran 5-30x slower than with one thread (benchmarks/results/threads-cpu.md). PASSIVE threads sleep instead.
+    Read by libgomp when torch loads, so set before torch is imported; the user's own setting wins."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def load(args: argparse.Namespace):
     from llama3.generation import Llama
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     src = resolve_model_source(args.model)
     quantize = quantize_mode(args)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -418,17 +490,33 @@ def _budget(llm, n_prompt: int, max_new_tokens: int) -> int:
     return room if max_new_tokens == -1 else max_new_tokens
 
 
+def _check_draft(spec: dict[str, Any], n_prompt: int, n: int) -> None:
+    """The --draft model reads the prompt and the answer too: both must fit its context (it may be shorter)."""
+    draft = spec.get("draft")
+    if draft is not None and n_prompt + n > draft.context_length:
+        raise ValueError(
+            f"the prompt ({n_prompt} tokens) and {n} new tokens do not fit the --draft model's context of "
+            f"{draft.context_length} tokens (a shorter prompt or a smaller -n)"
+        )
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
 
 
-def _report(llm, log, n: int) -> None:
-    """Speed, and a marker when the answer was cut by the token limit rather than ended by the model."""
+def _report(llm, log, max_new_tokens: int, interrupted: bool = False) -> None:
+    """Speed, and a marker when the answer did not end by itself: which limit cut it (-n N or the context), or
+    that it was interrupted."""
     s = llm.last_stats
     if not s:
         return
-    if s.get("finish_reasons") == ["length"]:
-        log(f"llama3: [stopped at the {n}-token limit; -n raises it]")
+    if interrupted:
+        log("llama3: [stopped: interrupted]")
+    elif s.get("finish_reasons") == ["length"]:
+        if max_new_tokens == -1:  # -n -1: the answer took all the room the context had left
+            log(f"llama3: [stopped: the context is full (--max-seq-len {llm.context_length})]")
+        else:
+            log(f"llama3: [stopped at the -n {max_new_tokens} limit; a larger -n raises it]")
     log(
         f"llama3: {s['decode_steps']} tokens, first after {s['time_to_first_token_s'] * 1000:.0f} ms, "
         f"{s['tokens_per_second']:.1f} tokens/s"
@@ -478,6 +566,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         tokens, extra = llm.tokenizer.encode(prompt, bos=True), {}
     n = _budget(llm, len(tokens), args.max_new_tokens)
+    _check_draft(spec, len(tokens), n)
     t0 = time.perf_counter()
     out_tokens, pieces = [], []
     for token, text in llm.stream(tokens, n, **_sampling(args), **extra, **spec):
@@ -512,7 +601,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if not args.json:
-        _report(llm, log, n)
+        _report(llm, log, args.max_new_tokens)
     return 0
 
 
@@ -588,13 +677,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
             continue
         tokens, n = fitted
+        try:
+            _check_draft(spec, len(tokens), n)
+        except ValueError as e:
+            print(f"llama3: message not sent: {e}", file=sys.stderr)
+            continue
         turns = [m for m in candidate if m["role"] != "system"]  # what Llama Guard reads
         refusal = guard and screen(guard, turns, "message")
         if refusal:  # the model never sees it, and it stays out of the history
             print(refusal, flush=True)
             continue
         history = candidate
-        reply = []
+        reply, interrupted = [], False
         try:
             for _, piece in llm.stream(tokens, n, stop_tokens=llm.chat_stop_tokens, **_sampling(args), **spec):
                 reply.append(piece)
@@ -603,6 +697,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
         except KeyboardInterrupt:  # stop this answer, keep the session
             log("\nllama3: answer stopped")
+            interrupted = True
         refusal = guard and screen(guard, [*turns, {"role": "assistant", "content": "".join(reply)}], "answer")
         if refusal:  # neither the question nor the answer stays in the history
             history = history[:-1]
@@ -613,7 +708,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
-        _report(llm, log, n)
+        _report(llm, log, args.max_new_tokens, interrupted)
 
 
 def load_guard(args: argparse.Namespace, log):
@@ -702,10 +797,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from llama3.perplexity import perplexity
 
     text = read_text(None if args.file == "-" else args.file)
+    source = "stdin" if args.file == "-" else args.file
     llm, log, _ = load(args)
     tokens = llm.tokenizer.encode(text, bos=args.bos)
-    max_length = min(args.max_length, llm.model.args.max_seq_len)
-    r = perplexity(llm.model, tokens, max_length, min(args.stride, max_length), progress=not args.quiet)
+    if len(tokens) < 2:
+        raise ValueError(f"{source}: {len(tokens)} tokens; perplexity needs at least 2 (the first is only context)")
+    max_length = args.max_length  # longer than the model's context: refused by perplexity(), named as the flag
+    r = perplexity(llm.model, tokens, max_length, args.stride, progress=not args.quiet)
     if args.json:
         print(json.dumps(r))
     else:
@@ -835,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
+    if args.command in ("generate", "chat", "perplexity", "guard"):
+        set_thread_defaults()
     world = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         if world:
@@ -849,6 +949,12 @@ def main(argv: list[str] | None = None) -> int:
             "serve": cmd_serve,
         }
         return commands[args.command](args)
+    except ParamError as e:  # a setting the model refuses (e.g. longer than its context): named as its flag
+        if e.param not in PARAM_FLAGS:
+            print(f"llama3: error{_rank_note(world)}: {e}", file=sys.stderr)
+            return 1
+        print(f"llama3 {args.command}: error{_rank_note(world)}: {param_message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nllama3: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it: a script can tell an interrupted run from a finished one

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llama3.chat_format import CHAT_TEMPLATE_CHOICES, chat_format_for
-from llama3.config import SamplingParams, check_max_new_tokens, check_seed
+from llama3.config import ParamError, SamplingParams, check_max_new_tokens, check_seed
 from llama3.model import Transformer, TransformerBlock
 from llama3.tokenizer import Tokenizer
 
@@ -201,8 +201,9 @@ class Llama:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if max_seq_len is not None and max_seq_len > model.args.max_seq_len:
-            raise ValueError(
-                f"max_seq_len {max_seq_len} exceeds the model's context of {model.args.max_seq_len} tokens"
+            raise ParamError(
+                "max_seq_len",
+                f"must be at most the model's context of {model.args.max_seq_len} tokens, got {max_seq_len}",
             )
         self.model, self.tokenizer = model.eval(), tokenizer
         self._chat_format = chat_format

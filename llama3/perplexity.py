@@ -34,7 +34,9 @@ def perplexity(model: Transformer, tokens: list[int], max_length: int, stride: i
     if not 2 <= max_length <= context:
         raise ParamError("max_length", f"must be in [2, {context}] (the model's context), got {max_length}")
     if not 1 <= stride <= max_length:
-        raise ParamError("stride", f"must be in [1, max_length={max_length}] (a larger one skips tokens), got {stride}")
+        raise ParamError(
+            "stride", f"must be in [1, {max_length}] (the window; a larger one skips tokens), got {stride}"
+        )
 
     ids = torch.tensor(tokens, device=model.tok_embeddings.weight.device)
     n_windows = 1 + max(0, -(-(n - max_length) // stride))  # the last window ends at the last token

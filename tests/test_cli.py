@@ -82,7 +82,7 @@ def test_generate_streams_the_greedy_completion(checkpoint):
     assert r.returncode == 0, r.stderr
     assert r.stdout == completion(checkpoint, "Hello world", 8)[2] + "\n"
     assert "tokens/s" in r.stderr and "model" in r.stderr
-    assert "stopped at the 8-token limit" in r.stderr  # the answer was cut, not ended by the model
+    assert "[stopped at the -n 8 limit" in r.stderr  # the answer was cut by -n, not ended by the model
 
 
 def test_compile_decodes_transformers_greedy_text(cli, checkpoint, monkeypatch):
@@ -175,6 +175,9 @@ def test_minus_one_fills_the_context(cli, checkpoint):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["tokens"] == new[:12]  # exactly the context's room after the prompt
+    r = cli("generate", "Hi", *tiny(checkpoint[0], "-n", "-1", "-c", str(len(ids) + 12)))
+    assert f"[stopped: the context is full (--max-seq-len {len(ids) + 12})]" in r.stderr  # the limit was not -n
+    assert "-n" not in r.stderr.split("[stopped")[1].split("]")[0]
     r = cli("generate", "Hi", *tiny(checkpoint[0], "-n", "-1", "-c", str(len(ids)), "-q"))
     assert r.returncode == 1 and "no room for an answer" in r.stderr
 
@@ -186,7 +189,41 @@ def test_context_size_bounds_prompt_plus_answer(cli, checkpoint):
     over = cli("generate", "Hello world", *tiny(checkpoint[0], "-n", "8", "-c", str(len(ids) + 7), "-q"))
     assert over.returncode == 1 and over.stderr.startswith("llama3: error: the prompt is") and "-n" in over.stderr
     beyond = cli("generate", "Hello world", *tiny(checkpoint[0], "-c", "257", "-q"))  # the context is 256
-    assert beyond.returncode == 1 and "exceeds the model's context" in beyond.stderr
+    assert beyond.returncode == 2 and beyond.stderr.count("\n") == 1, beyond.stderr
+    assert beyond.stderr.startswith("llama3 generate: error: argument --max-seq-len/-c: must be at most the model's")
+    assert "256" in beyond.stderr and "max_seq_len" not in beyond.stderr  # the flag, not the Python name
+
+
+# -- empty prompts (4b) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, stdin",
+    [([], ""), ([], "\n\n"), (["-"], " \t\n"), ([""], ""), (["  \n "], ""), (["--file", "FILE"], "")],
+    ids=["no-stdin", "newlines", "dash-blank", "empty-arg", "blank-arg", "empty-file"],
+)
+def test_an_empty_prompt_is_refused_naming_unconditional(cli, checkpoint, tmp_path, args, stdin):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    args = [str(tmp_path / "empty.txt") if a == "FILE" else a for a in args]
+    r = cli("generate", *args, *tiny(checkpoint[0], "-n", "4"), stdin=stdin)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr.startswith("llama3: error: the prompt") and "--unconditional" in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # refused before the model loaded: nothing else printed
+
+
+def test_unconditional_generates_from_the_bos_token_alone(cli, checkpoint):
+    _, hf, hf_tok = checkpoint
+    new = hf_greedy_until_stop(hf, [hf_tok.bos_token_id], 6)
+    r = cli("generate", "--unconditional", "--json", *tiny(checkpoint[0], "-n", "6", "-q"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == new and out["usage"]["prompt_tokens"] == 1
+
+
+@pytest.mark.parametrize("args", [["Hi"], ["--file", "x.txt"], ["--chat"], ["--system", "Be brief."]])
+def test_unconditional_with_a_prompt_or_chat_is_refused(args):
+    r = run_cli("generate", "--unconditional", *args, "--model", "/nonexistent/model")
+    assert r.returncode == 2 and "argument --unconditional" in r.stderr and "nonexistent" not in r.stderr, r.stderr
 
 
 # -- checked before anything loads --------------------------------------------------------------------------
@@ -206,6 +243,7 @@ def test_context_size_bounds_prompt_plus_answer(cli, checkpoint):
         (["-n", "-2"], "--max-new-tokens"),
         (["-c", "0"], "--max-seq-len"),
         (["--stop", ""], "--stop"),
+        (["--threads", "0"], "--threads"),
         (["--top-p", "x"], "--top-p"),
     ],
 )
@@ -213,6 +251,7 @@ def test_bad_options_name_the_flag_before_loading(args, flag):
     r = run_cli("generate", "Hi", "--model", "/nonexistent/model", *args)
     assert r.returncode == 2, r.stderr
     assert f"llama3 generate: error: argument {flag}" in r.stderr
+    assert "None" not in r.stderr and "_" not in r.stderr.splitlines()[-1]  # no Python value or parameter name
     assert "nonexistent" not in r.stderr and "Traceback" not in r.stderr  # the model was never looked for
 
 
@@ -257,6 +296,44 @@ def test_bad_model_path_is_one_clear_line(cli, tmp_path):
     r = cli("generate", "Hi", "--model", str(tmp_path / "nope"), "--quiet")
     assert r.returncode == 1
     assert r.stderr.startswith("llama3: error: checkpoint not found") and "Traceback" not in r.stderr
+
+
+def test_guard_help_says_the_model_is_required(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "guard", "--help")
+    assert code == 0
+    model_help = " ".join(out.split("--model MODEL, -m MODEL")[1].split("--device")[0].split())
+    assert "required" in model_help and "embedded" not in model_help, model_help
+
+
+# -- threads (6) --------------------------------------------------------------------------------------------
+
+
+def test_threads_sets_torch_threads(cli, checkpoint):
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        r = cli("generate", "Hi", *tiny(checkpoint[0], "-n", "2", "-q", "--threads", "1"))
+        assert r.returncode == 0, r.stderr
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(
+    "env, policy", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "1000"}, None)]
+)
+def test_openmp_threads_sleep_unless_the_user_says_otherwise(env, policy):
+    """`llama3 generate` sets OMP_WAIT_POLICY=PASSIVE before torch (and its libgomp) loads; a user's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as it is. The policy is read in the process, at torch's import."""
+    probe = (
+        "import os, sys, llama3.cli as c\n"
+        "c.cmd_generate = lambda a: print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules) or 0\n"
+        "sys.exit(c.main(['generate', 'Hi']))"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(policy), "False"]  # set while torch was not yet imported
 
 
 # -- interrupts and pipes -----------------------------------------------------------------------------------
@@ -345,6 +422,36 @@ def test_chat_refuses_an_over_long_message_and_goes_on(cli, checkpoint):
     assert r.stdout == f"{reply}\n" and "message not sent" in r.stderr
 
 
+def test_chat_answer_stopped_by_ctrl_c_says_interrupted(cli, checkpoint, monkeypatch):
+    """Ctrl-C during an answer ends that answer (the chat goes on); its note says so, not that -n cut it."""
+    from llama3.generation import Llama
+
+    stream = Llama.stream
+
+    def interrupted_after_one_piece(self, *args, **kwargs):
+        pieces = stream(self, *args, **kwargs)
+        yield next(pieces)
+        pieces.close()  # as a KeyboardInterrupt would close it: the stats are written, finish reason "length"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Llama, "stream", interrupted_after_one_piece)
+    r = cli("chat", *tiny(checkpoint[0], "-n", "6"), stdin="hi\n")
+    assert r.returncode == 0, r.stderr
+    assert "answer stopped" in r.stderr and "[stopped: interrupted]" in r.stderr
+    assert "-n" not in r.stderr.split("answer stopped")[1], r.stderr
+
+
+def test_a_draft_with_a_shorter_context_is_named_by_its_flag(cli, checkpoint, tmp_path):
+    d = shutil.copytree(checkpoint[0], tmp_path / "short")  # the same model as its own draft, 16-token context
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    r = cli("generate", "Hello world", "--draft", str(d), *tiny(checkpoint[0], "-n", "20", "-q"))
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert "--draft model's context of 16 tokens" in r.stderr and "max_new_tokens" not in r.stderr
+    r = cli("chat", "--draft", str(d), *tiny(checkpoint[0], "-n", "20", "-q"), stdin="hi\n")
+    assert r.returncode == 0 and r.stdout == "" and "message not sent" in r.stderr and "--draft" in r.stderr
+
+
 def test_default_model_is_the_embedded_smollm2():
     r = run_cli("generate", "The capital of France is", "--temperature", "0", "-n", "6")
     assert r.returncode == 0, r.stderr
@@ -392,3 +499,14 @@ def test_perplexity_command_equals_transformers_nll(cli, checkpoint, tmp_path):
     assert float(r.stdout) == pytest.approx(math.exp(nll / scored), rel=1e-4)  # printed to 4 decimals
     r = cli("perplexity", str(tmp_path / "text.txt"), *args, "--stride", "17")
     assert r.returncode == 2 and "argument --stride" in r.stderr
+
+
+def test_perplexity_window_longer_than_the_context_is_refused(cli, checkpoint, tmp_path):
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 6, encoding="utf-8")
+    r = cli("perplexity", str(tmp_path / "text.txt"), "--model", str(checkpoint[0]), "--max-length", "100000", "-q")
+    assert r.returncode == 2 and r.stdout == "", r.stdout  # not clamped to the context and scored silently
+    assert r.stderr.startswith("llama3 perplexity: error: argument --max-length: must be in [2, 256] (the model's")
+    assert r.stderr.count("\n") == 1 and "max_length" not in r.stderr
+    (tmp_path / "short.txt").write_text("", encoding="utf-8")
+    r = cli("perplexity", str(tmp_path / "short.txt"), "--model", str(checkpoint[0]), "-q")
+    assert r.returncode == 1 and "short.txt: 0 tokens; perplexity needs at least 2" in r.stderr, r.stderr

@@ -631,6 +631,17 @@ def test_max_seq_len_that_is_not_a_length_within_the_context_is_refused(llm, max
     assert repr(max_seq_len) in str(e.value)
 
 
+def test_max_seq_len_beyond_the_context_is_a_param_error_the_cli_names(llm):
+    """The CLI names a ParamError by the flag of its `param` (`--max-seq-len/-c`), never the Python name."""
+    from llama3.cli import PARAM_FLAGS
+    from llama3.config import ParamError
+
+    with pytest.raises(ParamError) as e:
+        Llama(llm.model, llm.tokenizer, max_seq_len=CONTEXT + 1)
+    assert e.value.param == "max_seq_len" and PARAM_FLAGS[e.value.param] == "--max-seq-len/-c"
+    assert str(CONTEXT) in e.value.problem and "max_seq_len" not in e.value.problem
+
+
 @pytest.mark.parametrize("max_batch_size", [0, -1, 1.5], ids=repr)
 def test_max_batch_size_below_one_is_refused(llm, max_batch_size):
     with pytest.raises(ValueError, match="max_batch_size") as e:

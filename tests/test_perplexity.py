@@ -117,8 +117,8 @@ def test_progress_bar_goes_to_stderr_and_changes_nothing(models, capsys):
     [
         ([], 16, 8, r"tokens must hold at least 2 tokens .* got 0"),
         ([5], 16, 8, r"tokens must hold at least 2 tokens .* got 1"),
-        ([5, 6, 7], 16, 0, r"stride must be in \[1, max_length=16\] .* got 0"),
-        ([5, 6, 7], 16, 17, r"stride must be in \[1, max_length=16\] .* got 17"),
+        ([5, 6, 7], 16, 0, r"stride must be in \[1, 16\] \(the window.* got 0"),
+        ([5, 6, 7], 16, 17, r"stride must be in \[1, 16\] \(the window.* got 17"),
         ([5, 6, 7], 65, 8, r"max_length must be in \[2, 64\] \(the model's context\), got 65"),
         ([5, 6, 7], 1, 1, r"max_length must be in \[2, 64\] .* got 1"),
     ],
