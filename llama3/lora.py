@@ -393,6 +393,7 @@ def add_lora(model: Transformer, config: LoRAConfig) -> Transformer:
         if not isinstance(model.get_submodule(parent), LoRALinear):
             setattr(model.get_submodule(parent), attr, FrozenQuantizedLinear(model.get_submodule(name)))
     model.lora_config = config
+    model.train(model.training)  # new modules start in training mode: an eval model's adapters must not drop out
     return model
 
 
