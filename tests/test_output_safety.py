@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from llama3.checkpoint import CheckpointError, atomic_write, save_quantized
+from llama3.checkpoint import CheckpointError, save_quantized
 from llama3.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,6 +64,8 @@ def test_an_interrupted_quantize_leaves_the_earlier_output_whole(tiny_hf, tmp_pa
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    from llama3.checkpoint import atomic_write
+
     target = tmp_path / "config.json"
     target.write_text("old")
     with pytest.raises(OSError), atomic_write(target) as tmp:
