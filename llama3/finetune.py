@@ -19,6 +19,9 @@ of an uninterrupted one.
 Outputs in `output`: adapter_model.safetensors + adapter_config.json (PEFT's format), train_log.jsonl (one
 record per logging step: step, loss, lr, grad_norm, tokens_per_s; eval records: step, eval_loss),
 checkpoint/ (the state `resume` reads), and with `merge`, merged/: a full checkpoint in the HF layout.
+Each file is written under a temporary name and renamed when whole; `output` may not be, hold or lie inside
+the model, nor name the data file among its outputs. A NaN or infinite loss or gradient norm stops training
+at that step (`DivergedError`), before the optimizer spreads it into the adapters; the last checkpoint stays.
 """
 
 from __future__ import annotations
