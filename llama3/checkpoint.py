@@ -16,7 +16,9 @@ import pickle
 import re
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,6 +85,73 @@ def resolve(src: str | os.PathLike) -> Path:
             f"could not download {text}: {e}. Gated repos (meta-llama/*) need an accepted license and "
             "a token (`hf auth login` or HF_TOKEN)."
         ) from None
+
+
+def check_output(output: str | os.PathLike, source: str | os.PathLike, what: str = "the source checkpoint") -> None:
+    """Refuses to write to `output` when it is `source`, lies inside it or contains it (symlinks resolved, so a
+    hub cache snapshot or a link to the model directory counts as the directory itself): a run must never write
+    over what it reads."""
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src:
+        relation = "is"
+    elif src in out.parents:
+        relation = "lies inside"
+    elif out in src.parents:
+        relation = "contains"
+    else:
+        return
+    raise ValueError(f"output directory {output} {relation} {what} {source}; choose another (--output)")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` (`.NAME.tmp-XXXX`, same directory, so same file system) to write to; renamed
+    to `path` when the block ends without an error, removed when it raises (Ctrl-C too). An interrupted run leaves
+    the old file, or none, under the final name, never half of a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def copy_files(src: Path, output: Path, names: tuple[str, ...]) -> None:
+    """Copies each of `names` that `src` holds (tokenizer and generation files) into `output`, atomically."""
+    for name in names:
+        if (src / name).is_file():
+            with atomic_write(output / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+
+
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "chat_template.jinja", "tokenizer.model", "original/tokenizer.model")  # fmt: skip
+
+
+def check_finite(t: Tensor, name: str, source: str) -> None:
+    """Refuses a float tensor holding NaN or infinity (a diverged training run saved as it was): such weights
+    load and then generate nothing, silently. One min/max pass, no copy (NaN propagates through both; +inf is
+    the max, -inf the min): 62 ms for a 128256 x 2048 bfloat16 embedding on the 2-core CI CPU (load 1.4)."""
+    if t.is_floating_point() and t.numel():
+        low, high = torch.aminmax(t)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values")
 
 
 def default_model() -> Path:
@@ -577,6 +646,8 @@ def build_model(
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected a floating-point tensor")
         if shard is not None:
             t = shard.slice(name, t, args)
+        if isinstance(t, Tensor):
+            check_finite(t, name, source)
         ours, slot, n_slots = _fused_name(name)
         mode = quantize and is_quantized_layer(ours) and mode_for(ours, quantize, keep_output)
         if isinstance(t, QuantizedWeight) and t.mode != mode:  # a GGUF Q4 output projection: int8, or float
@@ -649,12 +720,13 @@ def save_quantized(
     One tensor of the source is read at a time and quantized at once: peak memory is about the quantized
     model plus one float tensor.
     """
-    from safetensors.torch import save_file
-
     check_quantize_settings(mode, group_size, torch.device("cpu"), torch.bfloat16)
     path, output = resolve(src), Path(output)
+    check_output(output, path)
     if gguf_file(path) is not None:
-        raise CheckpointError(f"{path} is a GGUF file, quantized already: load it with quantize='int4' directly")
+        raise CheckpointError(
+            f"{path} is a GGUF file, quantized already: load it as it is (with int4, its 4-bit codes are used)"
+        )
     if stored_quantization(path) is not None:
         raise CheckpointError(f"{path} is quantized already")
     args, tensors, count = open_checkpoint(path, progress)
@@ -663,6 +735,7 @@ def save_quantized(
     bar = tqdm(total=count, desc=f"quantizing {path.name} to {mode}", unit="tensor", disable=not progress)
     for name, t in tensors():
         bar.update(1)
+        check_finite(t, name, str(path))
         ours = _fused_name(name)[0] if name in names else name
         layer_mode = is_quantized_layer(ours) and mode_for(ours, mode, keep_output)
         if layer_mode:
@@ -671,8 +744,6 @@ def save_quantized(
         else:
             out[name] = t.contiguous()
     bar.close()
-    output.mkdir(parents=True, exist_ok=True)
-    save_file(out, output / "model.safetensors", metadata={"format": "pt"})
     config = args.to_hf_config() | {
         "quantization_config": {
             "quant_method": QUANT_METHOD,
@@ -681,18 +752,17 @@ def save_quantized(
             "keep_output": keep_output,
         }
     }
-    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "chat_template.jinja", "tokenizer.model", "original/tokenizer.model"):  # fmt: skip
-        if (path / name).is_file():
-            (output / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path / name, output / name)
+    save_safetensors(out, output / "model.safetensors")
+    write_text(output / "config.json", json.dumps(config, indent=2) + "\n")
+    copy_files(path, output, SIDE_FILES)
     return output
 
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "atomic_write",
+    "check_output",
     "build_model",
     "default_model",
     "load_model",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -293,6 +294,9 @@ def _add_finetune_parser(sub) -> None:
     ft.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ft.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages on stderr")
     ft.set_defaults(parser=ft, keep_output=False)
+    # argparse's own pattern (-1, -.5) takes "-1e-3" or "-inf" for an option ("expected one argument"): every
+    # number is read as a value here, so that a negative --learning-rate is refused by name (no flag is numeric)
+    ft._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
 
 
 def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
@@ -904,6 +908,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         log=log,
     )
+    try:
+        config.check()
+    except ParamError as e:  # the field named as the flag that sets it
+        args.parser.error(f"argument --{e.param.replace('_', '-')}: {e.problem}")
     t0 = time.perf_counter()
     summary = finetune(config)
     losses = summary["losses"]

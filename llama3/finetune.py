@@ -19,6 +19,9 @@ of an uninterrupted one.
 Outputs in `output`: adapter_model.safetensors + adapter_config.json (PEFT's format), train_log.jsonl (one
 record per logging step: step, loss, lr, grad_norm, tokens_per_s; eval records: step, eval_loss),
 checkpoint/ (the state `resume` reads), and with `merge`, merged/: a full checkpoint in the HF layout.
+Each file is written under a temporary name and renamed when whole; `output` may not be, hold or lie inside
+the model, nor name the data file among its outputs. A NaN or infinite loss or gradient norm stops training
+at that step (`DivergedError`), before the optimizer spreads it into the adapters; the last checkpoint stays.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llama3.chat_format import ChatFormat, ChatMLFormat, JinjaChatFormat, _validate
-from llama3.config import parse_jsonl
+from llama3.checkpoint import check_output, resolve, write_text
+from llama3.config import ParamError, parse_jsonl
 from llama3.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     TARGET_MODULES,
     LoRAConfig,
     add_lora,
@@ -56,6 +62,7 @@ from llama3.lora import (
 
 IGNORE = -100  # the label of a position that is not learned (transformers' convention)
 CHECKPOINT = "checkpoint"
+MERGED = "merged"
 TRAIN_LOG = "train_log.jsonl"
 BUCKET_BATCHES = 16  # rows are sorted by length within windows of this many batches
 
@@ -64,12 +71,18 @@ class DataError(ValueError):
     """A training file or row that cannot be used: the file, the row (1-based line) and the field are named."""
 
 
+class DivergedError(RuntimeError):
+    """Training met a NaN or infinite loss or gradient norm; the last checkpoint saved before it is kept."""
+
+
 # -- data ---------------------------------------------------------------------------------------------
 
 
 def read_chat_rows(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     """The `messages` of every row of a JSONL file (one JSON object a line), or a parquet file (needs pyarrow)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a data file (JSONL rows, or .parquet)")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".parquet":
@@ -280,19 +293,29 @@ class TrainConfig:
     )  # fmt: skip
 
     def check(self) -> None:
+        """Every setting in its range, before anything is read; a `ParamError` names the field (the CLI, its flag)."""
         positive = ("batch_size", "grad_accum", "max_seq_len", "epochs", "logging_steps")
         for name in positive + ("max_steps", "eval_steps", "save_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ParamError(name, f"must be an integer >= 1, got {value!r}")
         if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2 (a token and the one it predicts), got {self.max_seq_len}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+            raise ParamError("max_seq_len", f"must be >= 2 (a token and the one it predicts), got {self.max_seq_len}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ParamError("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
+        # finite, and below what any LoRA recipe uses by orders of magnitude: an infinite rate, weight decay or
+        # alpha turns every adapter weight into NaN at the first step; a rate above 1 diverges as surely
+        ranges = {
+            "learning_rate": (0, 1, "a number in (0, 1]"),
+            "weight_decay": (0, 1, "a number in [0, 1]"),
+            "max_grad_norm": (0, math.inf, "a finite number > 0"),
+            "lora_alpha": (0, math.inf, "a finite number > 0"),
+        }
+        for name, (low, high, what) in ranges.items():
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (ok and low <= value <= high and (value > 0 or name == "weight_decay")):
+                raise ParamError(name, f"must be {what}, got {value!r}")
         self.lora_config()
 
     def lora_config(self) -> LoRAConfig:
@@ -350,15 +373,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_for_training(config: TrainConfig):
-    """The model with fresh adapters (seeded), its tokenizer and chat format."""
+def _written_by(output: Path, file: Path) -> bool:
+    """Whether `file` is one that a run writing to `output` replaces (the data may sit beside the outputs)."""
+    out, file = output.expanduser().resolve(), file.expanduser().resolve()
+    names = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAIN_LOG)
+    return file == out or file in {out / n for n in names} or any(out / d in file.parents for d in (CHECKPOINT, MERGED))
+
+
+def load_for_training(config: TrainConfig, src: str | os.PathLike):
+    """The model `src` with fresh adapters (seeded), its tokenizer and chat format."""
     from llama3.generation import Llama
 
-    src = config.model
-    if src is None:
-        from llama3.checkpoint import default_model
-
-        src = default_model()
     llm = Llama.from_pretrained(
         src,
         device=config.device,
@@ -379,6 +404,21 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
     log = config.log
     output = Path(config.output)
     ckpt = output / CHECKPOINT
+    src = config.model
+    if src is None:
+        from llama3.checkpoint import default_model
+
+        src = default_model()
+    check_output(output, resolve(src), "the model")
+    for flag, data in (("--data", config.data), ("--eval-data", config.eval_data)):
+        if data is None:
+            continue
+        if Path(data).is_dir():
+            raise DataError(f"{data} is a directory; expected a data file of JSONL rows or .parquet ({flag})")
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"data file not found: {data} ({flag})")
+        if _written_by(output, Path(data)):
+            raise ValueError(f"{flag} {data} would be overwritten by the output written to {output} (--output)")
     if config.resume and not (ckpt / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"nothing to resume: {ckpt}/trainer_state.pt not found (--resume)")
     if not config.resume and ckpt.exists():
@@ -388,7 +428,7 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
     train_dialogs = read_chat_rows(config.data)
     eval_dialogs = read_chat_rows(config.eval_data) if config.eval_data else None
 
-    llm, src = load_for_training(config)
+    llm, src = load_for_training(config, src)
     model, device = llm.model, llm.device
     train = prepare(train_dialogs, llm.chat_format, config.max_seq_len, config.data, log)
     evals = prepare(eval_dialogs, llm.chat_format, config.max_seq_len, config.eval_data, log) if eval_dialogs else None
@@ -401,13 +441,20 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, total))
 
     step, position = 0, 0  # optimizer steps done; micro-batches consumed (across epochs)
-    trajectory = config.trajectory() | {"data_sha256": _sha256(config.data)}
+    trajectory = config.trajectory() | {"data": str(Path(config.data).resolve()), "data_sha256": _sha256(config.data)}
+    if config.model is not None and Path(config.model).exists():  # a local path however it is written; else a repo id
+        trajectory["model"] = str(Path(config.model).resolve())
     if config.resume:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         differ = [k for k in trajectory if state["trajectory"].get(k) != trajectory[k]]
         if differ:
-            was = {k: state["trajectory"].get(k) for k in differ}
-            raise ValueError(f"cannot resume {ckpt}: it was trained with other settings or data: {was}")
+            was = ", ".join(
+                "other --data contents"
+                if k == "data_sha256"
+                else f"--{k.replace('_', '-')} {state['trajectory'].get(k)}"
+                for k in differ
+            )
+            raise ValueError(f"cannot resume {ckpt}: it was trained with other settings or data ({was})")
         set_adapter_weights(model, read_adapter(ckpt)[1], str(ckpt))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -449,6 +496,14 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
                 loss_sum += loss.item()
                 window["tokens"] += sum(len(e.ids) for e in batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # before the step spreads it to the weights
+                kept = (
+                    f"the checkpoint of step {_saved_step(ckpt)} in {ckpt} is kept" if ckpt.is_dir() else "none saved"
+                )
+                raise DivergedError(
+                    f"training stopped at step {step + 1}: loss {loss_sum}, gradient norm {grad_norm} (not finite; "
+                    f"a lower --learning-rate or --max-grad-norm may help); {kept}"
+                )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -489,7 +544,7 @@ def finetune(config: TrainConfig) -> dict[str, Any]:
     log(f"llama3: wrote the adapter to {output}")
     summary = {"steps": step, "losses": losses, "eval_loss": eval_loss, "output": str(output), "source": str(src)}
     if config.merge:
-        summary["merged"] = str(save_merged(src, model, output / "merged", progress=config.progress))
+        summary["merged"] = str(save_merged(src, model, output / MERGED, progress=config.progress))
         log(f"llama3: wrote the merged checkpoint to {summary['merged']}")
     return summary
 
@@ -511,9 +566,16 @@ def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int, d
     return total / count
 
 
+def _saved_step(ckpt: Path) -> int | str:
+    try:
+        return torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"]
+    except (OSError, RuntimeError, KeyError):
+        return "?"
+
+
 def _save_checkpoint(model, optimizer, scheduler, step: int, position: int, trajectory: dict, ckpt: Path) -> None:
     """The adapter and the trainer's state, written beside the old checkpoint and then swapped in."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp)
     state = {
@@ -525,19 +587,24 @@ def _save_checkpoint(model, optimizer, scheduler, step: int, position: int, traj
         "trajectory": trajectory,
     }
     torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(ckpt, ignore_errors=True)
+    old = ckpt.with_name(f".{ckpt.name}.old")  # the old one goes only once the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt.exists():
+        ckpt.rename(old)
     tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drops the records of steps after `step` (written after the checkpoint a run resumes from)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        write_text(path, "".join(line + "\n" for line in keep))
 
 
 __all__ = [
     "DataError",
+    "DivergedError",
     "TrainConfig",
     "encode_example",
     "finetune",

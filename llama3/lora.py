@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llama3.checkpoint import (
+    SIDE_FILES,
+    CheckpointError,
+    check_finite,
+    check_output,
+    copy_files,
+    save_safetensors,
+    write_text,
+)
 from llama3.model import Transformer
 from llama3.quantize import Int4Linear, Int8Linear, QuantizedWeight
 
@@ -68,8 +77,8 @@ class LoRAConfig:
         self.target_modules = tuple(self.target_modules)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise LoRAError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise LoRAError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise LoRAError(f"LoRA alpha must be a finite positive number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.target_modules if t not in _PROJECTIONS]
@@ -384,6 +393,7 @@ def add_lora(model: Transformer, config: LoRAConfig) -> Transformer:
         if not isinstance(model.get_submodule(parent), LoRALinear):
             setattr(model.get_submodule(parent), attr, FrozenQuantizedLinear(model.get_submodule(name)))
     model.lora_config = config
+    model.train(model.training)  # new modules start in training mode: an eval model's adapters must not drop out
     return model
 
 
@@ -433,13 +443,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Writes adapter_model.safetensors and adapter_config.json as PEFT's `save_pretrained` does."""
-    from safetensors.torch import save_file
-
+    """Writes adapter_model.safetensors and adapter_config.json as PEFT's `save_pretrained` does (each to a
+    temporary name first, then renamed: see `llama3.checkpoint.atomic_write`)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model), directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(model.lora_config.to_peft(), indent=2) + "\n")
+    save_safetensors(lora_state_dict(model), directory / ADAPTER_WEIGHTS)
+    write_text(directory / ADAPTER_CONFIG, json.dumps(model.lora_config.to_peft(), indent=2) + "\n")
     return directory
 
 
@@ -464,6 +472,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Te
         tensors = load_file(weights)
     except (SafetensorError, OSError) as e:
         raise LoRAError(f"{weights}: not a readable safetensors file: {e}") from None
+    for name, t in tensors.items():
+        try:
+            check_finite(t, name, str(weights))
+        except CheckpointError as e:
+            raise LoRAError(str(e)) from None
     return config, tensors
 
 
@@ -519,11 +532,10 @@ def save_merged(src: str | os.PathLike, model: nn.Module, output: str | os.PathL
     is read, gets its update in float32 and is stored in its own dtype (float32 for a GGUF source, whose
     dequantized weights are exact in it). `Llama.from_pretrained(output)` and transformers both load it.
     """
-    from safetensors.torch import save_file
-
     from llama3.checkpoint import gguf_file, open_checkpoint, resolve, stored_quantization
 
     path, output = resolve(src), Path(output)
+    check_output(output, path)
     if stored_quantization(path) is not None:
         raise LoRAError(f"{path} holds quantized weights; merge into the float checkpoint it was made from")
     deltas = lora_deltas(model)
@@ -537,22 +549,17 @@ def save_merged(src: str | os.PathLike, model: nn.Module, output: str | os.PathL
         out[name] = t.contiguous()
     if deltas:
         raise LoRAError(f"{path}: the checkpoint has no tensors {', '.join(sorted(deltas)[:5])} for the adapter")
-    output.mkdir(parents=True, exist_ok=True)
-    save_file(out, output / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(out, output / "model.safetensors")
     dtype = str(out["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     config = args.to_hf_config() | {"torch_dtype": dtype}
     gguf = gguf_file(path)
     if gguf is not None:
         config |= _write_gguf_tokenizer(gguf, output)
     else:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                     "chat_template.jinja", "tokenizer.model", "original/tokenizer.model"):  # fmt: skip
-            if (path / name).is_file():
-                (output / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path / name, output / name)
+        copy_files(path, output, SIDE_FILES)
         source_config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         config |= {k: source_config[k] for k in ("bos_token_id", "eos_token_id") if k in source_config}
-    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text(output / "config.json", json.dumps(config, indent=2) + "\n")
     return output
 
 
@@ -567,9 +574,13 @@ def _write_gguf_tokenizer(gguf: Path, output: Path) -> dict[str, int]:
             "(pip install transformers gguf)"
         ) from None
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(output)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    GenerationConfig(**ids).save_pretrained(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer.tmp-", dir=output) as tmp:  # then each file moved in
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(**ids).save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, output / f.name)
     return {k: v for k, v in ids.items() if v is not None}
 
 

@@ -202,7 +202,7 @@ def test_resume_repeats_the_losses_of_an_uninterrupted_run(byte_llama, tmp_path,
     assert losses(tmp_path / "b") == losses(tmp_path / "a") == whole["losses"]
     a, b = (tmp_path / d / "out" / "adapter_model.safetensors" for d in "ab")
     assert a.read_bytes() == b.read_bytes()
-    with pytest.raises(ValueError, match="other settings or data.*learning_rate"):
+    with pytest.raises(ValueError, match=r"other settings or data \(--learning-rate 0.01\)"):
         finetune(config(byte_llama, tmp_path / "b", resume=True, **(kwargs | {"learning_rate": 1e-3})))
 
 
@@ -354,10 +354,120 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     code = main(["finetune", "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1 and err == f"llama3: error: data file not found: {tmp_path / 'none.jsonl'}\n"
+    assert code == 1 and err == f"llama3: error: data file not found: {tmp_path / 'none.jsonl'} (--data)\n"
     data = write_jsonl(tmp_path / "t.jsonl", DIALOGS)
     code = main(["finetune", "--data", data, "--output", str(tmp_path / "o"), "--target-modules", "lm_head", "-q"])
     assert code == 1 and "unknown LoRA target module(s) 'lm_head'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["finetune", "--data", data, "--output", str(tmp_path / "o"), "--lora-rank", "0"])
     assert e.value.code == 2 and "argument --lora-rank: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def tree_hashes(root) -> dict[str, str]:
+    """sha256 of every file under `root` (relative name -> digest): what a refused or failed run must not change."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning-rate", "inf"], "argument --learning-rate: must be a number in (0, 1], got inf"),
+        (["--learning-rate", "-1e-3"], "argument --learning-rate: must be a number in (0, 1], got -0.001"),
+        (["--lr", "nan"], "argument --learning-rate: must be a number in (0, 1], got nan"),
+        (["--learning-rate", "10"], "argument --learning-rate: must be a number in (0, 1], got 10.0"),
+        (["--lora-alpha", "inf"], "argument --lora-alpha: must be a finite number > 0, got inf"),
+        (["--weight-decay", "-1"], "argument --weight-decay: must be a number in [0, 1], got -1.0"),
+        (["--max-grad-norm", "inf"], "argument --max-grad-norm: must be a finite number > 0, got inf"),
+        (["--warmup-steps", "-1"], "argument --warmup-steps: must be an integer >= 0, got -1"),
+    ],
+)
+def test_cli_refuses_non_finite_and_absurd_hyper_parameters_by_flag(tmp_path, capsys, argv, message):
+    from llama3.cli import main
+
+    data = write_jsonl(tmp_path / "t.jsonl", DIALOGS)
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--data", data, "--output", str(tmp_path / "o"), "-q", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1] == f"llama3 finetune: error: {message}", err
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(
+    byte_llama, tmp_path, monkeypatch
+):
+    import llama3.finetune as ft
+    from llama3.lora import read_adapter
+
+    real, calls = ft.token_loss_sum, []
+
+    def nan_at_step_3(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(ft, "token_loss_sum", nan_at_step_3)
+    c = config(byte_llama, tmp_path, max_steps=5, save_steps=1, batch_size=8, lora_dropout=0.0)
+    with pytest.raises(ft.DivergedError, match=r"stopped at step 3: loss nan.*checkpoint of step 2 .* is kept"):
+        finetune(c)
+    out = tmp_path / "out"
+    assert not (out / "adapter_model.safetensors").exists()  # no adapter of NaNs under the final name
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    _, tensors = read_adapter(out / "checkpoint")  # refuses NaN or inf: the kept checkpoint is good
+    assert state["step"] == 2 and all(t.abs().sum() > 0 for n, t in tensors.items() if "lora_B" in n)
+
+
+def test_output_never_overwrites_the_model_or_the_data(byte_llama, tmp_path, capsys, monkeypatch):
+    """--output equal to, inside or around the model (also through a symlink), or writing over --data, is
+    refused before anything is read, and the files are left exactly as they were; beside the data is fine."""
+    from llama3.cli import main
+
+    d, _ = byte_llama
+    model = tmp_path / "model"
+    shutil.copytree(d, model)
+    (tmp_path / "link").symlink_to(model)
+    data = write_jsonl(model / "train.jsonl", DIALOGS)
+    before = tree_hashes(tmp_path)
+    cases = {
+        str(model): "is the model",
+        str(tmp_path / "link"): "is the model",
+        str(model / "sub"): "lies inside the model",
+        str(tmp_path): "contains the model",
+    }
+    for output, message in cases.items():
+        code = main(["finetune", "--model", str(tmp_path / "link"), "--data", data, "-o", output, "-q", "--merge"])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and err.count("\n") == 1, (output, err)
+    (tmp_path / "elsewhere").mkdir()
+    data = write_jsonl(tmp_path / "elsewhere" / "train_log.jsonl", DIALOGS)
+    before = tree_hashes(tmp_path)
+    for output, flag in ((tmp_path / "elsewhere", "--data"), (tmp_path / "elsewhere" / "train_log.jsonl", "--data")):
+        code = main(["finetune", "--model", str(model), "--data", data, "-o", str(output), "-q"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"{flag} {data} would be overwritten" in err, err
+    for flag in ("--data", "--eval-data"):
+        code = main(["finetune", "--model", str(model), "--data", write_jsonl(tmp_path / "ok.jsonl", DIALOGS)]
+                    + [flag, str(model), "-o", str(tmp_path / "o2"), "-q"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 1 and f"{model} is a directory; expected a data file" in err and flag in err, err
+    assert tree_hashes(tmp_path) == before | {"ok.jsonl": tree_hashes(tmp_path)["ok.jsonl"]}
+    # the data's own directory is a fine --output: the outputs go beside it
+    (tmp_path / "beside").mkdir()
+    monkeypatch.chdir(tmp_path / "beside")
+    rows = write_jsonl(tmp_path / "beside" / "rows.jsonl", DIALOGS)
+    assert main(["finetune", "--model", str(model), "--data", "rows.jsonl", "-o", ".", "-q", "--max-steps", "1",
+                 "--dtype", "float32"]) == 0  # fmt: skip
+    assert (tmp_path / "beside" / "adapter_model.safetensors").is_file()
+    assert tree_hashes(model) == {k.removeprefix("model/"): v for k, v in before.items() if k.startswith("model/")}
+    # --resume finds the same data given by an absolute path instead of a relative one
+    assert main(["finetune", "--model", str(model), "--data", rows, "-o", ".", "-q", "--max-steps", "1",
+                 "--dtype", "float32", "--resume"]) == 0, capsys.readouterr().err  # fmt: skip
+
+
+def test_resume_message_names_flags_not_fields(byte_llama, tmp_path):
+    finetune(config(byte_llama, tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match=r"other settings or data \(--max-seq-len 1024\)$"):
+        finetune(config(byte_llama, tmp_path, max_steps=1, resume=True, max_seq_len=512))

@@ -101,11 +101,14 @@ def test_only_adapters_train(tiny):
         LoRAConfig(r=4, alpha=8),
         # a subset: wqkv gets q and v adapters and none for the k rows between them; rsLoRA scaling
         LoRAConfig(r=3, alpha=5, target_modules=("q_proj", "v_proj", "down_proj"), use_rslora=True),
+        # dropout acts in training only: an eval-mode forward with dropout 0.5 is PEFT's eval forward exactly
+        LoRAConfig(r=4, alpha=8, dropout=0.5),
     ],
-    ids=["all", "q-v-down-rslora"],
+    ids=["all", "q-v-down-rslora", "dropout-in-eval"],
 )
 def test_our_adapter_gives_our_logits_in_peft(tiny, tmp_path, config):
     _, hf, model = tiny
+    assert not model.training
     add_lora(model, config)
     randomize(lora_parameters(model))
     save_adapter(model, tmp_path / "adapter")
@@ -257,7 +260,7 @@ def test_merge_into_quantized_base_is_refused():
     [
         (dict(r=0), "rank r must be an integer >= 1, got 0"),
         (dict(r=2.5), "rank r must be an integer"),
-        (dict(alpha=0), "alpha must be a positive number"),
+        (dict(alpha=0), "alpha must be a finite positive number"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(target_modules=("q_proj", "qkv_proj")), "unknown LoRA target module.*'qkv_proj'.*q_proj, k_proj"),
         (dict(target_modules=()), "unknown LoRA target module"),
@@ -298,6 +301,27 @@ def test_bad_adapter_files_are_named(tiny, tmp_path):
     (good / "adapter_model.safetensors").unlink()
     with pytest.raises(LoRAError, match="no adapter_model.safetensors"):
         load_adapter(model, good)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_an_adapter_holding_nan_or_inf_is_refused_by_tensor_name(tiny, tmp_path, bad):
+    """A diverged run's adapter (all NaN) would load and then generate nothing: it is refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, model = tiny
+    save_adapter(add_lora(model, LoRAConfig(r=2, target_modules=("q_proj",))), tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    tensors[name][0, 3] = bad
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    fresh = Transformer.from_pretrained(tiny[0], device="cpu", dtype=torch.float32, progress=False)
+    with pytest.raises(LoRAError, match=f"tensor {name} holds NaN or infinite values"):
+        load_adapter(fresh, tmp_path / "a")
+
+
+def test_alpha_must_be_finite():
+    with pytest.raises(LoRAError, match="alpha must be a finite positive number, got inf"):
+        LoRAConfig(alpha=math.inf)
 
 
 def test_default_targets_are_every_projection():
