@@ -8,8 +8,7 @@ import torch
 from conftest import fill_cache_with_garbage
 
 from llama3 import Llama, Transformer
-from llama3.backends import TritonOps, get_ops
-from llama3.model import TorchOps
+from llama3.backends import TorchOps, TritonOps, get_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
