@@ -94,7 +94,8 @@ class KVCache(nn.Module):
         """Writes k, v (B, T, KVH, D) at slots input_pos (B, T); returns the rows' keys, values (B, KVH, S, D)."""
         B = k.shape[0]
         rows = torch.arange(B, device=k.device)[:, None]
-        # through a (B, S, KVH, D) view, so the two indexed dimensions are adjacent (see TorchOps.rope_and_cache)
+        # in place, through a (B, S, KVH, D) view so the two indexed dimensions are adjacent (the fast
+        # path of index_put_, see TorchOps.rope_and_cache)
         self.k.transpose(1, 2).index_put_((rows, input_pos), k.to(self.k.dtype))
         self.v.transpose(1, 2).index_put_((rows, input_pos), v.to(self.v.dtype))
         return self.k[:B], self.v[:B]
@@ -125,7 +126,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None, ops
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None, ops: type[TorchOps]
     ) -> Tensor:
         B, T, _ = x.shape  # x (B, T, dim)
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -156,7 +157,7 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # Meta's w1 (gate) and w3 (up), fused
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
 
-    def forward(self, x: Tensor, ops) -> Tensor:
+    def forward(self, x: Tensor, ops: type[TorchOps]) -> Tensor:
         return ops.linear(ops.swiglu(ops.linear(x, self.w13)), self.w2)
 
 
@@ -171,7 +172,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None, ops
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None, ops: type[TorchOps]
     ) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, ops)
         return h + self.feed_forward(self.ffn_norm(h), ops)
