@@ -100,6 +100,12 @@ class KVCache(nn.Module):
         self.v.transpose(1, 2).index_put_((rows, input_pos), v.to(self.v.dtype))
         return self.k[:B], self.v[:B]
 
+    def rows(self, first: int, n: int) -> KVCache:
+        """A cache over rows first..first+n-1 of this one, in the same memory (a batch of n writes there)."""
+        view = KVCache(0, 0, 0, 0, self.k.dtype, self.k.device)
+        view.k, view.v = self.k[first : first + n], self.v[first : first + n]
+        return view
+
 
 def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(D) + mask) v, each group of H/KVH query heads sharing one key/value head.

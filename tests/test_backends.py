@@ -136,6 +136,19 @@ def test_kv_cache_update_writes_each_token_at_its_slot():
     assert torch.equal(keys, expected_k[:B]) and torch.equal(values, expected_v[:B])
 
 
+def test_kv_cache_rows_write_into_the_whole_cache():
+    """KVCache.rows(first, n): a batch of n rows written through the view lands in rows first..first+n-1."""
+    g = torch.Generator().manual_seed(6)
+    cache = KVCache(B + 2, S, KVH, D, torch.float32, "cpu")
+    k, v = torch.randn(B, T, KVH, D, generator=g), torch.randn(B, T, KVH, D, generator=g)
+    input_pos = torch.arange(T).expand(B, T).contiguous()
+    cache.rows(2, B).update(input_pos, k, v)
+    expected = KVCache(B, S, KVH, D, torch.float32, "cpu")
+    expected.update(input_pos, k, v)
+    assert torch.equal(cache.k[2:], expected.k) and torch.equal(cache.v[2:], expected.v)
+    assert not cache.k[:2].any() and not cache.v[:2].any()
+
+
 @pytest.mark.parametrize("ops", [TorchOps, TritonOps], ids=["torch", "triton"])
 @torch.no_grad()
 def test_rope_and_cache_is_apply_rope_then_cache_update(ops):
