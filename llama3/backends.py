@@ -1,15 +1,15 @@
 """Backends: the one place where faster forms of the model's math live, each equal to the reference.
 
 `llama3.model` computes the paper's math in its modules' `forward`s and consults a backend, `ops`, at five
-named seams: `linear` (every projection, the reference F.linear), `rope_and_cache` (the reference
-`apply_rope` on q and k, then `KVCache.update`), `attention` (the reference `attention`), `swiglu` and
-`run_block` (the reference `TransformerBlock.forward`). A backend is a class of static methods, chosen once by
+named seams: `linear` (every projection; the reference is F.linear), `rope_and_cache` (`apply_rope` on q
+and k, then `KVCache.update`), `attention` (the reference `attention`), `swiglu` (the reference `swiglu`)
+and `run_block` (`TransformerBlock.forward`). A backend is a class of static methods, chosen once by
 `get_ops` and stored on the model (`Transformer.set_ops`). `TorchOps`, the PyTorch backend and the default,
 runs the reference forms with the CPU's speed-ups: a 16-bit model's cache kept in fp32, the decode step's
 projections as weight @ x.T, grouped-query decode attention without copies of K and V. `TritonOps` swaps in
 the Triton kernels of `llama3.kernels`: RMSNorm with the block's residual add fused in, RoPE fused into the
 cache write, flash-decoding, a split-K GEMV and the int8/int4 GEMVs. tests/test_backends.py proves each
-form equal to the reference module on random inputs.
+form equal to the reference on random inputs.
 """
 
 from __future__ import annotations
