@@ -1,10 +1,15 @@
-"""Chooses the implementation of the fused ops: plain PyTorch (`TorchOps`) or Triton kernels.
+"""Backends: the one place where faster forms of the model's math live, each equal to the reference.
 
-This is the one place a backend is picked. Both compute the same function; the Triton one fuses
-the residual add into RMSNorm, RoPE into the KV-cache write, uses flash-decoding for the
-one-token decode step, and a split-K GEMV for the decode step's projections wherever it measures
-faster than cuBLAS on the GPU at hand. Quantized projections (`llama3.quantize`, "gpu" layout) run the
-int8 / int4 kernels of `llama3.kernels.quant_gemv`, which dequantize inside the matmul.
+`llama3.model` computes the paper's math in its modules' `forward`s and consults a backend, `ops`, at five
+named seams: `linear` (every projection; the reference is F.linear), `rope_and_cache` (`apply_rope` on q
+and k, then `KVCache.update`), `attention` (the reference `attention`), `swiglu` (the reference `swiglu`)
+and `run_block` (`TransformerBlock.forward`). A backend is a class of static methods, chosen once by
+`get_ops` and stored on the model (`Transformer.set_ops`). `TorchOps`, the PyTorch backend and the default,
+runs the reference forms with the CPU's speed-ups: a 16-bit model's cache kept in fp32, the decode step's
+projections as weight @ x.T, grouped-query decode attention without copies of K and V. `TritonOps` swaps in
+the Triton kernels of `llama3.kernels`: RMSNorm with the block's residual add fused in, RoPE fused into the
+cache write, flash-decoding, a split-K GEMV and the int8/int4 GEMVs. tests/test_backends.py proves each
+form equal to the reference on random inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama3.model import KVCache, TorchOps
+from llama3.model import KVCache, TransformerBlock, apply_rope, attention, swiglu
 from llama3.quantize import Int4Linear, Int8Linear
 
 BACKENDS = ("auto", "torch", "triton")
@@ -54,33 +59,103 @@ def get_ops(backend: str, device: torch.device | str) -> type[TorchOps]:
     return TritonOps
 
 
+class TorchOps:
+    """The reference forms in PyTorch, with the speed-ups measured on the CPU (numbers: the 2-core CI CPU)."""
+
+    name = "torch"
+
+    @staticmethod
+    def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """How the KV cache stores keys and values computed in `dtype`.
+
+        On the CPU a 16-bit model's cache is kept in fp32: the same (already rounded) values, but attention
+        then reads them directly instead of converting the whole cache to fp32 at every layer of every
+        step (CPUs without 16-bit units compute in fp32 anyway). Twice the cache memory, for decode
+        attention 1.3x faster at 30 cached tokens and 1.7x at 500 (SmolLM2 shapes).
+        """
+        return torch.float32 if torch.device(device).type == "cpu" and dtype.itemsize == 2 else dtype
+
+    run_block = staticmethod(TransformerBlock.__call__)
+    swiglu = staticmethod(swiglu)
+
+    @staticmethod
+    def rope_and_cache(
+        q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, input_pos: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """apply_rope(q), and keys, values: KVCache.update(input_pos, apply_rope(k), v), or without a cache
+        this sequence's own (B, KVH, T, D).
+
+        The cache writes in place through a (B, S, KVH, D) view so the two indexed dimensions are adjacent:
+        `cache.k[rows, :, input_pos] = k` takes a slow path (8 ms per 32-token prefill write, against
+        0.25 ms). Called through the class, so that any module holding `k` and `v` views (the engine's
+        per-row views of a cache) is written the same way.
+        """
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            return q, k.transpose(1, 2), v.transpose(1, 2)
+        return (q, *KVCache.update(cache, input_pos, k, v))
+
+    @staticmethod
+    def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        """The reference `attention` over the slots the mask covers (kv_len: the rest of the cache is empty)."""
+        B, T, H, D = q.shape
+        KVH = keys.shape[1]
+        if mask is not None:
+            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
+        if T == 1 and mask is not None:
+            # Decode: one query per row, so the H/KVH query heads sharing a key/value head can be that
+            # head's queries: (B, KVH, H/KVH, D) against (B, KVH, S, D), with no copies of K and V
+            out = F.scaled_dot_product_attention(
+                q.to(keys.dtype).view(B, KVH, H // KVH, D), keys, values, attn_mask=mask
+            )
+            return out.to(q.dtype).view(B, 1, H, D)
+        if mask is not None and q.is_cuda and H != KVH:
+            # Flash attention takes no mask; the memory-efficient kernel takes one but not grouped heads in
+            # every torch release, leaving the O(T^2)-memory math kernel. Expanded heads cost one copy of K, V.
+            keys, values = keys.repeat_interleave(H // KVH, dim=1), values.repeat_interleave(H // KVH, dim=1)
+        return attention(q, keys, values, mask)
+
+    @staticmethod
+    def linear(x: Tensor, layer: nn.Module) -> Tensor:
+        """F.linear(x, layer.weight); `layer` is an `nn.Linear`, or a module holding a quantized weight
+        (`llama3.quantize`) that runs its own kernel."""
+        if not isinstance(layer, nn.Linear):
+            return layer(x)
+        w, rows = layer.weight, x.shape[0]
+        if w.device.type == "cpu" and w.dtype == torch.float32 and x.shape[1:-1] == (1,) and 1 < rows <= 64:
+            # A decode step of a few rows: MKL computes weight @ x.T 1.2-3.5x faster than x @ weight.T on
+            # 2 threads (a 128,256-token output projection for 16 rows: 39 against 58 ms), the same products
+            # in another order. The result is that product's transpose, a view. (Prefill keeps F.linear,
+            # transformers' kernel, so prompt logits match it to the last bits.)
+            return torch.mm(w, x.reshape(rows, -1).t()).t().view(*x.shape[:-1], -1)
+        return F.linear(x, w)
+
+
 class TritonOps(TorchOps):
     name = "triton"
 
     @staticmethod
-    def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
-        return angles.cos(), angles.sin()  # (B, T, D/2): the kernel pairs x[i] with x[i + D/2] itself
-
-    @staticmethod
-    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def run_block(layer: TransformerBlock, x: Tensor, cos, sin, mask, input_pos, ops) -> Tensor:
+        """`TransformerBlock.forward` with the residual add inside the second norm's kernel:
+        (norm(h), h) with h = x + attention(norm(x)) in one pass over h."""
         from llama3.kernels.rms_norm import rms_norm
 
-        return rms_norm(x, weight, eps, residual)
+        normed, _ = rms_norm(x, layer.attention_norm.weight, layer.attention_norm.eps)
+        attn = layer.attention(normed, cos, sin, mask, input_pos, ops)
+        normed, h = rms_norm(attn, layer.ffn_norm.weight, layer.ffn_norm.eps, x)
+        return h + layer.feed_forward(normed, ops)
 
     @staticmethod
     def rope_and_cache(q, k, v, cos, sin, cache: KVCache | None, input_pos):
-        from llama3.kernels.rope import apply_rope_reference, rope_and_cache
+        if cache is None:  # the cache-free forward is not a hot path
+            return TorchOps.rope_and_cache(q, k, v, cos, sin, None, None)
+        from llama3.kernels.rope import rope_and_cache
 
-        if cache is None:  # the cache-free forward is not a hot path: the kernel's PyTorch reference
-            return (
-                apply_rope_reference(q, cos, sin),
-                apply_rope_reference(k, cos, sin).transpose(1, 2),
-                v.transpose(1, 2),
-            )
-
-        B = q.shape[0]
-        q = rope_and_cache(q, k, v, cos, sin, cache.k, cache.v, input_pos)
-        return q, cache.k[:B], cache.v[:B]
+        # the kernel pairs x[i] with x[i + D/2] itself: it takes cos and sin once, (B, T, D/2) views of
+        # the reference tables cat(cos, cos) and cat(-sin, sin)
+        half = q.shape[-1] // 2
+        q = rope_and_cache(q, k, v, cos[:, :, 0, :half], sin[:, :, 0, half:], cache.k, cache.v, input_pos)
+        return q, cache.k[: q.shape[0]], cache.v[: q.shape[0]]
 
     @staticmethod
     def attention(q, keys, values, mask, input_pos):

@@ -93,8 +93,8 @@ def compiled_block() -> Callable:
     One graph serves every layer (the blocks differ only in their weights, which dynamo passes as inputs),
     so compiling takes seconds rather than a minute for a whole model, and decode runs each block as a few
     fused C++ loops around the matmuls instead of dozens of small ops. Shapes are static (dynamic ones
-    measured 4-10x slower here): each batch size and `attention_window` compiles again, twice (the first
-    block has no residual yet); dynamo keeps 8 variants, then runs the block eagerly. Inductor rounds to
+    measured 4-10x slower here): each batch size and `attention_window` compiles again; dynamo keeps 8
+    variants, then runs the block eagerly. Inductor rounds to
     bf16/fp16 where eager PyTorch does (`emulate_precision_casts`), so 16-bit logits equal eager's.
     """
     return torch.compile(TransformerBlock.forward, dynamic=False, options={"emulate_precision_casts": True})

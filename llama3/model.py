@@ -1,8 +1,9 @@
-"""The Llama 3 transformer in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""The Llama 3 transformer in plain PyTorch, read top to bottom like Meta's reference `model.py`:
+RMSNorm, RoPE, the KV cache, grouped-query attention, the SwiGLU feed-forward, the pre-norm block.
 
-Read top to bottom: the math of each op (`TorchOps`), then the modules in the paper's order. The
-Triton backend (`llama3.backends`) subclasses `TorchOps` and swaps in fused kernels; the modules
-never ask which backend they run on.
+Each module computes the paper's math in its own `forward`. The few places where a faster form of the
+same function may run instead (a projection, RoPE + the cache write, attention, SwiGLU, the block's
+residual-fused norms) ask the backend, `ops`, chosen once by `llama3.backends.get_ops`; see that module.
 
 Shapes: B batch, T new tokens, S cache slots, H query heads, KVH key/value heads, D head_dim.
 """
@@ -11,12 +12,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama3.config import ModelArgs
+
+if TYPE_CHECKING:
+    from llama3.backends import TorchOps
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019): LayerNorm without the mean or bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalized in fp32 and rounded once to x's dtype (F.rms_norm computes 16-bit inputs in fp32),
+        # then scaled: transformers' LlamaRMSNorm rounds in this order, so 16-bit outputs agree to the bit
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> Tensor:
@@ -40,22 +59,29 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
     return torch.where(in_band, blended, scaled).to(device)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE in the rotate-half convention of HF checkpoints: pairs (x[i], x[i + D/2]).
+def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles (B, T, D/2) laid out for `apply_rope`: cat(cos, cos) and cat(-sin, sin),
+    each (B, T, 1, D). Built once per forward, used by every layer."""
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).unsqueeze(2), torch.cat((-sin, sin), dim=-1).unsqueeze(2)
 
-    x: (B, T, heads, D); cos = cat(cos, cos), sin = cat(-sin, sin) as (B, T, 1, D) fp32 (see
-    `TorchOps.rope_tables`). Rotated in fp32, as Meta's reference does; the same products and sums as
-    transformers' `x * cos + rotate_half(x) * sin`, so fp32 results agree to the bit.
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE (Su et al. 2021): rotates each pair (x[i], x[i + D/2]) by the angle position * inv_freq[i].
+
+    The rotate-half pairing of HF checkpoints (Meta's pairs (x[2i], x[2i+1]) are permuted into it when
+    loading). x (B, T, heads, D) is rotated in fp32, as Meta's reference does: x * cos + roll(x) * sin
+    is transformers' `x * cos + rotate_half(x) * sin` product for product, so fp32 results agree to the bit.
     """
     xf = x.float()
     return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for one layer, written in place at slots `input_pos`.
+    """Preallocated keys and values for one layer, (B, KVH, S, D) each, written in place at slots `input_pos`.
 
-    Fixed shapes and in-place writes keep the decode step free of allocation and host syncs, so a
-    CUDA graph can capture it.
+    Fixed shapes and in-place writes keep the decode step free of allocation and host syncs, so a CUDA
+    graph can capture it. `dtype` may be wider than the model's (see `TorchOps.cache_dtype`).
     """
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
@@ -64,153 +90,86 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes k, v (B, T, KVH, D) at slots input_pos (B, T); returns the rows' keys, values (B, KVH, S, D)."""
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device)[:, None]
+        # in place, through a (B, S, KVH, D) view so the two indexed dimensions are adjacent (the fast
+        # path of index_put_, see TorchOps.rope_and_cache)
+        self.k.transpose(1, 2).index_put_((rows, input_pos), k.to(self.k.dtype))
+        self.v.transpose(1, 2).index_put_((rows, input_pos), v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
 
-class TorchOps:
-    """The reference math of the ops a backend may fuse. Subclasses must compute the same function."""
+    def rows(self, first: int, n: int) -> KVCache:
+        """A cache over rows first..first+n-1 of this one, in the same memory (a batch of n writes there)."""
+        view = KVCache(0, 0, 0, 0, self.k.dtype, self.k.device)
+        view.k, view.v = self.k[first : first + n], self.v[first : first + n]
+        return view
 
-    name = "torch"
 
-    @staticmethod
-    def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        """How the KV cache stores keys and values computed in `dtype`.
+def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v, each group of H/KVH query heads sharing one key/value head.
 
-        On the CPU a 16-bit model's cache is kept in fp32: the same (already rounded) values, but attention
-        then reads them directly instead of converting the whole cache to fp32 at every layer of every
-        step (CPUs without 16-bit units compute in fp32 anyway). Twice the cache memory, for decode
-        attention 1.3x faster at 30 cached tokens and 1.7x at 500 (SmolLM2 shapes, 2-core CI CPU).
-        """
-        return torch.float32 if torch.device(device).type == "cpu" and dtype.itemsize == 2 else dtype
-
-    @staticmethod
-    def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin of the angles (B, T, D/2), laid out for `rotate`; built once per forward, used by every layer."""
-        cos, sin = angles.cos(), angles.sin()
-        return torch.cat((cos, cos), dim=-1).unsqueeze(2), torch.cat((-sin, sin), dim=-1).unsqueeze(2)
-
-    @staticmethod
-    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (norm(h) * weight, h) with h = x + residual: the residual add is fused with the norm."""
-        h = x if residual is None else x + residual
-        # x / sqrt(mean(x^2) + eps) computed in fp32 and rounded once to h's dtype (F.rms_norm does its
-        # math in fp32 for 16-bit inputs), then scaled: transformers' order of rounding, bit for bit
-        return weight * F.rms_norm(h, (h.shape[-1],), eps=eps), h
-
-    @staticmethod
-    def rope_and_cache(
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        cache: KVCache | None,
-        input_pos: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Rotates q and k; with a cache, writes k and v at `input_pos` and returns the whole cache.
-
-        input_pos is (B, T). Returns q (B, T, H, D) and keys, values as (B, KVH, S or T, D).
-        """
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is None:
-            return q, k.transpose(1, 2), v.transpose(1, 2)
-        B = q.shape[0]
-        rows = torch.arange(B, device=q.device)[:, None]
-        # In place (no allocation, capturable in a CUDA graph), through a (B, S, KVH, D) view so the two
-        # indexed dimensions are adjacent: `cache.k[rows, :, input_pos] = k` takes a slow path (8 ms per
-        # 32-token prefill write on the CI CPU, against 0.25 ms here).
-        cache.k.transpose(1, 2).index_put_((rows, input_pos), k.to(cache.k.dtype))
-        cache.v.transpose(1, 2).index_put_((rows, input_pos), v.to(cache.v.dtype))
-        return q, cache.k[:B], cache.v[:B]
-
-    @staticmethod
-    def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        """Softmax attention, each group of H/KVH query heads sharing one key/value head.
-
-        q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool, or None for causal.
-        Returns (B, T, H, D).
-        """
-        B, T, H, D = q.shape
-        KVH = keys.shape[1]
-        if mask is not None:  # the mask covers the slots in use (kv_len); the rest of the cache is empty
-            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
-        dtype = q.dtype
-        q = q.to(keys.dtype)  # a cache kept in fp32 (see `cache_dtype`) is attended in fp32
-        if T == 1 and mask is not None:
-            # Decode: one query per row, so the H/KVH query heads sharing a key/value head can be that
-            # head's queries: (B, KVH, H/KVH, D) against (B, KVH, S, D), with no copies of K and V
-            out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), keys, values, attn_mask=mask)
-            return out.to(dtype).view(B, 1, H, D)
-        q = q.transpose(1, 2)
-        if mask is not None and q.is_cuda and H != KVH:
-            # Flash attention takes no mask; the memory-efficient kernel takes one but not grouped heads in
-            # every torch release, leaving the O(T^2)-memory math kernel. Expanded heads cost one copy of K, V.
-            keys, values = keys.repeat_interleave(H // KVH, dim=1), values.repeat_interleave(H // KVH, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != keys.shape[1]
-        )
-        return out.transpose(1, 2).to(dtype)
-
-    @staticmethod
-    def swiglu(gate_up: Tensor) -> Tensor:
-        """silu(gate) * up, with gate and up side by side in the last dimension (one fused matmul)."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def linear(x: Tensor, layer: nn.Module) -> Tensor:
-        """x @ weight.T for every projection, so a backend can pick its own matrix-vector product for decode.
-
-        `layer` is an `nn.Linear`, or a module holding a quantized weight (`llama3.quantize`) that runs
-        its own kernel."""
-        if not isinstance(layer, nn.Linear):
-            return layer(x)
-        w, rows = layer.weight, x.shape[0]
-        if w.device.type == "cpu" and w.dtype == torch.float32 and x.shape[1:-1] == (1,) and 1 < rows <= 64:
-            # A decode step of a few rows: MKL computes weight @ x.T 1.2-3.5x faster than x @ weight.T on
-            # 2 threads (a 128,256-token output projection for 16 rows: 39 against 58 ms), the same products
-            # in another order. The result is that product's transpose, a view. (Prefill keeps F.linear,
-            # transformers' kernel, so prompt logits match it to the last bits.)
-            return torch.mm(w, x.reshape(rows, -1).t()).t().view(*x.shape[:-1], -1)
-        return F.linear(x, w)
+    q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool (True: attend), or None for causal
+    attention within the T new tokens. Returns (B, T, H, D) in q's dtype.
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+    )  # (B, H, T, D)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 class Attention(nn.Module):
+    """Multi-head attention with grouped-query attention (GQA, Ainslie et al. 2023): H query heads share
+    KVH key/value heads in groups of H/KVH (Llama 3 8B: 32 and 8), so the cache holds KVH heads, not H."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        # q, k and v in one matmul: one read of the input, one launch
+        # Meta's wq, wk, wv as one matmul: one read of the input; loaders, LoRA, TP and quantization use the name
         self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, ops: type[TorchOps]) -> Tensor:
-        B, T, _ = x.shape
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None, ops: type[TorchOps]
+    ) -> Tensor:
+        B, T, _ = x.shape  # x (B, T, dim)
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = ops.linear(x, self.wqkv).split([H * D, KVH * D, KVH * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
-        cache = self.cache if input_pos is not None else None  # a cache-free forward must not touch it
-        q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, cache, input_pos)
-        out = ops.attention(q, keys, values, mask, input_pos)  # (B, T, H, D)
-        return ops.linear(out.reshape(B, T, H * D), self.wo)
+        qkv = ops.linear(x, self.wqkv)  # (B, T, (H + 2 KVH) D)
+        q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+        q = q.view(B, T, H, D)  # (B, T, H, D)
+        k, v = k.view(B, T, KVH, D), v.view(B, T, KVH, D)  # (B, T, KVH, D)
+        # q, k = apply_rope(q), apply_rope(k); then keys, values = self.cache.update(input_pos, k, v), or,
+        # without input_pos, this sequence's own k, v (the cache untouched). One call, so that a backend may
+        # rotate k as it writes it.
+        cache = self.cache if input_pos is not None else None
+        q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, cache, input_pos)  # q (B, T, H, D); (B, KVH, S, D)
+        out = ops.attention(q, keys, values, mask, input_pos)  # softmax(q k^T / sqrt(D) + mask) v: (B, T, H, D)
+        return ops.linear(out.reshape(B, T, H * D), self.wo)  # (B, T, dim)
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(x w1) * (x w3), from the gate x w1 and up x w3 side by side in the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(x w1) * x w3)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # gate (w1) and up (w3), fused
+        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # Meta's w1 (gate) and w3 (up), fused
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
 
     def forward(self, x: Tensor, ops: type[TorchOps]) -> Tensor:
         return ops.linear(ops.swiglu(ops.linear(x, self.w13)), self.w2)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-
 class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
@@ -218,12 +177,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, residual, cos, sin, mask, input_pos, ops) -> tuple[Tensor, Tensor]:
-        """Pre-norm block. Returns (block output, residual stream before it) so the next norm can fuse the add."""
-        normed, h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps, residual)
-        attn = self.attention(normed, cos, sin, mask, input_pos, ops)
-        normed, h = ops.rms_norm(attn, self.ffn_norm.weight, self.ffn_norm.eps, h)
-        return self.feed_forward(normed, ops), h
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None, ops: type[TorchOps]
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, ops)
+        return h + self.feed_forward(self.ffn_norm(h), ops)
 
 
 class Transformer(nn.Module):
@@ -241,6 +199,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args, self.tok_embeddings.weight.device), persistent=False)
+        from llama3.backends import TorchOps  # imported here: llama3.backends builds on this module
+
         self.ops: type[TorchOps] = TorchOps
         self.max_batch_size = self.max_seq_len = 0
 
@@ -272,7 +232,7 @@ class Transformer(nn.Module):
         return self
 
     def set_ops(self, ops: type[TorchOps]) -> None:
-        """Runs the model with `ops`: `TorchOps` or a backend's subclass, picked by `llama3.backends.get_ops`."""
+        """Runs the model with `ops`: `TorchOps` or `TritonOps`, picked by `llama3.backends.get_ops`."""
         self.ops = ops
         self.max_batch_size = self.max_seq_len = 0  # the next setup_cache allocates the cache `ops` wants
 
@@ -325,9 +285,10 @@ class Transformer(nn.Module):
         `logits_pos` (B,) picks one position per row (the last real token) so a prefill does not pay
         for the full (B, T, vocab) output projection. `kv_len`, a bound on the slots in use known on the
         host (> every input_pos), lets attention skip the empty rest of the cache; a CUDA graph, which
-        must serve every step, leaves it None. `run_block(block, *inputs)` runs each block instead of
-        calling it: the compiled decode step passes a `torch.compile`d `TransformerBlock.forward`, one
-        graph that serves every layer (they differ only in their weights).
+        must serve every step, leaves it None. `run_block(block, x, cos, sin, mask, input_pos, ops)` runs
+        each block instead of the backend's `run_block`: the compiled decode step passes a
+        `torch.compile`d `TransformerBlock.forward`, one graph that serves every layer (they differ only
+        in their weights).
         """
         return self.ops.linear(self.hidden(tokens, input_pos, logits_pos, kv_len, run_block), self.output)
 
@@ -351,15 +312,12 @@ class Transformer(nn.Module):
             positions = input_pos.expand(B, T).contiguous()  # index_put is 100x slower on stride-0 indices
             slots = torch.arange(kv_len or self.max_seq_len, device=tokens.device)
             mask = (slots <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S): causal over the cache
-        cos, sin = self.ops.rope_tables(positions[..., None].float() * self.inv_freq)  # angles (B, T, D/2)
+        cos, sin = rope_tables(positions[..., None].float() * self.inv_freq)  # angles (B, T, D/2) -> (B, T, 1, D)
 
-        x, residual = self.tok_embeddings(tokens), None
-        run_block = run_block or TransformerBlock.__call__
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        run_block = run_block or self.ops.run_block
         for layer in self.layers:
-            x, residual = run_block(
-                layer, x, residual, cos, sin, mask, positions if mask is not None else None, self.ops
-            )
+            x = run_block(layer, x, cos, sin, mask, positions if mask is not None else None, self.ops)
         if logits_pos is not None:
-            rows = torch.arange(B, device=tokens.device)
-            x, residual = x[rows, logits_pos].unsqueeze(1), residual[rows, logits_pos].unsqueeze(1)
-        return self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
+            x = x[torch.arange(B, device=tokens.device), logits_pos].unsqueeze(1)  # (B, 1, dim)
+        return self.norm(x)

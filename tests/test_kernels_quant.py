@@ -37,8 +37,7 @@ from llama3.kernels.quant_gemv import (  # noqa: E402
 )
 
 from llama3 import Transformer  # noqa: E402
-from llama3.backends import TritonOps  # noqa: E402
-from llama3.model import TorchOps  # noqa: E402
+from llama3.backends import TorchOps, TritonOps  # noqa: E402
 from llama3.quantize import (  # noqa: E402
     GROUP_SIZES,
     Int4Linear,

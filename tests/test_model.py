@@ -18,7 +18,7 @@ import torch
 from conftest import TINY_CONFIGS
 
 from llama3.config import ModelArgs, RopeScaling
-from llama3.model import TorchOps, Transformer, rope_inv_freq
+from llama3.model import RMSNorm, Transformer, rope_inv_freq
 
 VARIANTS = list(TINY_CONFIGS)
 INIT = 0.1  # see the module docstring
@@ -163,28 +163,26 @@ def test_bf16_cached_decode_as_accurate_as_transformers_bf16(tiny):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("with_residual", [False, True])
 @torch.no_grad()
-def test_torch_rms_norm_rounds_like_transformers(dtype, with_residual):
-    """TorchOps.rms_norm is transformers' LlamaRMSNorm bit for bit in 16-bit dtypes: normalize in fp32,
-    cast to the input dtype, then `weight * x`. Multiplying by the weight before the cast moves ~25% of
-    the elements by an ulp, which no logits tolerance notices. The inputs are multiples of 1/16 up to 8,
-    so the fp32 sum of squares is exact in any order (1000 * 128^2 < 2^24 multiples of 2^-8): the two
+def test_rms_norm_rounds_like_transformers(dtype):
+    """RMSNorm is transformers' LlamaRMSNorm bit for bit in 16-bit dtypes: normalize in fp32, cast to the
+    input dtype, then `weight * x`. Multiplying by the weight before the cast moves ~25% of the elements
+    by an ulp, which no logits tolerance notices. The inputs are multiples of 1/16 up to 8, so the fp32
+    sum of squares is exact in any order (1000 * 128^2 < 2^24 multiples of 2^-8): the two
     implementations may reduce differently, only the rounding order can tell them apart."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     g = torch.Generator().manual_seed(0)
     dim, eps = 1000, 1e-5
-    x = (torch.randint(-64, 65, (2, 5, dim), generator=g) / 16).to(dtype)
-    residual = (torch.randint(-64, 65, (2, 5, dim), generator=g) / 16).to(dtype) if with_residual else None
+    hidden = (torch.randint(-64, 65, (2, 5, dim), generator=g) / 16).to(dtype)
     weight = (torch.randn(dim, generator=g) * 4).to(dtype)  # not near 1: the product's rounding matters
-    hidden = x if residual is None else x + residual
     hf_norm = LlamaRMSNorm(dim, eps=eps).to(dtype)
     hf_norm.weight.copy_(weight)
     ref = hf_norm(hidden)
 
-    out, h = TorchOps.rms_norm(x, weight, eps, residual)
-    assert torch.equal(h, hidden)
+    norm = RMSNorm(dim, eps).to(dtype)
+    norm.weight.copy_(weight)
+    out = norm(hidden)
     assert out.dtype == dtype
     assert torch.equal(out, ref)
     # the check has teeth: the other rounding order differs in many elements of these inputs
