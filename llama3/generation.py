@@ -34,10 +34,17 @@ def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int 
     in order of probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does
     (it zeroes `cumsum - p_i > p`): the smallest set reaching p, plus the token that lands exactly on p.
     The result is not renormalised after top-p; `draw` does not need it to be.
+
+    Tiny temperatures give their limit, the one-hot of the argmax (tied maxima share its mass equally, the
+    limit of softmax; temperature 0 instead picks the first): the logits are shifted so their maximum is 0
+    before dividing, so `logit / temperature` cannot overflow to inf (inf - inf is NaN in softmax), and a
+    temperature below float32's smallest normal number divides as that number (below float32's subnormals
+    it would round to 0, and 0 / 0 is NaN), which already leaves every other token exp(-huge) = 0.
     """
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.float().argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
