@@ -20,7 +20,7 @@ from torch import Tensor
 
 from llama3.chat_format import CHAT_TEMPLATE_CHOICES, chat_format_for
 from llama3.config import SamplingParams, check_max_new_tokens, check_seed
-from llama3.model import TorchOps, Transformer, TransformerBlock
+from llama3.model import Transformer, TransformerBlock
 from llama3.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -94,66 +94,6 @@ def _token_ids(ids: Sequence, vocab: int, what: str) -> list[int]:
     return out
 
 
-# The compiled decode step computes eager's logits bit for bit only if every float32 reduction in it runs as
-# eager's does: inductor's own loops sum in another order (1 float32 ulp), and a bf16 rounding downstream
-# then turns that into a bf16 step of a hidden state and sometimes another greedy token (SmolLM2 int4:
-# "def fib(n):" at its 23rd token, through RMSNorm's mean of squares; "Once upon a time" through attention
-# over the padded window). So the block's two reductions, RMSNorm and attention, run inside the compiled
-# graph as opaque ops that call eager's code; what inductor fuses around them is elementwise (casts, the
-# residual add, RoPE, SwiGLU), which rounds as eager does under `emulate_precision_casts`.
-
-
-@torch.library.custom_op("llama3::rms_norm", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
-def exact_rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`TorchOps.rms_norm`, computed by eager PyTorch inside a compiled graph."""
-    normed, h = TorchOps.rms_norm(x, weight, eps, residual)
-    # Contiguous copies, as the fake below promises (the compiled graph checks the strides it was told,
-    # whatever the layout of the inputs it hands over); copies also keep the outputs from aliasing the
-    # inputs (h is x itself when there is no residual).
-    return _contiguous_copy(normed), _contiguous_copy(h)
-
-
-@exact_rms_norm.register_fake
-def _(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape, dtype=torch.result_type(weight, x)).contiguous(), x.new_empty(x.shape).contiguous()
-
-
-@torch.library.custom_op("llama3::decode_attention", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-    """`TorchOps.attention` over the slots in use only, `max(input_pos) + 1`, of a mask over a longer window.
-
-    The compiled step passes a mask over its static `attention_window`; eager decode attends over exactly
-    the slots in use. The masked slots add nothing, but SDPA's CPU kernel groups its float32 sums (the
-    softmax denominator, probabilities @ V) by the number of slots, so a padded window rounds differently.
-    """
-    n = int(input_pos.max()) + 1
-    out = TorchOps.attention(q, keys, values, mask[..., :n], input_pos)
-    return _contiguous_copy(out)  # as the fake promises
-
-
-@decode_attention.register_fake
-def _(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-    return q.new_empty(q.shape).contiguous()
-
-
-def _contiguous_copy(t: Tensor) -> Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
-
-
-class _ExactDecodeOps(TorchOps):
-    """`TorchOps` with RMSNorm and decode attention computed by eager PyTorch inside a compiled graph."""
-
-    @staticmethod
-    def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return exact_rms_norm(x, weight, eps, residual)
-
-    @staticmethod
-    def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        if mask is None or input_pos is None:
-            return TorchOps.attention(q, keys, values, mask, input_pos)
-        return decode_attention(q, keys, values, mask, input_pos)
-
-
 def compiled_block() -> Callable:
     """`TransformerBlock.forward` through torch.compile, for the decode step of `Llama(compile=True)`.
 
@@ -163,18 +103,16 @@ def compiled_block() -> Callable:
     measured 4-10x slower here): each batch size and `attention_window` compiles again, twice (the first
     block has no residual yet); dynamo keeps 8 variants, then runs the block eagerly.
 
-    Logits equal eager decode's bit for bit: RMSNorm and attention (over the slots in use, not the window)
-    run as eager's (`exact_rms_norm`, `decode_attention`), and inductor rounds the elementwise rest to
-    bf16/fp16 where eager PyTorch does (`emulate_precision_casts`).
+    Close to eager decode, not bit-identical: inductor rounds to bf16/fp16 where eager PyTorch does
+    (`emulate_precision_casts`), but two float32 reductions round differently, by about 1 ulp: inductor's
+    own RMSNorm loop sums the squares in another order, and SDPA's CPU kernel groups its sums (softmax
+    denominator, probabilities @ V) by the number of slots, here the padded window rather than the slots in
+    use. A later bf16 rounding can make that a bf16 step of a hidden state, and greedy decoding then picks
+    another token where the top two logits are that close (the embedded SmolLM2 in int4: "Once upon a time"
+    from its 14th token). Running both reductions as eager's inside the graph (opaque custom ops) made the
+    logits equal but the step slower than eager (27 against 31 tok/s; 38 as here), so they stay fused.
     """
-    block = torch.compile(TransformerBlock.forward, dynamic=False, options={"emulate_precision_casts": True})
-
-    def run_block(layer: TransformerBlock, x, residual, cos, sin, mask, input_pos, ops):
-        # Only the reference attention is swapped; another backend's ops run as they are.
-        exact = _ExactDecodeOps if ops is TorchOps else ops
-        return block(layer, x, residual, cos, sin, mask, input_pos, exact)
-
-    return run_block
+    return torch.compile(TransformerBlock.forward, dynamic=False, options={"emulate_precision_casts": True})
 
 
 def attention_window(kv_len: int, cache_len: int) -> int:

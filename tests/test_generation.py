@@ -364,22 +364,29 @@ def test_compiled_block_rounds_16_bit_values_as_eager_does(checkpoint, quantize)
         model(prompt, torch.arange(prompt.shape[1]))
         for pos in range(prompt.shape[1], prompt.shape[1] + 3):
             token, at = torch.tensor([[pos % 100]]), torch.tensor([[pos]])
-            eager = model(token, at, kv_len=pos + 1)  # eager decode: the slots in use; compiled: a window
-            assert torch.equal(model(token, at, kv_len=64, run_block=run_block), eager)
+            eager = model(token, at)
+            assert torch.equal(model(token, at, run_block=run_block), eager)
     assert len(calls) == 3 * model.args.n_layers
 
 
-def test_compiled_decode_gives_eager_tokens_on_smollm2():
-    """The embedded SmolLM2 in int4 (bf16 activations), greedy: compiled decode once answered "Once upon a
-    time" otherwise than eager (attention over the padded window rounds its float32 sums otherwise), and
-    "def fib(n):" from its 23rd token on (inductor's RMSNorm sums its squares in another order)."""
-    eager = Llama.from_pretrained(quantize="int4", max_seq_len=64, progress=False)
-    compiled = Llama(eager.model, eager.tokenizer, max_seq_len=64, compile=True)
-    prompts = [eager.tokenizer.encode(p, bos=True) for p in ("Once upon a time", "def fib(n):")]
-    for p in prompts:
-        assert compiled.generate([p], 40, temperature=0, stop_tokens=[]) == eager.generate(
-            [p], 40, temperature=0, stop_tokens=[]
-        )
+def test_compiled_decode_is_close_to_eager_on_smollm2():
+    """Not bit-identical (see `compiled_block`): on the embedded SmolLM2 in int4, teacher-forced along
+    eager's greedy answer to "Once upon a time", compiled logits stay within a few bf16 steps of eager's
+    (a bf16 step at the logits' size, 16-32, is 0.125), and differ somewhere, as the README says."""
+    from llama3.generation import attention_window, compiled_block
+
+    llm = Llama.from_pretrained(quantize="int4", max_seq_len=64, progress=False)
+    model, prompt = llm.model, llm.tokenizer.encode("Once upon a time", bos=True)
+    answer = llm.generate([prompt], 30, temperature=0, stop_tokens=[])[0]
+    block, worst, L = compiled_block(), 0.0, len(prompt)
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), torch.arange(L), kv_len=L)
+        for i, token in enumerate(answer[:-1]):
+            tok, at = torch.tensor([[token]]), torch.tensor([[L + i]])
+            compiled = model(tok, at, kv_len=attention_window(L + i + 1, 64), run_block=block).float()
+            eager = model(tok, at, kv_len=L + i + 1).float()  # last, so the cache holds eager's keys and values
+            worst = max(worst, (compiled - eager).abs().max().item())
+    assert 0 < worst <= 4 * 0.125
 
 
 def test_compile_refuses_a_model_off_the_cpu(checkpoint):
