@@ -34,10 +34,17 @@ def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int 
     in order of probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does
     (it zeroes `cumsum - p_i > p`): the smallest set reaching p, plus the token that lands exactly on p.
     The result is not renormalised after top-p; `draw` does not need it to be.
+
+    Tiny temperatures give their limit, the one-hot of the argmax (tied maxima share its mass equally, the
+    limit of softmax; temperature 0 instead picks the first): the logits are shifted so their maximum is 0
+    before dividing, so `logit / temperature` cannot overflow to inf (inf - inf is NaN in softmax), and a
+    temperature below float32's smallest normal number divides as that number (below float32's subnormals
+    it would round to 0, and 0 / 0 is NaN), which already leaves every other token exp(-huge) = 0.
     """
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.float().argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -94,8 +101,16 @@ def compiled_block() -> Callable:
     so compiling takes seconds rather than a minute for a whole model, and decode runs each block as a few
     fused C++ loops around the matmuls instead of dozens of small ops. Shapes are static (dynamic ones
     measured 4-10x slower here): each batch size and `attention_window` compiles again; dynamo keeps 8
-    variants, then runs the block eagerly. Inductor rounds to
-    bf16/fp16 where eager PyTorch does (`emulate_precision_casts`), so 16-bit logits equal eager's.
+    variants, then runs the block eagerly.
+
+    Close to eager decode, not bit-identical: inductor rounds to bf16/fp16 where eager PyTorch does
+    (`emulate_precision_casts`), but two float32 reductions round differently, by about 1 ulp: inductor's
+    own RMSNorm loop sums the squares in another order, and SDPA's CPU kernel groups its sums (softmax
+    denominator, probabilities @ V) by the number of slots, here the padded window rather than the slots in
+    use. A later bf16 rounding can make that a bf16 step of a hidden state, and greedy decoding then picks
+    another token where the top two logits are that close (the embedded SmolLM2 in int4: "Once upon a time"
+    from its 14th token). Running both reductions as eager's inside the graph (opaque custom ops) made the
+    logits equal but the step slower than eager (27 against 31 tok/s; 38 as here), so they stay fused.
     """
     return torch.compile(TransformerBlock.forward, dynamic=False, options={"emulate_precision_casts": True})
 
