@@ -344,8 +344,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         return
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"argument --top-k: must be >= 1 (omit it to keep all tokens), got {args.top_k}")
-    if args.seed is not None and not 0 <= args.seed < 2**64:
-        parser.error(f"argument --seed: must be in [0, 2**64), got {args.seed}")
     try:
         SamplingParams(args.temperature, args.top_p, args.top_k)
         check_seed(args.seed)

@@ -291,7 +291,7 @@ class SamplingParams:
 
 def check_seed(seed: Any) -> None:
     if seed is not None and not (_is_int(seed, low=0) and seed < 2**64):
-        raise ParamError("seed", f"must be an integer in [0, 2**64) or None, got {seed!r}")
+        raise ParamError("seed", f"must be an integer in [0, 2**64), got {seed!r}")
 
 
 def check_max_new_tokens(n: Any) -> None:
