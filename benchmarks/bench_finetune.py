@@ -102,9 +102,9 @@ def load_avg() -> list[float]:
 
 def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
     """The rows as `llama3.finetune` encodes them (our tokenizer and chat format): the llama3 run's ids and labels."""
-    from llama3.chat_format import chat_format_for
-    from llama3.finetune import prepare, read_chat_rows
-    from llama3.gguf import load_gguf_tokenizer
+    from llama3.text.chat_format import chat_format_for
+    from llama3.train.finetune import prepare, read_chat_rows
+    from llama3.weights.gguf import load_gguf_tokenizer
 
     chat_format = chat_format_for(load_gguf_tokenizer(gguf))
     return prepare(read_chat_rows(DATA), chat_format, args.max_seq_len, str(DATA), lambda msg: None)
@@ -113,7 +113,7 @@ def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
 def training_batches(train: list, args: argparse.Namespace) -> list[list[int]]:
     """The 2 x steps batches (row indices) `llama3.finetune` trains on: epoch after epoch of length-grouped batches
     (the last batch of an epoch can be short: 26 rows make batches of 8, 8, 8 and 2)."""
-    from llama3.finetune import length_grouped_batches
+    from llama3.train.finetune import length_grouped_batches
 
     lengths = [len(e.ids) for e in train]
     n_batches = -(-len(train) // args.batch_size)
@@ -125,7 +125,7 @@ def training_batches(train: list, args: argparse.Namespace) -> list[list[int]]:
 
 def run_llama3(args: argparse.Namespace) -> dict:
     """`llama3.finetune.finetune` as `llama3 finetune` runs it; the log's second record gives the timed half."""
-    import llama3.finetune as ft
+    import llama3.train.finetune as ft
 
     after_load: dict = {}
     load_for_training = ft.load_for_training
@@ -173,7 +173,7 @@ def peft_lora(args: argparse.Namespace):
     """The LoRA both transformers-side systems train: PEFT's config of the same rank, alpha, dropout, targets."""
     from peft import LoraConfig
 
-    from llama3.lora import TARGET_MODULES
+    from llama3.model.lora import TARGET_MODULES
 
     return LoraConfig(
         r=args.rank,
@@ -189,8 +189,8 @@ def run_peft(args: argparse.Namespace) -> dict:
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from llama3.checkpoint import default_model
-    from llama3.finetune import collate
+    from llama3.train.finetune import collate
+    from llama3.weights.hub import default_model
 
     gguf = default_model()
     train = encoded_rows(gguf, args)
@@ -238,8 +238,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from llama3.checkpoint import default_model
-    from llama3.finetune import IGNORE
+    from llama3.train.finetune import IGNORE
+    from llama3.weights.hub import default_model
 
     gguf = default_model()
     train = encoded_rows(gguf, args)

@@ -50,9 +50,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama3 import Llama, ModelArgs, Transformer  # noqa: E402
-from llama3.backends import get_ops  # noqa: E402
-from llama3.model import rope_inv_freq  # noqa: E402
-from llama3.quantize import is_quantized_layer, mode_for, quantize, quantized_linear  # noqa: E402
+from llama3.model.backends import get_ops  # noqa: E402
+from llama3.model.functional import rope_inv_freq  # noqa: E402
+from llama3.quant.weight_only import is_quantized_layer, mode_for, quantize, quantized_linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_CPP = "llama.cpp (llama-cpp-python)"

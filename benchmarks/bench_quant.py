@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama3.quantize import quantize, quantized_linear  # noqa: E402
+from llama3.quant.weight_only import quantize, quantized_linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DIM, FFN, VOCAB, LAYERS = 4096, 14336, 128256, 32

@@ -54,7 +54,7 @@ def serve(a: argparse.Namespace) -> None:
     from bench_generate import random_model, random_quantized_model
 
     from llama3 import Llama, ModelArgs
-    from llama3.serve import create_app, run
+    from llama3.serve.app import create_app, run
 
     torch.manual_seed(0)
     if a.threads:

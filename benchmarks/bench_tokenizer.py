@@ -31,7 +31,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from llama3.tokenizer import LLAMA3_PAT_STR, Tokenizer
+from llama3.text.tokenizer import LLAMA3_PAT_STR, Tokenizer
 
 
 def default_model_path() -> Path:

@@ -40,9 +40,9 @@ def worker(opts: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from llama3 import Llama, ModelArgs, Transformer
-    from llama3.backends import get_ops
-    from llama3.model import rope_inv_freq
-    from llama3.tp import TensorParallel, local_device, shutdown
+    from llama3.model.backends import get_ops
+    from llama3.model.functional import rope_inv_freq
+    from llama3.parallel.tp import TensorParallel, local_device, shutdown
 
     device = local_device(torch.device(opts.device))
     tp = TensorParallel.from_environment(device) or TensorParallel(0, 1)

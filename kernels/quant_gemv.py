@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from llama3.kernels.gemv import _median_ms, _num_splits, _sum_splits_kernel
 
-from llama3.quantize import GROUP_SIZES, QuantizeError, dequantize_int4, dequantize_int8, unpack_int4
+from llama3.quant.weight_only import GROUP_SIZES, QuantizeError, dequantize_int4, dequantize_int8, unpack_int4
 
 DECODE_ROWS = 16  # at most this many rows of x take the split-K GEMV form
 

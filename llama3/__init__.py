@@ -13,20 +13,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
-    "ChatFormat": "llama3.chat_format",
-    "ChatMLFormat": "llama3.chat_format",
-    "JinjaChatFormat": "llama3.chat_format",
-    "Llama": "llama3.generation",
-    "ModelArgs": "llama3.config",
-    "RopeScaling": "llama3.config",
-    "SamplingParams": "llama3.config",
-    "StreamDecoder": "llama3.tokenizer",
-    "Tokenizer": "llama3.tokenizer",
-    "Transformer": "llama3.model",
-    "default_model": "llama3.checkpoint",
+    "ChatFormat": "llama3.text.chat_format",
+    "ChatMLFormat": "llama3.text.chat_format",
+    "JinjaChatFormat": "llama3.text.template",
+    "Llama": "llama3.generate.llama",
+    "ModelArgs": "llama3.model.config",
+    "RopeScaling": "llama3.model.config",
+    "SamplingParams": "llama3.generate.params",
+    "StreamDecoder": "llama3.text.tokenizer",
+    "Tokenizer": "llama3.text.tokenizer",
+    "Transformer": "llama3.model.transformer",
+    "default_model": "llama3.weights.hub",
 }
 __all__ = [  # the keys of _EXPORTS, spelled out for linters and type checkers
     "ChatFormat",
@@ -43,12 +43,14 @@ __all__ = [  # the keys of _EXPORTS, spelled out for linters and type checkers
 ]
 
 if TYPE_CHECKING:
-    from llama3.chat_format import ChatFormat, ChatMLFormat, JinjaChatFormat
-    from llama3.checkpoint import default_model
-    from llama3.config import ModelArgs, RopeScaling, SamplingParams
-    from llama3.generation import Llama
-    from llama3.model import Transformer
-    from llama3.tokenizer import StreamDecoder, Tokenizer
+    from llama3.generate.llama import Llama
+    from llama3.generate.params import SamplingParams
+    from llama3.model.config import ModelArgs, RopeScaling
+    from llama3.model.transformer import Transformer
+    from llama3.text.chat_format import ChatFormat, ChatMLFormat
+    from llama3.text.template import JinjaChatFormat
+    from llama3.text.tokenizer import StreamDecoder, Tokenizer
+    from llama3.weights.hub import default_model
 
 
 def __getattr__(name: str) -> Any:

@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llama3.chat_format import ControlTokenEncoder
+from llama3.text.template import ControlTokenEncoder
 
 if TYPE_CHECKING:
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
 # Category names as the prompts print them: llama-recipes LLAMA_GUARD_2_CATEGORY (each ends in ". "), and
 # Llama Guard 3's 14 as meta-llama/Llama-Guard-3-8B's chat template prints them (each ends in ".").
@@ -250,3 +250,13 @@ def _leading_whitespace(tokenizer, answer: list[int]) -> list[int]:
             break
         lead.append(token)
     return lead
+
+
+def describe_categories(guard: Llama, codes: list[str]) -> str:
+    """ "S9: Hate, S1: Violent Crimes" with the names of the checkpoint's own categories."""
+    names = GUARD2_CATEGORIES if guard_version(guard) == 2 else GUARD3_CATEGORIES
+    described = []
+    for code in codes:
+        i = int(code[1:]) - 1
+        described.append(f"{code}: {names[i].strip().rstrip('.')}" if 0 <= i < len(names) else code)
+    return ", ".join(described) or "no category given"

@@ -185,7 +185,7 @@ def hf_llama3_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from llama3.tokenizer import LLAMA3_PAT_STR, llama3_special_token_names
+    from llama3.text.tokenizer import LLAMA3_PAT_STR, llama3_special_token_names
 
     converter = TikTokenConverter(
         vocab_file=str(path), pattern=LLAMA3_PAT_STR, extra_special_tokens=llama3_special_token_names()

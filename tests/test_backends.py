@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from conftest import fill_cache_with_garbage
 
 from llama3 import Llama, Transformer
-from llama3.backends import TorchOps, TritonOps, get_ops
-from llama3.config import ModelArgs
-from llama3.model import KVCache, RMSNorm, TransformerBlock, apply_rope, attention, rope_tables
+from llama3.model.backends import TorchOps, TritonOps, get_ops
+from llama3.model.config import ModelArgs
+from llama3.model.functional import apply_rope, attention, rope_tables
+from llama3.model.transformer import KVCache, RMSNorm, TransformerBlock
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

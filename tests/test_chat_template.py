@@ -11,15 +11,9 @@ import json
 import pytest
 from conftest import CHAT_DIALOGS, LLAMA3_CHAT_TEMPLATE, hf_llama3_tokenizer, llama3_tokenizer_file
 
-from llama3.chat_format import (
-    KNOWN_TEMPLATES,
-    ChatFormat,
-    ChatMLFormat,
-    ChatTemplateError,
-    JinjaChatFormat,
-    chat_format_for,
-)
-from llama3.tokenizer import Tokenizer, TokenizerError
+from llama3.text.chat_format import KNOWN_TEMPLATES, ChatFormat, ChatMLFormat, chat_format_for
+from llama3.text.template import ChatTemplateError, JinjaChatFormat
+from llama3.text.tokenizer import Tokenizer, TokenizerError
 
 # The chat_template of meta-llama/Llama-3.1-8B-Instruct's tokenizer_config.json, as the JSON string literal
 # stands in that file (split into lines here; json.loads below turns it back into the template).
@@ -233,8 +227,8 @@ def smollm2_pair():
     """(our tokenizer, transformers' tokenizer), both read from the embedded GGUF file."""
     from transformers import AutoTokenizer
 
-    from llama3.checkpoint import default_model
-    from llama3.gguf import load_gguf_tokenizer
+    from llama3.weights.gguf import load_gguf_tokenizer
+    from llama3.weights.hub import default_model
 
     path = default_model()
     return load_gguf_tokenizer(path), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -339,7 +333,7 @@ def test_llama_picks_the_checkpoints_template(tiny_llama3, llama_pair, tmp_path)
     hand-written format differs: no date header); "builtin" and a missing template behave as documented."""
     import shutil
 
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     _, hf = llama_pair
     d = tmp_path / "with-template"

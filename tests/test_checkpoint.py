@@ -23,10 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama3.backends import TorchOps
-from llama3.checkpoint import CheckpointError
-from llama3.config import ConfigError, ModelArgs
-from llama3.model import Transformer
+from llama3.checks import CheckpointError, ConfigError
+from llama3.model.backends import TorchOps
+from llama3.model.config import ModelArgs
+from llama3.model.transformer import Transformer
 
 VOCAB = 512
 INIT = 0.1  # sharper attention than transformers' 0.02, so RoPE and q/k order show in the logits

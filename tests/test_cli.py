@@ -86,10 +86,10 @@ def test_generate_streams_the_greedy_completion(checkpoint):
 
 
 def test_compile_decodes_transformers_greedy_text(cli, checkpoint, monkeypatch):
-    import llama3.generation
+    import llama3.generate.llama
 
-    compile_block, made = llama3.generation.compiled_block, []
-    monkeypatch.setattr(llama3.generation, "compiled_block", lambda: made.append(1) or compile_block())
+    compile_block, made = llama3.generate.llama.compiled_block, []
+    monkeypatch.setattr(llama3.generate.llama, "compiled_block", lambda: made.append(1) or compile_block())
     r = cli("generate", "Hello world", *tiny(checkpoint[0], "-n", "8", "--compile", "--quiet"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == completion(checkpoint, "Hello world", 8)[2] + "\n"
@@ -424,7 +424,7 @@ def test_chat_refuses_an_over_long_message_and_goes_on(cli, checkpoint):
 
 def test_chat_answer_stopped_by_ctrl_c_says_interrupted(cli, checkpoint, monkeypatch):
     """Ctrl-C during an answer ends that answer (the chat goes on); its note says so, not that -n cut it."""
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     stream = Llama.stream
 

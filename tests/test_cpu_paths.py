@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from llama3.model import TorchOps
+from llama3.model.backends import TorchOps
 
 
 class ReportsCuda(torch.Tensor):

@@ -17,7 +17,9 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 
-from llama3.finetune import (
+from llama3.model.lora import LoRAConfig, add_lora, lora_parameters
+from llama3.model.transformer import Transformer
+from llama3.train.finetune import (
     IGNORE,
     DataError,
     TrainConfig,
@@ -30,8 +32,6 @@ from llama3.finetune import (
     read_chat_rows,
     token_loss_sum,
 )
-from llama3.lora import LoRAConfig, add_lora, lora_parameters
-from llama3.model import Transformer
 
 DIALOGS = [
     [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "My name is Ada."}],
@@ -99,8 +99,8 @@ def test_labels_are_the_assistant_turns_of_transformers_chat_template(llama3_tok
     what each assistant turn adds after the prompt that asks for it (its content and <|eot_id|>)."""
     from conftest import hf_llama3_tokenizer
 
-    from llama3.chat_format import ChatFormat
-    from llama3.tokenizer import Tokenizer
+    from llama3.text.chat_format import ChatFormat
+    from llama3.text.tokenizer import Tokenizer
 
     hf = hf_llama3_tokenizer(llama3_tokenizer_path)
     render = lambda msgs, gen: list(hf.apply_chat_template(msgs, add_generation_prompt=gen, return_dict=False))
@@ -117,8 +117,8 @@ def test_labels_are_the_assistant_turns_of_transformers_chat_template(llama3_tok
 
 
 def test_chatml_learns_content_and_im_end_only():
-    from llama3.chat_format import ChatMLFormat
-    from llama3.tokenizer import Tokenizer
+    from llama3.text.chat_format import ChatMLFormat
+    from llama3.text.tokenizer import Tokenizer
 
     ranks = {bytes([i]): i for i in range(256)}
     tok = Tokenizer.from_encoding(
@@ -140,7 +140,7 @@ def test_masked_loss_equals_transformers_loss_with_ignored_labels(byte_llama):
     """Our loss over a right-padded batch of two rows = transformers' mean cross-entropy with labels -100
     on everything that is not an assistant token (and an attention mask over the padding)."""
     d, hf = byte_llama
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     llm = Llama.from_pretrained(d, dtype="float32", progress=False)
     examples = prepare(DIALOGS[:2], llm.chat_format, 1024, "rows", print)
@@ -181,7 +181,7 @@ def test_training_lowers_the_loss_and_writes_peft_files(byte_llama, tmp_path):
 def test_resume_repeats_the_losses_of_an_uninterrupted_run(byte_llama, tmp_path, monkeypatch):
     """Dropout, accumulation over micro-batches, and more than one epoch of data: 6 steps in one go equal
     3 steps, a crash, and a resumed run of the other 3 (losses, final adapters)."""
-    import llama3.finetune as ft
+    import llama3.train.finetune as ft
 
     kwargs = dict(max_steps=6, save_steps=3, logging_steps=1, lora_dropout=0.2, grad_accum=2, warmup_steps=2)
     whole = finetune(config(byte_llama, tmp_path / "a", **kwargs))
@@ -260,7 +260,7 @@ def test_cli_finetune_merge_and_adapter_end_to_end(byte_llama, tmp_path, capsys)
     from transformers import LlamaForCausalLM
 
     from llama3.cli import main
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     d, _ = byte_llama
     data = write_jsonl(tmp_path / "two.jsonl", DIALOGS[:1] * 2 + DIALOGS[2:3] * 2)
@@ -320,7 +320,7 @@ def test_bad_messages_and_files_are_named(byte_llama, tmp_path):
 
 
 def test_long_rows_are_truncated_and_rows_left_without_answers_dropped(byte_llama):
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     llm = Llama.from_pretrained(byte_llama[0], dtype="float32", progress=False)
     messages = []
@@ -399,8 +399,8 @@ def test_cli_refuses_non_finite_and_absurd_hyper_parameters_by_flag(tmp_path, ca
 def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(
     byte_llama, tmp_path, monkeypatch
 ):
-    import llama3.finetune as ft
-    from llama3.lora import read_adapter
+    import llama3.train.finetune as ft
+    from llama3.model.lora import read_adapter
 
     real, calls = ft.token_loss_sum, []
 

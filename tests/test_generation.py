@@ -9,7 +9,7 @@ import torch
 from conftest import hf_greedy
 
 from llama3 import Llama
-from llama3.generation import sample
+from llama3.generate.sampling import sample
 
 PROMPTS = ["Hello world, this is", "Hi", "The quick brown fox jumps over the lazy dog and keeps running"]
 
@@ -266,7 +266,7 @@ TINY_TEMPERATURES = [1e-45, 1e-38, 1e-30]  # float32's smallest subnormal, a sub
 )
 def test_tiny_temperature_gives_the_one_hot_of_the_argmax(temperature, dtype, logits, argmax):
     """softmax(l / T) tends to the one-hot of the argmax as T -> 0; logit / T must not overflow on the way."""
-    from llama3.generation import sampling_probs
+    from llama3.generate.sampling import sampling_probs
 
     logits = torch.tensor(logits, dtype=dtype)
     expected = torch.nn.functional.one_hot(torch.tensor([argmax]), 4).float()
@@ -277,7 +277,7 @@ def test_tiny_temperature_gives_the_one_hot_of_the_argmax(temperature, dtype, lo
 
 def test_huge_logits_sample_at_an_ordinary_temperature():
     """bfloat16 logits near its largest value: divided by 0.5 they would overflow float32 (inf - inf = NaN)."""
-    from llama3.generation import sampling_probs
+    from llama3.generate.sampling import sampling_probs
 
     logits = torch.tensor([[3e38, -3e38, 2.9e38]], dtype=torch.bfloat16)
     assert torch.equal(sampling_probs(logits, 0.5, 1.0, None), torch.tensor([[1.0, 0.0, 0.0]]))
@@ -286,7 +286,7 @@ def test_huge_logits_sample_at_an_ordinary_temperature():
 @pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
 def test_tiny_temperature_ties_share_the_mass(temperature):
     """The limit of softmax over tied maxima is uniform over them (temperature 0 picks the first instead)."""
-    from llama3.generation import sampling_probs
+    from llama3.generate.sampling import sampling_probs
 
     probs = sampling_probs(torch.tensor([[2.0, 5.0, -1.0, 5.0]]), temperature, 1.0, None)
     assert torch.equal(probs, torch.tensor([[0.0, 0.5, 0.0, 0.5]]))
@@ -349,7 +349,7 @@ def test_compiled_decode_gives_transformers_tokens(checkpoint, llm):
 def test_compiled_block_rounds_16_bit_values_as_eager_does(checkpoint, quantize):
     """In bfloat16 (and int4, bf16 activations) the compiled block rounds where eager PyTorch rounds
     (inductor's emulate_precision_casts), so a decode step's logits are eager's to the bit."""
-    from llama3.generation import compiled_block
+    from llama3.generate.step import compiled_block
 
     llm = Llama.from_pretrained(checkpoint[0], device="cpu", dtype=torch.bfloat16, quantize=quantize)
     model, prompt = llm.model, torch.tensor([encode_all(llm)[2]])
@@ -373,7 +373,7 @@ def test_compiled_decode_is_close_to_eager_on_smollm2():
     """Not bit-identical (see `compiled_block`): on the embedded SmolLM2 in int4, teacher-forced along
     eager's greedy answer to "Once upon a time", compiled logits stay within a few bf16 steps of eager's
     (a bf16 step at the logits' size, 16-32, is 0.125), and differ somewhere, as the README says."""
-    from llama3.generation import attention_window, compiled_block
+    from llama3.generate.step import attention_window, compiled_block
 
     llm = Llama.from_pretrained(quantize="int4", max_seq_len=64, progress=False)
     model, prompt = llm.model, llm.tokenizer.encode("Once upon a time", bos=True)
@@ -396,7 +396,7 @@ def test_compile_refuses_a_model_off_the_cpu(checkpoint):
 
 
 def test_attention_window_boundaries():
-    from llama3.generation import attention_window
+    from llama3.generate.step import attention_window
 
     assert [attention_window(n, 4096) for n in (1, 256, 257, 512, 513, 2049)] == [256, 256, 512, 512, 1024, 4096]
     assert attention_window(300, 300) == 300  # never past the cache
@@ -406,7 +406,7 @@ def test_compiled_decode_across_an_attention_window_boundary():
     """Decode steps that cross from the 256-slot window to the 512-slot one give eager's logits
     (float32: inductor's fused loops sum in another order, so within 1e-5, not to the bit)."""
     from llama3 import ModelArgs, Transformer
-    from llama3.generation import attention_window, compiled_block
+    from llama3.generate.step import attention_window, compiled_block
 
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=96, max_seq_len=1024)
@@ -424,7 +424,7 @@ def test_compiled_decode_across_an_attention_window_boundary():
 
 
 def test_compile_refuses_tensor_parallelism(checkpoint, monkeypatch):
-    from llama3.tp import TensorParallel
+    from llama3.parallel.tp import TensorParallel
 
     monkeypatch.setattr(TensorParallel, "from_environment", classmethod(lambda cls, device: cls(0, 2)))
     with pytest.raises(ValueError, match="compile=True is not supported with tensor parallelism"):

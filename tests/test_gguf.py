@@ -20,17 +20,11 @@ import pytest
 import tiktoken
 import torch
 
-from llama3.config import ModelArgs, RopeScaling
-from llama3.gguf import (
-    GGUFError,
-    find_smollm2_gguf,
-    load_gguf_state_dict,
-    load_gguf_tokenizer,
-    read_gguf_config,
-)
-from llama3.gguf_quants import dequantize
-from llama3.model import rope_inv_freq
-from llama3.tokenizer import Tokenizer, bytes_to_unicode
+from llama3.model.config import ModelArgs, RopeScaling
+from llama3.model.functional import rope_inv_freq
+from llama3.quant.ggml import GGUFError, dequantize
+from llama3.text.tokenizer import Tokenizer, bytes_to_unicode
+from llama3.weights.gguf import find_smollm2_gguf, load_gguf_state_dict, load_gguf_tokenizer, read_gguf_config
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -115,7 +109,7 @@ def test_dequantize_to_bf16_rounds_the_fp32_value_once():
 
 
 def test_type_table_agrees_with_gguf_py():
-    from llama3.gguf_quants import GGML_TYPES
+    from llama3.quant.ggml import GGML_TYPES
 
     for type_id, (name, block, size) in GGML_TYPES.items():
         assert Q(type_id).name == name
@@ -374,7 +368,7 @@ def llama3_vocab(llama3_tokenizer_path) -> dict:
     tiktoken converter does (every split of a token into two tokens), plus the 256 Llama 3.1 specials."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from llama3.tokenizer import llama3_special_token_names, load_tiktoken_ranks
+    from llama3.text.tokenizer import llama3_special_token_names, load_tiktoken_ranks
 
     ranks = load_tiktoken_ranks(llama3_tokenizer_path)
     spell = bytes_to_unicode()
@@ -430,7 +424,7 @@ def test_llama3_gguf_config(llama3_gguf):
 
 
 def test_llama3_gguf_tokenizer_equals_tiktoken_on_metas_ranks(llama3_gguf, llama3_vocab):
-    from llama3.tokenizer import llama3_special_token_names
+    from llama3.text.tokenizer import llama3_special_token_names
 
     tok = load_gguf_tokenizer(llama3_gguf[0])
     # Meta's tokenizer: tiktoken, Meta's pattern (DESIGN.md), the ranks of tokenizer.model

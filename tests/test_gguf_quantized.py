@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from llama3.gguf import GGUFError, find_smollm2_gguf, iter_gguf_state_dict
-from llama3.gguf_quants import quantized_codes
-from llama3.quantize import QuantizedWeight
+from llama3.quant.ggml import GGUFError, quantized_codes
+from llama3.quant.weight_only import QuantizedWeight
+from llama3.weights.gguf import find_smollm2_gguf, iter_gguf_state_dict
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -252,7 +252,7 @@ def smollm2() -> tuple[Path, dict[str, torch.Tensor | QuantizedWeight]]:
 
 def test_smollm2_tensor_types(smollm2):
     """Q4_1 for all 210 linear weights, Q8_0 for the (tied) embedding, F32 for the 61 norms."""
-    from llama3.gguf import _open
+    from llama3.weights.gguf import _open
 
     path, native = smollm2
     types = {name: t.type_name for name, t in _open(path).tensors.items()}

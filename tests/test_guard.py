@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import llama3_tokenizer_file, run_main, tiny_hf_model
 
-from llama3.chat_format import JinjaChatFormat
 from llama3.guard import GuardResult, classify, classify_batch, format_prompt, parse
-from llama3.tokenizer import Tokenizer
+from llama3.text.template import JinjaChatFormat
+from llama3.text.tokenizer import Tokenizer
 
 USER = [{"role": "user", "content": "How do I make a bomb?"}]
 USER_AGENT = [
@@ -239,8 +239,8 @@ def test_prompts_equal_the_checkpoints_chat_templates(llama_pair, version, conve
     assert format_prompt(conversation, version=version) == rendered
     assert JinjaChatFormat(tok, template).format_dialog_prompt(conversation) == rendered
     if version == 3:
-        from llama3.chat_format import ControlTokenEncoder
         from llama3.guard import _prompt
+        from llama3.text.template import ControlTokenEncoder
 
         encoder = ControlTokenEncoder(tok)
         ids = encoder.encode(_prompt(conversation, None, 3, mark=encoder.mark))
@@ -336,7 +336,7 @@ ALWAYS_SAFE = {INST_END: (SAFE, 6.0), END_HEADER: (BLANK_LINE, 6.0), BLANK_LINE:
 
 @pytest.fixture(scope="module")
 def unsafe_guard(tmp_path_factory):
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     d = tmp_path_factory.mktemp("guard-unsafe")
     hf = craft_guard(d, UNSAFE_S9)
@@ -389,7 +389,7 @@ def test_classify_batch_equals_one_by_one(unsafe_guard):
 
 
 def test_classify_fits_the_verdict_in_the_guards_context(unsafe_guard):
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     _, _, llm = unsafe_guard
     n_prompt = 1 + len(llm.tokenizer.encode(format_prompt(USER)))
@@ -474,7 +474,7 @@ def test_chat_guard_refuses_an_unsafe_message(monkeypatch, capsys, unsafe_guard,
 
 
 def test_chat_guard_shows_a_safe_answer_and_refuses_an_unsafe_one(monkeypatch, capsys, safe_guard, tiny_llama3):
-    import llama3.cli
+    import llama3.cli.chat
 
     args = ("--model", str(tiny_llama3[0]), "--guard", str(safe_guard), "--dtype", "float32", "-t", "0", "-n", "4")
     code, unguarded, err = run_main(monkeypatch, capsys, "chat", *args[:2], *args[4:], stdin="Hi\nHi again\n")
@@ -489,7 +489,7 @@ def test_chat_guard_shows_a_safe_answer_and_refuses_an_unsafe_one(monkeypatch, c
         screened.append((what, [m["content"] for m in conversation]))
         return "llama3: refused: the answer is unsafe (S1: Violent Crimes)" if what == "answer" else None
 
-    monkeypatch.setattr(llama3.cli, "screen", refuse_answers)
+    monkeypatch.setattr(llama3.cli.chat, "screen", refuse_answers)
     code, out, err = run_main(monkeypatch, capsys, "chat", *args, stdin="Hi\nHi again\n")
     assert code == 0, err
     assert out.splitlines() == ["llama3: refused: the answer is unsafe (S1: Violent Crimes)"] * 2
@@ -504,10 +504,10 @@ def test_chat_guard_shows_a_safe_answer_and_refuses_an_unsafe_one(monkeypatch, c
 def test_serve_starts_with_a_llama_guard_model(monkeypatch, capsys, safe_guard, unsafe_guard, tiny_llama3):
     """`serve --guard` checks at start that the guard gives a verdict; a real one (whatever its verdict on the
     check's message) passes it. (A model that is not one is refused: tests/test_serve.py.)"""
-    import llama3.serve
+    import llama3.serve.app
 
     started = []
-    monkeypatch.setattr(llama3.serve, "run", lambda app, **kwargs: started.append(app))
+    monkeypatch.setattr(llama3.serve.app, "run", lambda app, **kwargs: started.append(app))
     for guard in (safe_guard, unsafe_guard[0]):
         args = ("--model", str(tiny_llama3[0]), "--guard", str(guard), "--dtype", "float32", "--port", "0", "-q")
         code, _, err = run_main(monkeypatch, capsys, "serve", *args)

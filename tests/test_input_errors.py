@@ -21,8 +21,8 @@ from conftest import hf_greedy
 
 import llama3
 from llama3 import Llama, Tokenizer, Transformer
-from llama3.checkpoint import CheckpointError, ConfigError
-from llama3.tokenizer import TokenizerError
+from llama3.checks import CheckpointError, ConfigError
+from llama3.text.tokenizer import TokenizerError
 
 VOCAB = 512  # the small checkpoint's vocabulary (the file-format and forward tests)
 CONTEXT = 256  # conftest's tiny config: max_position_embeddings
@@ -466,7 +466,7 @@ def test_generate_refuses_bad_values_naming_them(llm, case):
 @pytest.mark.parametrize("case", [("temperature", -0.1), ("top_p", nan), ("top_k", 0), ("seed", -1)], ids=case_id)
 def test_param_error_carries_the_parameter(llm, case):
     """The CLI reports a ParamError by its `param` (as the flag of that name)."""
-    from llama3.config import ParamError
+    from llama3.checks import ParamError
 
     name, value = case
     with pytest.raises(ParamError) as e:
@@ -633,8 +633,8 @@ def test_max_seq_len_that_is_not_a_length_within_the_context_is_refused(llm, max
 
 def test_max_seq_len_beyond_the_context_is_a_param_error_the_cli_names(llm):
     """The CLI names a ParamError by the flag of its `param` (`--max-seq-len/-c`), never the Python name."""
-    from llama3.cli import PARAM_FLAGS
-    from llama3.config import ParamError
+    from llama3.checks import ParamError
+    from llama3.cli.common import PARAM_FLAGS
 
     with pytest.raises(ParamError) as e:
         Llama(llm.model, llm.tokenizer, max_seq_len=CONTEXT + 1)

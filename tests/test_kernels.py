@@ -371,7 +371,7 @@ def test_gemv_matches_fp32_matmul(
 
 @pytest.mark.skipif(not CUDA, reason="the GEMV / cuBLAS choice is timed on a CUDA device")
 def test_decode_projection_takes_the_measured_choice_and_either_is_right() -> None:
-    from llama3.backends import TritonOps
+    from llama3.model.backends import TritonOps
 
     torch.manual_seed(0)
     x = randn(1, 1, 4096, dtype=torch.bfloat16)

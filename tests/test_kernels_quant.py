@@ -37,8 +37,8 @@ from llama3.kernels.quant_gemv import (  # noqa: E402
 )
 
 from llama3 import Transformer  # noqa: E402
-from llama3.backends import TorchOps, TritonOps  # noqa: E402
-from llama3.quantize import (  # noqa: E402
+from llama3.model.backends import TorchOps, TritonOps  # noqa: E402
+from llama3.quant.weight_only import (
     GROUP_SIZES,
     Int4Linear,
     Int8Linear,
@@ -222,7 +222,7 @@ def test_triton_backend_runs_a_quantized_layer_as_the_torch_backend_does(mode, g
 
 
 def test_the_gpu_layout_is_the_default_on_cuda_and_takes_float32():
-    from llama3.quantize import layout_for
+    from llama3.quant.weight_only import layout_for
 
     assert layout_for("cuda") == "gpu" and layout_for("cuda:1") == "gpu" and layout_for("cpu") == "cpu"
     q = quantize(torch.randn(16, 64), "int4", 32)

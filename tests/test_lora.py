@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama3.lora import (
+from llama3.model.lora import (
     TARGET_MODULES,
     FrozenQuantizedLinear,
     LoRAConfig,
@@ -31,8 +31,8 @@ from llama3.lora import (
     save_adapter,
     unmerge_lora,
 )
-from llama3.model import Transformer
-from llama3.quantize import quantize, quantized_linear
+from llama3.model.transformer import Transformer
+from llama3.quant.weight_only import quantize, quantized_linear
 
 VOCAB = 512
 INIT = 0.1  # as tests/test_model.py: attention far from uniform, so a wrong row or position shows
@@ -142,7 +142,7 @@ def test_peft_adapter_gives_peft_logits_in_ours(tiny, tmp_path):
 def test_training_forward_gives_each_projection_its_own_dropout_mask(tiny, monkeypatch):
     """In training, a fused layer adds B_i A_i (x * mask_i) * scaling on the rows of projection i, every mask
     its own and none on the rows without an adapter: against that formula, one projection at a time."""
-    import llama3.lora as lora
+    import llama3.model.lora as lora
 
     _, _, model = tiny
     add_lora(model, LoRAConfig(r=3, alpha=5, dropout=0.3, target_modules=("q_proj", "v_proj")))

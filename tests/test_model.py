@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS
 
-from llama3.config import ModelArgs, RopeScaling
-from llama3.model import RMSNorm, Transformer, rope_inv_freq
+from llama3.model.config import ModelArgs, RopeScaling
+from llama3.model.functional import rope_inv_freq
+from llama3.model.transformer import RMSNorm, Transformer
 
 VARIANTS = list(TINY_CONFIGS)
 INIT = 0.1  # see the module docstring

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
-from llama3.checkpoint import CheckpointError, save_quantized
-from llama3.model import Transformer
+from llama3.checks import CheckpointError
+from llama3.model.transformer import Transformer
+from llama3.weights.save import save_quantized
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +65,7 @@ def test_an_interrupted_quantize_leaves_the_earlier_output_whole(tiny_hf, tmp_pa
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
-    from llama3.checkpoint import atomic_write
+    from llama3.weights.save import atomic_write
 
     target = tmp_path / "config.json"
     target.write_text("old")

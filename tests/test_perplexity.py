@@ -17,9 +17,10 @@ import pytest
 import torch
 from conftest import save_tiny_hf
 
-from llama3.config import ModelArgs, ParamError
-from llama3.model import Transformer
-from llama3.perplexity import perplexity
+from llama3.checks import ParamError
+from llama3.eval.perplexity import perplexity
+from llama3.model.config import ModelArgs
+from llama3.model.transformer import Transformer
 
 INIT = 0.1  # as in test_model.py: attention far from uniform, so a token scored with the wrong context shows
 VOCAB = 512

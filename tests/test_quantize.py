@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from llama3 import Llama, Transformer
-from llama3.checkpoint import CheckpointError
-from llama3.quantize import GROUP_SIZES, QuantizedWeight, QuantizeError, quantize, quantized_linear
+from llama3.checks import CheckpointError
+from llama3.quant.weight_only import GROUP_SIZES, QuantizedWeight, QuantizeError, quantize, quantized_linear
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def test_keep_output_leaves_the_output_projection_float(tiny_hf, tmp_path, varia
     a checkpoint saved that way loads the same, its output stored as a float tensor."""
     from torch import nn
 
-    from llama3.checkpoint import save_quantized
+    from llama3.weights.save import save_quantized
 
     d, hf = tiny_hf(variant)
     for name, p in hf.named_parameters():
@@ -277,7 +277,8 @@ def test_loading_quantized_weights_never_makes_a_float_copy_of_a_projection(tiny
     """Every float tensor any op makes during the load is recorded: none has the shape of a projection
     weight (or a fused part), so no projection is ever dequantized, whole or per part, on the way in. (The
     tied output projection is quantized from the float embedding, whose shape is no projection's.)"""
-    from llama3.checkpoint import default_model, save_quantized
+    from llama3.weights.hub import default_model
+    from llama3.weights.save import save_quantized
 
     if source.startswith("saved"):
         d, _ = tiny_hf("llama3-gqa", hidden_size=128, intermediate_size=384)
@@ -294,12 +295,12 @@ def test_loading_quantized_weights_never_makes_a_float_copy_of_a_projection(tiny
 def test_embedded_q4_1_projections_load_as_their_own_codes(monkeypatch):
     """int4 group 32 takes the GGUF file's Q4_1 codes as they are: only the tied output projection (made
     from the Q8_0 embedding) goes through our quantizer."""
-    import llama3.checkpoint
+    import llama3.weights.build
 
     quantized_from_float = []
-    real = llama3.checkpoint.quantize_weight
+    real = llama3.weights.build.quantize_weight
     monkeypatch.setattr(
-        llama3.checkpoint, "quantize_weight", lambda t, *a: quantized_from_float.append(a[-1]) or real(t, *a)
+        llama3.weights.build, "quantize_weight", lambda t, *a: quantized_from_float.append(a[-1]) or real(t, *a)
     )
     llm = Llama.from_pretrained(quantize="int4")
     assert len(quantized_from_float) == 1 and quantized_from_float[0].endswith("model.embed_tokens.weight")
@@ -311,7 +312,7 @@ def test_embedded_q4_1_projections_load_as_their_own_codes(monkeypatch):
 def test_quantizing_a_built_model_equals_quantizing_while_loading(tiny_hf, tmp_path, mode):
     """`quantize_model` on a loaded bf16 model and `from_pretrained(quantize=...)` of the same bf16 checkpoint
     quantize the same numbers, so their logits are identical."""
-    from llama3.quantize import quantize_model
+    from llama3.quant.weight_only import quantize_model
 
     _, hf = tiny_hf("llama3.2-tied")
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
@@ -330,16 +331,16 @@ def test_quantizing_a_built_model_equals_quantizing_while_loading(tiny_hf, tmp_p
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.inference_mode()
 def test_saved_quantized_checkpoint_loads_the_same_codes(tiny_hf, tmp_path, monkeypatch, variant, mode):
-    import llama3.checkpoint
-    from llama3.checkpoint import save_quantized
+    import llama3.weights.build
+    from llama3.weights.save import save_quantized
 
     d, hf = tiny_hf(variant)
     out = save_quantized(d, tmp_path / "q", mode, progress=False)
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = Transformer.from_pretrained(d, device="cpu", quantize=mode)(tokens)
     calls = []
-    real = llama3.checkpoint.quantize_weight
-    monkeypatch.setattr(llama3.checkpoint, "quantize_weight", lambda t, *a: calls.append(a[-1]) or real(t, *a))
+    real = llama3.weights.build.quantize_weight
+    monkeypatch.setattr(llama3.weights.build, "quantize_weight", lambda t, *a: calls.append(a[-1]) or real(t, *a))
     loaded = Transformer.from_pretrained(out, device="cpu")  # the scheme comes from config.json
     assert torch.equal(loaded(tokens), expected)
     # only a tied output projection is made at load (from the float embedding); everything else is read as codes
@@ -355,7 +356,7 @@ def test_saved_quantized_checkpoint_loads_the_same_codes(tiny_hf, tmp_path, monk
 def test_quantized_checkpoint_errors_are_named(tiny_hf, tmp_path):
     import json
 
-    from llama3.checkpoint import save_quantized
+    from llama3.weights.save import save_quantized
 
     d, _ = tiny_hf("llama3-gqa")
     out = save_quantized(d, tmp_path / "q", "int4", progress=False)
@@ -373,13 +374,13 @@ def test_quantized_checkpoint_errors_are_named(tiny_hf, tmp_path):
 
 def test_gguf_is_not_requantized_into_a_checkpoint(tmp_path):
     import llama3
-    from llama3.checkpoint import save_quantized
+    from llama3.weights.save import save_quantized
 
     with pytest.raises(CheckpointError, match="GGUF file, quantized already"):
         save_quantized(llama3.default_model(), tmp_path / "q", "int4", progress=False)
 
 
 def test_the_cli_offers_exactly_the_group_sizes_the_library_takes():
-    from llama3.cli import GROUP_SIZES as CLI_GROUP_SIZES
+    from llama3.cli.common import GROUP_SIZES as CLI_GROUP_SIZES
 
     assert CLI_GROUP_SIZES == GROUP_SIZES

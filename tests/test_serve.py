@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from llama3 import Llama  # noqa: E402
-from llama3.serve import create_app  # noqa: E402
+from llama3.serve.app import create_app  # noqa: E402
 
 NAME = "tiny"
 API_KEY = "sk-test-key"
@@ -391,8 +391,8 @@ def test_continuous_batching_is_exact(server, ref):
 def test_static_decode_form_gives_the_same_tokens(tiny_llama3, ref):
     """The decode step as CUDA captures it (every row, the whole cache, idle rows at the scratch slot), run
     eagerly on the CPU: the same tokens as each request alone."""
-    from llama3.config import SamplingParams
-    from llama3.engine import Engine, GenerationRequest
+    from llama3.generate.params import SamplingParams
+    from llama3.serve.engine import Engine, GenerationRequest
 
     jobs = [(prompt_of(i, 3 + 9 * i), 4 + 3 * i, i) for i in range(5)]
     want = [ref.generate([p], n, temperature=0.8, top_p=0.9, seed=s, stop_tokens=[])[0] for p, n, s in jobs]
@@ -427,7 +427,7 @@ def test_client_killed_mid_stream_frees_its_row(server, monkeypatch):
     # the connection is closed with 190-odd tokens to go: the row is free before they are generated
     assert wait_until(lambda: server.engine.running == 0, timeout=10)
     # a plain request whose client gives up frees its row too (before its 250 tokens)
-    monkeypatch.setattr("llama3.serve.DISCONNECT_POLL_S", 0.1)
+    monkeypatch.setattr("llama3.serve.app.DISCONNECT_POLL_S", 0.1)
     tokens0 = server.engine.tokens_generated
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=auth, timeout=0.3)
@@ -475,7 +475,7 @@ def test_many_clients_with_a_small_queue_complete_or_get_429(server, ref):
 
 def test_the_wait_queue_is_bounded(tiny_llama3):
     """Requests beyond the free rows wait, at most max_queue of them; all of an n > 1 request or none."""
-    from llama3.engine import Engine, GenerationRequest, QueueFull
+    from llama3.serve.engine import Engine, GenerationRequest, QueueFull
 
     engine = Engine(load(tiny_llama3[0]), max_batch_size=4, max_queue=8, max_seq_len=64)  # not started: nothing runs
 
@@ -663,7 +663,7 @@ def test_serve_refuses_a_guard_that_is_not_llama_guard(tiny_llama3, tmp_path, mo
 
     from conftest import run_main, save_tiny_hf
 
-    import llama3.serve
+    import llama3.serve.app
 
     save_tiny_hf(tmp_path, vocab_size=128256, max_position_embeddings=1024)  # room for Llama Guard's prompt
     (tmp_path / "original").mkdir()
@@ -672,7 +672,7 @@ def test_serve_refuses_a_guard_that_is_not_llama_guard(tiny_llama3, tmp_path, mo
     def serving(*args, **kwargs):
         raise AssertionError("started serving")
 
-    monkeypatch.setattr(llama3.serve, "run", serving)
+    monkeypatch.setattr(llama3.serve.app, "run", serving)
     args = ("--model", str(tiny_llama3[0]), "--guard", str(tmp_path), "--dtype", "float32", "--port", str(free_port()))
     code, _, err = run_main(monkeypatch, capsys, "serve", *args, "-q")
     assert code == 1, err

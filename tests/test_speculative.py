@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import run_main
 
-import llama3.speculative
+import llama3.generate.speculative
 from llama3 import Llama, ModelArgs, Tokenizer, Transformer
-from llama3.generation import draw
-from llama3.speculative import prompt_lookup
+from llama3.generate.sampling import draw
+from llama3.generate.speculative import prompt_lookup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,7 +100,7 @@ def test_the_draft_unrelated_to_the_target_rarely_agrees(target, drafts):
 
 
 def test_int4_quantized_draft_gives_plain_greedy_tokens(target):
-    from llama3.quantize import quantize_model
+    from llama3.quant.weight_only import quantize_model
 
     draft = Llama(Transformer(target.model.args), NoTokenizer(512))
     draft.model.load_state_dict(target.model.state_dict())
@@ -268,8 +268,8 @@ def test_speculative_sampling_has_the_targets_distribution(small_models, params,
 def test_the_draft_reports_the_distribution_it_drew_from(small_models):
     """The q the rule divides by is the draft's processed distribution (temperature, top-k, top-p) after
     the text so far and each guess: compared with cache-free forwards and the formulas written out here."""
-    from llama3.config import SamplingParams
-    from llama3.speculative import ModelDrafter
+    from llama3.generate.params import SamplingParams
+    from llama3.generate.speculative import ModelDrafter
 
     _, draft = small_models
     params = SamplingParams(temperature=0.6, top_p=0.9, top_k=4)
@@ -314,7 +314,7 @@ def resample_from_p(guesses, q, p, generator):
 )
 def test_the_statistic_catches_a_wrong_acceptance_rule(small_models, monkeypatch, wrong_rule, spec):
     target, draft = small_models
-    monkeypatch.setattr(llama3.speculative, "verify", wrong_rule)
+    monkeypatch.setattr(llama3.generate.speculative, "verify", wrong_rule)
     spec = spec or {"draft": draft}
     params = dict(temperature=1.0, top_p=1.0, top_k=None)
     counts, _ = speculative_counts(target, (1,), speculate_k=2, **params, **spec)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
 
-from llama3.tokenizer import (
+from llama3.text.tokenizer import (
     GPT2_PAT_STR,
     LLAMA3_PAT_STR,
     StreamDecoder,

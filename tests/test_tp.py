@@ -55,7 +55,7 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
     os.environ.update(env, WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     torch.manual_seed(1000 + rank)  # generators that differ per rank: the world must agree on one
-    from llama3.tp import TensorParallel, shutdown
+    from llama3.parallel.tp import TensorParallel, shutdown
 
     tp = TensorParallel.from_environment(torch.device("cpu"), timeout_s=60)
     try:
@@ -87,15 +87,17 @@ def _loaded(path: Path, shard=None, **kwargs):
     """(model, bytes of the CPU memory every op allocated while loading, as PyTorch's profiler records them)."""
     from torch.autograd.profiler import profile
 
-    from llama3.checkpoint import load_model
+    from llama3.model.transformer import Transformer
 
     with profile(profile_memory=True) as prof:
-        model = load_model(path, "cpu", kwargs.pop("dtype", torch.float32), progress=False, shard=shard, **kwargs)
+        model = Transformer.from_pretrained(
+            path, "cpu", kwargs.pop("dtype", torch.float32), progress=False, shard=shard, **kwargs
+        )
     return model, sum(max(e.self_cpu_memory_usage, 0) for e in prof.function_events)
 
 
 def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    from llama3.generation import Llama
+    from llama3.generate.llama import Llama
 
     vocab = model.args.vocab_size
     llm = Llama(model, types.SimpleNamespace(n_words=vocab, stop_tokens=[]), cuda_graphs=True)  # the graph's form
@@ -105,8 +107,8 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
 def _sharded_equals_whole(tp, checkpoints: dict[str, Path]) -> None:
     import torch.distributed as dist
 
-    from llama3.generation import Llama
-    from llama3.tp import shutdown
+    from llama3.generate.llama import Llama
+    from llama3.parallel.tp import shutdown
 
     g = torch.Generator().manual_seed(0)
     for name in ("gqa", "tied-few-kv"):
@@ -152,7 +154,7 @@ def test_each_rank_loads_a_1_over_n_share(checkpoints, world_size):
     """Measured: the memory every op allocates while a rank loads (reading, converting, fusing), and the storage of
     its parameters, are 1/N of a whole load's: no rank reads a whole tensor before cutting its slice. Loading
     needs no collective, so the ranks run here, one after another."""
-    from llama3.tp import TensorParallel
+    from llama3.parallel.tp import TensorParallel
 
     whole, whole_bytes = _loaded(checkpoints["gqa"])  # 4 kv heads: nothing replicated but the norms
     whole_params = sum(p.untyped_storage().nbytes() for p in whole.parameters())
@@ -168,8 +170,9 @@ def test_each_rank_loads_a_1_over_n_share(checkpoints, world_size):
 
 
 def test_world_size_that_does_not_divide_is_refused_before_reading(checkpoints):
-    from llama3.checkpoint import build_model, open_checkpoint
-    from llama3.tp import TensorParallel, TensorParallelError
+    from llama3.model.transformer import Transformer
+    from llama3.parallel.tp import TensorParallel, TensorParallelError
+    from llama3.weights.build import build_model, open_checkpoint
 
     args, _, count = open_checkpoint(checkpoints["gqa"])
 
@@ -178,11 +181,19 @@ def test_world_size_that_does_not_divide_is_refused_before_reading(checkpoints):
         yield
 
     with pytest.raises(TensorParallelError, match=r"8 query heads do not split over 3 ranks.*fit: 1, 2, 4, 8"):
-        build_model(args, nothing_may_be_read, count, torch.device("cpu"), torch.float32, shard=TensorParallel(0, 3))
+        build_model(
+            args,
+            nothing_may_be_read,
+            count,
+            torch.device("cpu"),
+            torch.float32,
+            shard=TensorParallel(0, 3),
+            model_cls=Transformer,
+        )
     int4_args, _, count = open_checkpoint(checkpoints["int4"])  # 4 ranks: 64 inputs of o_proj each, groups of 128
     with pytest.raises(TensorParallelError, match="64 attention output.*groups of 128"):
         build_model(int4_args, nothing_may_be_read, count, torch.device("cpu"), torch.bfloat16, quantize="int4",
-                    group_size=128, shard=TensorParallel(0, 4))  # fmt: skip
+                    group_size=128, shard=TensorParallel(0, 4), model_cls=Transformer)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llama3.config import SamplingParams
-from llama3.engine import Engine, GenerationRequest, Output, QueueFull
-from llama3.generation import Llama
-from llama3.protocol import (
+from llama3.generate.llama import Llama
+from llama3.generate.params import SamplingParams
+from llama3.serve.engine import Engine, GenerationRequest, Output, QueueFull
+from llama3.serve.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -63,8 +63,13 @@ from llama3.protocol import (
 
 log = logging.getLogger("llama3.serve")
 
+
 MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
 _API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
 DISCONNECT_POLL_S = 0.5  # how often a plain (not streamed) request checks that its client is still there
 
 
@@ -221,8 +226,7 @@ class _Server:
         """With a Llama Guard model (--guard), an unsafe last message is refused before the model sees it."""
         if self.guard is None:
             return
-        from llama3.cli import describe_categories
-        from llama3.guard import classify
+        from llama3.guard import classify, describe_categories
 
         def check():
             with self._guard_lock:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama3.config import ModelArgs
-
-if TYPE_CHECKING:
-    from llama3.backends import TorchOps
+from llama3.model.backends import TorchOps, get_ops
+from llama3.model.config import ModelArgs
+from llama3.model.functional import rope_inv_freq, rope_tables
+from llama3.weights.build import load_model
+from llama3.weights.hub import parse_device
 
 
 class RMSNorm(nn.Module):
@@ -36,45 +37,6 @@ class RMSNorm(nn.Module):
         # normalized in fp32 and rounded once to x's dtype (F.rms_norm computes 16-bit inputs in fp32),
         # then scaled: transformers' LlamaRMSNorm rounds in this order, so 16-bit outputs agree to the bit
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
-
-
-def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> Tensor:
-    """Inverse frequencies theta^(-2i/D), fp32, with Llama 3.1's wavelength-dependent scaling.
-
-    Computed on the CPU with the same fp32 ops as transformers, so angles (and logits) agree to the last
-    bit, then moved to `device` (on the meta device these ops would also import torch._dynamo: seconds).
-    """
-    D = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))
-    s = args.rope_scaling
-    if s is None:
-        return inv_freq.to(device)
-    L = s.original_max_position_embeddings
-    wavelen = 2 * torch.pi / inv_freq
-    # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, the band between blended
-    scaled = torch.where(wavelen > L / s.low_freq_factor, inv_freq / s.factor, inv_freq)
-    smooth = (L / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
-    in_band = (wavelen >= L / s.high_freq_factor) & (wavelen <= L / s.low_freq_factor)
-    return torch.where(in_band, blended, scaled).to(device)
-
-
-def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin of the angles (B, T, D/2) laid out for `apply_rope`: cat(cos, cos) and cat(-sin, sin),
-    each (B, T, 1, D). Built once per forward, used by every layer."""
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat((cos, cos), dim=-1).unsqueeze(2), torch.cat((-sin, sin), dim=-1).unsqueeze(2)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE (Su et al. 2021): rotates each pair (x[i], x[i + D/2]) by the angle position * inv_freq[i].
-
-    The rotate-half pairing of HF checkpoints (Meta's pairs (x[2i], x[2i+1]) are permuted into it when
-    loading). x (B, T, heads, D) is rotated in fp32, as Meta's reference does: x * cos + roll(x) * sin
-    is transformers' `x * cos + rotate_half(x) * sin` product for product, so fp32 results agree to the bit.
-    """
-    xf = x.float()
-    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -107,18 +69,6 @@ class KVCache(nn.Module):
         return view
 
 
-def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v, each group of H/KVH query heads sharing one key/value head.
-
-    q (B, T, H, D); keys, values (B, KVH, S, D); mask (B, 1, T, S) bool (True: attend), or None for causal
-    attention within the T new tokens. Returns (B, T, H, D) in q's dtype.
-    """
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-    )  # (B, H, T, D)
-    return out.transpose(1, 2).to(q.dtype)
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped-query attention (GQA, Ainslie et al. 2023): H query heads share
     KVH key/value heads in groups of H/KVH (Llama 3 8B: 32 and 8), so the cache holds KVH heads, not H."""
@@ -147,12 +97,6 @@ class Attention(nn.Module):
         q, keys, values = ops.rope_and_cache(q, k, v, cos, sin, cache, input_pos)  # q (B, T, H, D); (B, KVH, S, D)
         out = ops.attention(q, keys, values, mask, input_pos)  # softmax(q k^T / sqrt(D) + mask) v: (B, T, H, D)
         return ops.linear(out.reshape(B, T, H * D), self.wo)  # (B, T, dim)
-
-
-def swiglu(gate_up: Tensor) -> Tensor:
-    """silu(x w1) * (x w3), from the gate x w1 and up x w3 side by side in the last dimension."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class FeedForward(nn.Module):
@@ -199,7 +143,6 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args, self.tok_embeddings.weight.device), persistent=False)
-        from llama3.backends import TorchOps  # imported here: llama3.backends builds on this module
 
         self.ops: type[TorchOps] = TorchOps
         self.max_batch_size = self.max_seq_len = 0
@@ -215,14 +158,17 @@ class Transformer(nn.Module):
         progress: bool = True,
         group_size: int = 32,
         keep_output: bool = False,
+        shard: Any = None,
     ) -> Transformer:
-        """Loads a checkpoint: a local directory or file, or a Hugging Face repo id. See `llama3.checkpoint`.
+        """Loads a checkpoint: a local directory or file, or a Hugging Face repo id (`llama3.weights`).
 
         `quantize` "int8" or "int4" (with int4's `group_size`) stores the projections quantized, all but
-        the output projection with `keep_output`."""
-        from llama3.checkpoint import load_model
-
-        return load_model(src, device, dtype, backend, quantize, progress, group_size, keep_output)
+        the output projection with `keep_output`. `shard`: this rank's part under tensor parallelism
+        (`llama3.parallel.tp.TensorParallel`)."""
+        ops = get_ops(backend, parse_device(device))  # an unknown or unusable backend is refused before loading
+        model = load_model(src, device, dtype, quantize, progress, group_size, keep_output, shard, model_cls=cls)
+        model.set_ops(ops)
+        return model
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` would round the RoPE frequencies to bf16; recompute them in fp32 on the new device.

@@ -1,0 +1,302 @@
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llama3.checks import ParamError
+
+DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
+
+
+GROUP_SIZES = (32, 64, 128, 256)  # llama3.quantize.GROUP_SIZES, not imported: it would import torch for --help
+
+
+# The library's parameter names (ParamError.param) and the flags that set them: an error names what was typed.
+PARAM_FLAGS = {
+    "temperature": "--temperature/-t",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "max_new_tokens": "--max-new-tokens/-n",
+    "max_seq_len": "--max-seq-len/-c",
+    "speculate_k": "--speculate-k",
+    "prompt_lookup": "--prompt-lookup",
+    "max_length": "--max-length",
+    "stride": "--stride",
+    "group_size": "--group-size",
+}
+
+
+def _add_load_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HELP) -> None:
+    p.add_argument("--model", "-m", help=model_help)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (float32 for GGUF files)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="kernel implementation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "none"],
+        help="store the projections as int8 (per channel) or int4 (per group) weights, run with bfloat16 "
+        "activations (CPU); default: int4 for the embedded model on the CPU (its own 4-bit codes), else none",
+    )
+    p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
+    p.add_argument("--keep-output", action="store_true", help="with --quantize: leave the output projection float")
+    p.add_argument("--quiet", "-q", action="store_true", help="no model/progress/speed messages on stderr")
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for the model's matmuls (default: PyTorch's, one per core; OMP_NUM_THREADS sets it too). "
+        "On a machine busy with other work, --threads 1 can be several times faster",
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    _add_load_args(p)
+    _add_threads_arg(p)
+    p.add_argument(
+        "--adapter", metavar="DIR", help="apply a LoRA adapter (llama3 finetune's or PEFT's) without merging"
+    )
+    p.add_argument(
+        "--max-seq-len",
+        "-c",
+        type=int,
+        metavar="N",
+        help="context size: the most tokens (prompt + answer) the KV cache holds (default: the model's context)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        "-n",
+        type=int,
+        default=max_new_tokens,
+        metavar="N",
+        help="the most tokens to generate; -1: until a stop or the context is full (default: %(default)s)",
+    )
+    p.add_argument("--temperature", "-t", type=float, default=0.6, help="0 is greedy (default: %(default)s)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.9,
+        help="nucleus sampling: keep the likeliest tokens up to this mass (default: %(default)s)",
+    )
+    p.add_argument("--top-k", type=int, default=None, help="keep only the K most likely tokens (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STRING",
+        help="end the answer before this text (repeatable; e.g. --stop $'\\n\\n')",
+    )
+    p.add_argument(
+        "--draft",
+        metavar="SRC",
+        help="speculative decoding: a smaller model with the same vocabulary guesses, the model checks "
+        "(e.g. meta-llama/Llama-3.2-1B-Instruct for 3.1-8B); loaded with the model's --device/--dtype/--backend/"
+        "--quantize; same output distribution (same tokens when greedy); one prompt at a time",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        help="speculative decoding without a draft: guesses copied from where the last N (down to 1) tokens "
+        "occurred in the prompt or the answer so far (editing, summarising, code)",
+    )
+    p.add_argument(
+        "--speculate-k", type=int, default=4, metavar="K", help="guesses per step with --draft or --prompt-lookup (4)"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CPU: decode through a torch.compile'd block, about 2x the tokens/s of a quantized model after a "
+        "compile of some seconds (more on the very first run, before inductor's cache holds it); pays off for "
+        "long answers and chats",
+    )
+    p.add_argument(
+        "--chat-template",
+        choices=["auto", "builtin", "jinja"],
+        default="auto",
+        help="the checkpoint's own Jinja template (jinja), the hand-written Llama 3 / ChatML format (builtin), or "
+        "auto: the hand-written one where it equals the checkpoint's template (default: %(default)s)",
+    )
+
+
+def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
+    """Each of `flags` (attribute names) that is set must be >= 1; the error names the flag as typed."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {value}")
+
+
+def param_message(e: ParamError) -> str:
+    """A library ParamError as argparse words it, naming the flag (PARAM_FLAGS), not the Python parameter."""
+    return f"argument {PARAM_FLAGS.get(e.param, e.param)}: {e.problem}"
+
+
+def read_text(source: str | None) -> str:
+    """The UTF-8 text of the file `source`, or of stdin when None."""
+    try:
+        text = Path(source).read_text(encoding="utf-8") if source else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source or 'stdin'} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {source}: {e.strerror}") from None
+    return text
+
+
+def resolve_model_source(model: str | None) -> str | Path:
+    if model:
+        return model
+    from llama3.weights.hub import default_model
+
+    return default_model()
+
+
+def quantize_mode(args: argparse.Namespace) -> str | None:
+    """--quantize, or for the embedded model on the CPU (its projections are Q4_1) int4 with the file's codes."""
+    if args.quantize is not None:
+        return None if args.quantize == "none" else args.quantize
+    if args.model is None and args.dtype is None:
+        from llama3.weights.hub import parse_device
+
+        return "int4" if parse_device(args.device).type == "cpu" else None
+    return None
+
+
+def set_thread_defaults() -> None:
+    """GNU OpenMP (PyTorch's CPU build) threads spin-wait between parallel regions; on a machine whose cores
+    are busy with other work, a spinning thread holds a core another thread is waiting for, and `generate`
+    ran 5-30x slower than with one thread (benchmarks/results/threads-cpu.md). PASSIVE threads sleep instead.
+    Read by libgomp when torch loads, so set before torch is imported; the user's own setting wins."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def load(args: argparse.Namespace):
+    from llama3.generate.llama import Llama
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    src = resolve_model_source(args.model)
+    quantize = quantize_mode(args)
+    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"llama3: model {src}")
+    t0 = time.perf_counter()
+    llm = Llama.from_pretrained(
+        src,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        progress=not args.quiet,
+        max_seq_len=args.max_seq_len,
+        quantize=quantize,
+        group_size=args.group_size,
+        keep_output=args.keep_output,
+        chat_template=getattr(args, "chat_template", "auto"),
+        adapter=getattr(args, "adapter", None),
+        compile=getattr(args, "compile", False),
+    )
+    m = llm.model
+    load_s = time.perf_counter() - t0
+    log(
+        f"llama3: loaded in {load_s:.1f}s ({m.args.num_params() / 1e6:.0f}M params, "
+        f"{m.tok_embeddings.weight.dtype}{weights_note(m)}, "
+        f"{m.tok_embeddings.weight.device}, backend {m.ops.name})"
+    )
+    if getattr(args, "compile", False):
+        log("llama3: --compile: the first decode step compiles the block (seconds; inductor caches it on disk)")
+    return llm, log, load_s
+
+
+def weights_note(model) -> str:
+    """ ", int4 weights" when the projections are quantized (asked for, or as the checkpoint stores them)."""
+    w2 = model.layers[0].feed_forward.w2
+    kind = type(getattr(w2, "base", w2)).__name__  # under a LoRA adapter (--adapter), its frozen base
+    return {"Int8Linear": ", int8 weights", "Int4Linear": ", int4 weights"}.get(kind, "")
+
+
+def _budget(llm, n_prompt: int, max_new_tokens: int) -> int:
+    """The tokens an answer may take: -n, or with -1 whatever the context has left after the prompt."""
+    room = llm.context_length - n_prompt
+    if room < (1 if max_new_tokens == -1 else max_new_tokens):
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens and the context holds {llm.context_length}: no room for "
+            + ("an answer" if max_new_tokens == -1 else f"{max_new_tokens} new tokens (-n)")
+            + " (a shorter prompt, a smaller -n, or a larger --max-seq-len)"
+        )
+    return room if max_new_tokens == -1 else max_new_tokens
+
+
+def _check_draft(spec: dict[str, Any], n_prompt: int, n: int) -> None:
+    """The --draft model reads the prompt and the answer too: both must fit its context (it may be shorter)."""
+    draft = spec.get("draft")
+    if draft is not None and n_prompt + n > draft.context_length:
+        raise ValueError(
+            f"the prompt ({n_prompt} tokens) and {n} new tokens do not fit the --draft model's context of "
+            f"{draft.context_length} tokens (a shorter prompt or a smaller -n)"
+        )
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def _report(llm, log, max_new_tokens: int, interrupted: bool = False) -> None:
+    """Speed, and a marker when the answer did not end by itself: which limit cut it (-n N or the context), or
+    that it was interrupted."""
+    s = llm.last_stats
+    if not s:
+        return
+    if interrupted:
+        log("llama3: [stopped: interrupted]")
+    elif s.get("finish_reasons") == ["length"]:
+        if max_new_tokens == -1:  # -n -1: the answer took all the room the context had left
+            log(f"llama3: [stopped: the context is full (--max-seq-len {llm.context_length})]")
+        else:
+            log(f"llama3: [stopped at the -n {max_new_tokens} limit; a larger -n raises it]")
+    log(
+        f"llama3: {s['decode_steps']} tokens, first after {s['time_to_first_token_s'] * 1000:.0f} ms, "
+        f"{s['tokens_per_second']:.1f} tokens/s"
+    )
+    if s.get("drafted"):
+        log(f"llama3: {s['accepted']} of {s['drafted']} guesses accepted ({s['acceptance_rate']:.0%})")
+
+
+def speculation(args: argparse.Namespace, log) -> dict[str, Any]:
+    """The speculative-decoding options of `Llama.stream` (--draft, loaded here, or --prompt-lookup)."""
+    spec: dict[str, Any] = {"speculate_k": args.speculate_k}
+    if args.prompt_lookup is not None:
+        return {**spec, "prompt_lookup": args.prompt_lookup}
+    if not args.draft:
+        return {}
+    from llama3.generate.llama import Llama
+
+    log(f"llama3: draft {args.draft}")
+    quantize = None if args.quantize in (None, "none") else args.quantize
+    draft = Llama.from_pretrained(
+        args.draft,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        progress=not args.quiet,
+        quantize=quantize,
+        group_size=args.group_size,
+    )
+    return {**spec, "draft": draft}

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity by the strided sliding window (`perplexity`)."""

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int | None) -> Tensor:
+    """logits (B, V) -> the distribution (B, V) fp32 that `sample` draws from.
+
+    temperature 0 (greedy) is the one-hot of the argmax. top_k keeps the k most likely tokens; top_p keeps,
+    in order of probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does
+    (it zeroes `cumsum - p_i > p`): the smallest set reaching p, plus the token that lands exactly on p.
+    The result is not renormalised after top-p; `draw` does not need it to be.
+
+    Tiny temperatures give their limit, the one-hot of the argmax (tied maxima share its mass equally, the
+    limit of softmax; temperature 0 instead picks the first): the logits are shifted so their maximum is 0
+    before dividing, so `logit / temperature` cannot overflow to inf (inf - inf is NaN in softmax), and a
+    temperature below float32's smallest normal number divides as that number (below float32's subnormals
+    it would round to 0, and 0 / 0 is NaN), which already leaves every other token exp(-huge) = 0.
+    """
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.float().argmax(dim=-1), logits.shape[-1]).float()
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def draw(probs: Tensor, generator=None) -> Tensor:
+    """One token per row of `probs` (B, V), in proportion to its (not necessarily normalised) weights.
+
+    Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p).
+    Unlike torch.multinomial it needs no renormalisation and no host sync.
+    """
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / race).argmax(dim=-1)
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, generator=None) -> Tensor:
+    """logits (B, V) -> token ids (B,), on the device, with no host sync (so it can be graph-captured):
+    a draw from `sampling_probs`; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.float().argmax(dim=-1)  # same index; CPU argmax over bf16 is 2x slower than over fp32
+    return draw(sampling_probs(logits, temperature, top_p, top_k), generator)

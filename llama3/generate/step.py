@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from llama3.generate.params import SamplingParams
+from llama3.generate.sampling import sample
+from llama3.model.transformer import Transformer, TransformerBlock
+
+
+def compiled_block() -> Callable:
+    """`TransformerBlock.forward` through torch.compile, for the decode step of `Llama(compile=True)`.
+
+    One graph serves every layer (the blocks differ only in their weights, which dynamo passes as inputs),
+    so compiling takes seconds rather than a minute for a whole model, and decode runs each block as a few
+    fused C++ loops around the matmuls instead of dozens of small ops. Shapes are static (dynamic ones
+    measured 4-10x slower here): each batch size and `attention_window` compiles again; dynamo keeps 8
+    variants, then runs the block eagerly.
+
+    Close to eager decode, not bit-identical: inductor rounds to bf16/fp16 where eager PyTorch does
+    (`emulate_precision_casts`), but two float32 reductions round differently, by about 1 ulp: inductor's
+    own RMSNorm loop sums the squares in another order, and SDPA's CPU kernel groups its sums (softmax
+    denominator, probabilities @ V) by the number of slots, here the padded window rather than the slots in
+    use. A later bf16 rounding can make that a bf16 step of a hidden state, and greedy decoding then picks
+    another token where the top two logits are that close (the embedded SmolLM2 in int4: "Once upon a time"
+    from its 14th token). Running both reductions as eager's inside the graph (opaque custom ops) made the
+    logits equal but the step slower than eager (27 against 31 tok/s; 38 as here), so they stay fused.
+    """
+    return torch.compile(TransformerBlock.forward, dynamic=False, options={"emulate_precision_casts": True})
+
+
+def attention_window(kv_len: int, cache_len: int) -> int:
+    """The cache slots a compiled step attends over: `kv_len` rounded up to 256 * 2^k, at most the cache.
+
+    A static shape for many steps (a chat compiles a few windows, not one per token), and past 256 slots
+    never more than twice those in use: attention over empty masked slots is not free (SmolLM2 in int4 on
+    the 2-core CPU: 7 ms more a step for each 256)."""
+    window = 256
+    while window < kv_len:
+        window *= 2
+    return min(window, cache_len)
+
+
+class DecodeStep:
+    """One decode step (forward of one token per row + sampling), eager or as a replayed CUDA graph.
+
+    With `static=True` the step reads its tokens and positions from fixed buffers and attends over
+    the whole cache (no host-known `kv_len`): the form a CUDA graph captures. On CUDA it is then
+    captured once and replayed; elsewhere the same body runs eagerly (how tests check it on CPU).
+    Otherwise it attends over the `kv_len` slots in use, or, with `run_block` (`compiled_block`, which
+    runs each block), over their `attention_window`.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        batch_size: int,
+        params: SamplingParams,
+        generator,
+        static: bool,
+        run_block: Callable | None = None,
+    ):
+        self.model, self.params, self.generator = model, params, generator
+        self.graph = None
+        self.static = static
+        self.run_block = run_block
+        if static:
+            device = model.inv_freq.device
+            self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            # slot 0: capture runs before the prefill, which overwrites whatever the warm-up wrote there
+            self.input_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            if device.type == "cuda":
+                self._capture()
+
+    def _eager(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None, run_block=None) -> Tensor:
+        logits = self.model(tokens, input_pos, kv_len=kv_len, run_block=run_block)
+        p = self.params
+        return sample(logits[:, -1], p.temperature, p.top_p, p.top_k, self.generator)
+
+    def _static_body(self) -> Tensor:
+        """What the graph captures: fixed input buffers, and every cache slot (masked) in attention."""
+        return self._eager(self.tokens, self.input_pos, run_block=self.run_block)
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, kernel choice, allocator
+            for _ in range(2):
+                self._static_body()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            self.next_tokens = self._static_body()
+        self.graph = graph
+
+    def __call__(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+        """Next tokens (B,) after `tokens` (B, 1) at slots `input_pos` (B, 1), all below `kv_len`."""
+        if not self.static:
+            if self.run_block is None:
+                return self._eager(tokens, input_pos, kv_len)
+            return self._eager(tokens, input_pos, attention_window(kv_len, self.model.max_seq_len), self.run_block)
+        self.tokens.copy_(tokens)
+        self.input_pos.copy_(input_pos)
+        if self.graph is None:
+            return self._static_body()
+        self.graph.replay()
+        return self.next_tokens.clone()  # the static buffer is overwritten by the next replay

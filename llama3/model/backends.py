@@ -1,0 +1,195 @@
+"""Backends: the one place where faster forms of the model's math live, each equal to the reference.
+
+`llama3.model` computes the paper's math in its modules' `forward`s and consults a backend, `ops`, at five
+named seams: `linear` (every projection; the reference is F.linear), `rope_and_cache` (`apply_rope` on q
+and k, then `KVCache.update`), `attention` (the reference `attention`), `swiglu` (the reference `swiglu`)
+and `run_block` (`TransformerBlock.forward`). A backend is a class of static methods, chosen once by
+`get_ops` and stored on the model (`Transformer.set_ops`). `TorchOps`, the PyTorch backend and the default,
+runs the reference forms with the CPU's speed-ups: a 16-bit model's cache kept in fp32, the decode step's
+projections as weight @ x.T, grouped-query decode attention without copies of K and V. `TritonOps` swaps in
+the Triton kernels of `llama3.kernels`: RMSNorm with the block's residual add fused in, RoPE fused into the
+cache write, flash-decoding, a split-K GEMV and the int8/int4 GEMVs. tests/test_backends.py proves each
+form equal to the reference on random inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llama3.model.functional import apply_rope, attention, swiglu
+from llama3.quant.weight_only import Int4Linear, Int8Linear
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_missing() -> str | None:
+    """Why the Triton backend cannot load here, or None when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton)"
+    if importlib.util.find_spec("llama3.kernels") is None:  # kernels/ ships as llama3.kernels when installed
+        return "llama3.kernels is not importable: install this package (pip install -e .), not just its checkout"
+    return None
+
+
+def get_ops(backend: str, device: torch.device | str) -> type[TorchOps]:
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return TorchOps
+    missing = triton_missing()
+    if backend == "auto":
+        if missing:  # the same numbers, only slower: say so once
+            warnings.warn(f"using the PyTorch backend on CUDA (slower): {missing}", stacklevel=3)
+            return TorchOps
+        return TritonOps
+    if missing:
+        raise RuntimeError(f"backend='triton' cannot run: {missing}")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' runs on CUDA devices, not {device.type}; "
+            "set TRITON_INTERPRET=1 before importing llama3 to run the kernels on CPU (slow, for tests)"
+        )
+    return TritonOps
+
+
+class TorchOps:
+    """The reference forms in PyTorch, with the speed-ups measured on the CPU (numbers: the 2-core CI CPU)."""
+
+    name = "torch"
+
+    @staticmethod
+    def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """How the KV cache stores keys and values computed in `dtype`.
+
+        On the CPU a 16-bit model's cache is kept in fp32: the same (already rounded) values, but attention
+        then reads them directly instead of converting the whole cache to fp32 at every layer of every
+        step (CPUs without 16-bit units compute in fp32 anyway). Twice the cache memory, for decode
+        attention 1.3x faster at 30 cached tokens and 1.7x at 500 (SmolLM2 shapes).
+        """
+        return torch.float32 if torch.device(device).type == "cpu" and dtype.itemsize == 2 else dtype
+
+    @staticmethod
+    def run_block(layer: nn.Module, x: Tensor, cos, sin, mask, input_pos, ops) -> Tensor:
+        """The reference: the block's own `forward` (`TransformerBlock.forward`)."""
+        return layer(x, cos, sin, mask, input_pos, ops)
+
+    swiglu = staticmethod(swiglu)
+
+    @staticmethod
+    def rope_and_cache(
+        q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: nn.Module | None, input_pos: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """apply_rope(q), and keys, values: KVCache.update(input_pos, apply_rope(k), v), or without a cache
+        this sequence's own (B, KVH, T, D).
+
+        The cache writes in place through a (B, S, KVH, D) view so the two indexed dimensions are adjacent:
+        `cache.k[rows, :, input_pos] = k` takes a slow path (8 ms per 32-token prefill write, against
+        0.25 ms).
+        """
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            return q, k.transpose(1, 2), v.transpose(1, 2)
+        return (q, *cache.update(input_pos, k, v))
+
+    @staticmethod
+    def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        """The reference `attention` over the slots the mask covers (kv_len: the rest of the cache is empty)."""
+        B, T, H, D = q.shape
+        KVH = keys.shape[1]
+        if mask is not None:
+            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
+        if T == 1 and mask is not None:
+            # Decode: one query per row, so the H/KVH query heads sharing a key/value head can be that
+            # head's queries: (B, KVH, H/KVH, D) against (B, KVH, S, D), with no copies of K and V
+            out = F.scaled_dot_product_attention(
+                q.to(keys.dtype).view(B, KVH, H // KVH, D), keys, values, attn_mask=mask
+            )
+            return out.to(q.dtype).view(B, 1, H, D)
+        if mask is not None and q.is_cuda and H != KVH:
+            # Flash attention takes no mask; the memory-efficient kernel takes one but not grouped heads in
+            # every torch release, leaving the O(T^2)-memory math kernel. Expanded heads cost one copy of K, V.
+            keys, values = keys.repeat_interleave(H // KVH, dim=1), values.repeat_interleave(H // KVH, dim=1)
+        return attention(q, keys, values, mask)
+
+    @staticmethod
+    def linear(x: Tensor, layer: nn.Module) -> Tensor:
+        """F.linear(x, layer.weight); `layer` is an `nn.Linear`, or a module holding a quantized weight
+        (`llama3.quantize`) that runs its own kernel."""
+        if not isinstance(layer, nn.Linear):
+            return layer(x)
+        w, rows = layer.weight, x.shape[0]
+        if w.device.type == "cpu" and w.dtype == torch.float32 and x.shape[1:-1] == (1,) and 1 < rows <= 64:
+            # A decode step of a few rows: MKL computes weight @ x.T 1.2-3.5x faster than x @ weight.T on
+            # 2 threads (a 128,256-token output projection for 16 rows: 39 against 58 ms), the same products
+            # in another order. The result is that product's transpose, a view. (Prefill keeps F.linear,
+            # transformers' kernel, so prompt logits match it to the last bits.)
+            return torch.mm(w, x.reshape(rows, -1).t()).t().view(*x.shape[:-1], -1)
+        return F.linear(x, w)
+
+
+class TritonOps(TorchOps):
+    name = "triton"
+
+    @staticmethod
+    def run_block(layer: nn.Module, x: Tensor, cos, sin, mask, input_pos, ops) -> Tensor:
+        """`TransformerBlock.forward` with the residual add inside the second norm's kernel:
+        (norm(h), h) with h = x + attention(norm(x)) in one pass over h."""
+        from llama3.kernels.rms_norm import rms_norm
+
+        normed, _ = rms_norm(x, layer.attention_norm.weight, layer.attention_norm.eps)
+        attn = layer.attention(normed, cos, sin, mask, input_pos, ops)
+        normed, h = rms_norm(attn, layer.ffn_norm.weight, layer.ffn_norm.eps, x)
+        return h + layer.feed_forward(normed, ops)
+
+    @staticmethod
+    def rope_and_cache(q, k, v, cos, sin, cache: nn.Module | None, input_pos):
+        if cache is None:  # the cache-free forward is not a hot path
+            return TorchOps.rope_and_cache(q, k, v, cos, sin, None, None)
+        from llama3.kernels.rope import rope_and_cache
+
+        # the kernel pairs x[i] with x[i + D/2] itself: it takes cos and sin once, (B, T, D/2) views of
+        # the reference tables cat(cos, cos) and cat(-sin, sin)
+        half = q.shape[-1] // 2
+        q = rope_and_cache(q, k, v, cos[:, :, 0, :half], sin[:, :, 0, half:], cache.k, cache.v, input_pos)
+        return q, cache.k[: q.shape[0]], cache.v[: q.shape[0]]
+
+    @staticmethod
+    def attention(q, keys, values, mask, input_pos):
+        if q.shape[1] != 1 or mask is None:  # prefill: PyTorch SDPA (flash attention on CUDA)
+            return TorchOps.attention(q, keys, values, mask, input_pos)
+        from llama3.kernels.decode_attention import decode_attention
+
+        # one new token per row: row b attends to cache slots 0..input_pos[b]
+        return decode_attention(q[:, 0], keys, values, input_pos[:, 0]).unsqueeze(1)
+
+    @staticmethod
+    def swiglu(gate_up: Tensor) -> Tensor:
+        from llama3.kernels.swiglu import swiglu
+
+        return swiglu(gate_up)
+
+    @staticmethod
+    def linear(x: Tensor, layer: nn.Module) -> Tensor:
+        from llama3.kernels.gemv import best_gemv_config, gemv
+
+        if not isinstance(layer, nn.Linear):
+            if isinstance(layer, (Int8Linear, Int4Linear)) and layer.layout == "gpu":  # codes our kernels read
+                from llama3.kernels.quant_gemv import quantized_matmul
+
+                return quantized_matmul(x, layer)
+            return layer(x)  # codes packed for PyTorch's CPU kernels (the interpreter, in tests) run those
+        weight = layer.weight
+        rows = x.numel() // x.shape[-1]
+        if rows > 16:  # prefill: a matrix-matrix product, cuBLAS's home ground
+            return F.linear(x, weight)
+        if x.device.type != "cuda":  # the interpreter (tests): always the kernel, nothing to time
+            return gemv(x, weight)
+        config = best_gemv_config(rows, weight)  # (num_splits, block_n), or None: cuBLAS is faster here
+        return F.linear(x, weight) if config is None else gemv(x, weight, *config)

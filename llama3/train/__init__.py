@@ -1,0 +1,1 @@
+"""Training: LoRA / QLoRA supervised fine-tuning on chat rows (`finetune`)."""
