@@ -175,7 +175,8 @@ def decode_attention(
     q: [B, H, D] (already rotated); k_cache, v_cache: [B_max, KVH, S, D], rows 0..B-1 used;
     input_pos: LongTensor [B] (per row: right-padded ragged batches) or [1] (shared), on the device:
     the slot of the current token. seq_start: optional LongTensor [B], the first valid slot of each
-    row (for left-padded batches; default 0); must be <= input_pos. scale defaults to 1/sqrt(D).
+    row (default 0, which is what the model uses: it pads ragged batches on the right, so every row
+    starts at slot 0 and only its input_pos differs); must be <= input_pos. scale defaults to 1/sqrt(D).
     num_splits overrides the split count chosen from B, KVH and S.
     Returns [B, H, D] in q's dtype. No host synchronization: safe to capture in a CUDA graph.
     """

@@ -2,8 +2,8 @@
 
 At batch 1 a linear layer is a matrix-vector product bound by reading the weight once. cuBLAS
 reaches 2.0-2.4 TB/s on the large Llama-3-8B matrices but only 0.6-1.0 TB/s on the small ones
-(qkv 6144x4096, o 4096x4096; see DESIGN.md): with one output tile per program there are too few
-programs to keep every SM streaming. Splitting K as well gives a few waves of programs for any
+(qkv 6144x4096, o 4096x4096; measured on an H100, docs/llama3-facts.md): with one output tile per
+program there are too few programs to keep every SM streaming. Splitting K as well gives a few waves of programs for any
 shape; each split writes an fp32 partial and a small kernel sums them in a fixed order, so results
 are deterministic (no atomics).
 

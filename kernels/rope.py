@@ -135,8 +135,10 @@ def rope_and_cache(
     """Rotate q and k, write k and v into the caches at slots `input_pos`, return the rotated q.
 
     q: [B, T, H, D]; k, v: [B, T, KVH, D] (views of a fused qkv output are fine: any strides);
-    cos, sin: [B, T, D/2] float32, per row so that left-padded ragged batches get their own
-    positions; k_cache, v_cache: [B_max, KVH, S, D] with B <= B_max (rows 0..B-1 are written);
+    cos, sin: [B, T, D/2] float32, per row so that each row of a ragged batch gets its own
+    positions (the model pads ragged batches on the right: every row starts at position 0, and in a
+    decode step each row is at its own position); k_cache, v_cache: [B_max, KVH, S, D] with
+    B <= B_max (rows 0..B-1 are written);
     input_pos: LongTensor of cache slots, [T] (shared by every row) or [B, T] (per row, e.g. an
     expanded view: any strides); read on the device, so no host sync.
     """

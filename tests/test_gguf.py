@@ -427,7 +427,7 @@ def test_llama3_gguf_tokenizer_equals_tiktoken_on_metas_ranks(llama3_gguf, llama
     from llama3.text.tokenizer import llama3_special_token_names
 
     tok = load_gguf_tokenizer(llama3_gguf[0])
-    # Meta's tokenizer: tiktoken, Meta's pattern (DESIGN.md), the ranks of tokenizer.model
+    # Meta's tokenizer: tiktoken, Meta's pattern (docs/llama3-facts.md), the ranks of tokenizer.model
     meta = tiktoken.Encoding(
         "llama3",
         pat_str=r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -558,7 +558,7 @@ def test_decode_takes_ids_as_list_tuple_tensor_or_array(llm):
     import numpy as np
 
     for ids in ([9906, 1917], (9906, 1917), torch.tensor([9906, 1917]), np.array([9906, 1917])):
-        assert llm.tokenizer.decode(ids) == "Hello world"  # Meta's ids for "Hello world" (DESIGN.md)
+        assert llm.tokenizer.decode(ids) == "Hello world"  # Meta's ids for "Hello world" (docs/llama3-facts.md)
 
 
 # --- 5. token tensors the model cannot embed -----------------------------------------------------

@@ -47,7 +47,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def llama3_rope_bands(head_dim: int, theta: float, scaling: dict) -> dict[str, list[float]]:
     """The published frequencies theta^(-2i/D), sorted into the bands of Llama 3.1's scaling (llama-models'
-    `apply_scaling`, DESIGN.md): wavelength 2*pi/f below L/high_freq_factor kept, above L/low_freq_factor
+    `apply_scaling`, docs/llama3-facts.md): wavelength 2*pi/f below L/high_freq_factor kept, above L/low_freq_factor
     divided by `factor`, blended in between (L = original_max_position_embeddings)."""
     L = scaling["original_max_position_embeddings"]
     bands = {"kept": [], "blended": [], "divided": []}
@@ -296,7 +296,7 @@ def test_cache_misuse_is_reported():
 
 # --- ModelArgs, presets and config readers ------------------------------------------------------
 
-# DESIGN.md's table (from the official config.json files): dim, layers, heads, kv heads, ffn, tied, context
+# docs/llama3-facts.md's table (from the official config.json files): dim, layers, heads, kv heads, ffn, tied, context
 PUBLISHED_SHAPES = {
     "llama-3-8b": (4096, 32, 32, 8, 14336, False, 8192),
     "llama-3-70b": (8192, 80, 64, 8, 28672, False, 8192),

@@ -294,7 +294,7 @@ PRESETS: dict[str, ModelArgs] = {
         rope_scaling=RopeScaling(factor=32.0),
         **_L3,
     ),
-    # Not a released model: the Llama-3-shaped 155M config the CPU benchmarks use (DESIGN.md).
+    # Not a released model: the Llama-3-shaped 155M config the CPU benchmarks use (docs/llama3-facts.md).
     "llama-3-155m": ModelArgs(
         dim=512,
         n_layers=8,
