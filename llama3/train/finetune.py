@@ -47,7 +47,6 @@ from llama3.model.lora import (
     lora_parameters,
     read_adapter,
     save_adapter,
-    save_merged,
     set_adapter_weights,
 )
 from llama3.train.data import (
@@ -59,6 +58,7 @@ from llama3.train.data import (
     prepare,
     read_chat_rows,
 )
+from llama3.train.merge import save_merged
 from llama3.weights.hub import resolve
 from llama3.weights.save import check_output, write_text
 
