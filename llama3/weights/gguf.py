@@ -47,14 +47,8 @@ from llama3.model.config import ModelArgs, RopeScaling
 from llama3.model.functional import rope_inv_freq
 from llama3.quant.ggml import GGML_TYPES, INT4_BLOCKS, SUPPORTED_TYPES, GGUFError, dequantize, quantized_codes
 from llama3.quant.weight_only import QuantizedWeight
-from llama3.text.tokenizer import (
-    GPT2_PAT_STR,
-    LLAMA3_PAT_STR,
-    Tokenizer,
-    TokenizerError,
-    bytes_to_unicode,
-    without_missing_bytes,
-)
+from llama3.text.bpe import GPT2_PAT_STR, TokenizerError, bytes_to_unicode, without_missing_bytes
+from llama3.text.tokenizer import LLAMA3_PAT_STR, Tokenizer
 
 _MISSING = object()
 
