@@ -104,7 +104,7 @@ def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
     """The rows as `llama3.finetune` encodes them (our tokenizer and chat format): the llama3 run's ids and labels."""
     from llama3.text.chat_format import chat_format_for
     from llama3.train.data import prepare, read_chat_rows
-    from llama3.weights.gguf import load_gguf_tokenizer
+    from llama3.weights.gguf_tokenizer import load_gguf_tokenizer
 
     chat_format = chat_format_for(load_gguf_tokenizer(gguf))
     return prepare(read_chat_rows(DATA), chat_format, args.max_seq_len, str(DATA), lambda msg: None)
