@@ -103,8 +103,8 @@ def load_avg() -> list[float]:
 def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
     """The rows as `llama3.finetune` encodes them (our tokenizer and chat format): the llama3 run's ids and labels."""
     from llama3.text.chat_format import chat_format_for
-    from llama3.train.finetune import prepare, read_chat_rows
-    from llama3.weights.gguf import load_gguf_tokenizer
+    from llama3.train.data import prepare, read_chat_rows
+    from llama3.weights.gguf_tokenizer import load_gguf_tokenizer
 
     chat_format = chat_format_for(load_gguf_tokenizer(gguf))
     return prepare(read_chat_rows(DATA), chat_format, args.max_seq_len, str(DATA), lambda msg: None)
@@ -113,7 +113,7 @@ def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
 def training_batches(train: list, args: argparse.Namespace) -> list[list[int]]:
     """The 2 x steps batches (row indices) `llama3.finetune` trains on: epoch after epoch of length-grouped batches
     (the last batch of an epoch can be short: 26 rows make batches of 8, 8, 8 and 2)."""
-    from llama3.train.finetune import length_grouped_batches
+    from llama3.train.data import length_grouped_batches
 
     lengths = [len(e.ids) for e in train]
     n_batches = -(-len(train) // args.batch_size)
@@ -189,7 +189,7 @@ def run_peft(args: argparse.Namespace) -> dict:
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from llama3.train.finetune import collate
+    from llama3.train.data import collate
     from llama3.weights.hub import default_model
 
     gguf = default_model()
@@ -238,7 +238,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from llama3.train.finetune import IGNORE
+    from llama3.train.data import IGNORE
     from llama3.weights.hub import default_model
 
     gguf = default_model()

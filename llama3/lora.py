@@ -1,7 +1,7 @@
 """Deprecated: `llama3.lora` moved into the layered packages in llama3 0.2; this alias goes in 0.3.
 
 Import from the new module(s) instead:
-`llama3.model.lora`.
+`llama3.model.lora`, `llama3.train.merge`.
 """
 
 import warnings
@@ -26,9 +26,9 @@ from llama3.model.lora import (  # noqa: F401
     merge_lora,
     read_adapter,
     save_adapter,
-    save_merged,
     set_adapter_weights,
     unmerge_lora,
 )
+from llama3.train.merge import save_merged  # noqa: F401
 
 warnings.warn("llama3.lora is deprecated: import from the modules this alias names", DeprecationWarning, stacklevel=2)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import CHAT_DIALOGS, hf_llama3_tokenizer, llama3_tokenizer_file
 
+from llama3.text.bpe import GPT2_PAT_STR
 from llama3.text.chat_format import ChatFormat, ChatMLFormat, builtin_chat_format, chat_format_for
 from llama3.text.template import JinjaChatFormat
-from llama3.text.tokenizer import GPT2_PAT_STR, Tokenizer, TokenizerError
+from llama3.text.tokenizer import Tokenizer, TokenizerError
 
 # SmolLM2-Instruct's template: ChatML with a default system message.
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -227,7 +227,7 @@ def smollm2_pair():
     """(our tokenizer, transformers' tokenizer), both read from the embedded GGUF file."""
     from transformers import AutoTokenizer
 
-    from llama3.weights.gguf import load_gguf_tokenizer
+    from llama3.weights.gguf_tokenizer import load_gguf_tokenizer
     from llama3.weights.hub import default_model
 
     path = default_model()

@@ -19,19 +19,16 @@ from conftest import tiny_hf_model
 
 from llama3.model.lora import LoRAConfig, add_lora, lora_parameters
 from llama3.model.transformer import Transformer
-from llama3.train.finetune import (
+from llama3.train.data import (
     IGNORE,
     DataError,
-    TrainConfig,
     collate,
-    enable_gradient_checkpointing,
     encode_example,
-    finetune,
     length_grouped_batches,
     prepare,
     read_chat_rows,
-    token_loss_sum,
 )
+from llama3.train.finetune import TrainConfig, enable_gradient_checkpointing, finetune, token_loss_sum
 
 DIALOGS = [
     [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "My name is Ada."}],

@@ -23,8 +23,10 @@ import torch
 from llama3.model.config import ModelArgs, RopeScaling
 from llama3.model.functional import rope_inv_freq
 from llama3.quant.ggml import GGUFError, dequantize
-from llama3.text.tokenizer import Tokenizer, bytes_to_unicode
-from llama3.weights.gguf import find_smollm2_gguf, load_gguf_state_dict, load_gguf_tokenizer, read_gguf_config
+from llama3.text.bpe import bytes_to_unicode
+from llama3.text.tokenizer import Tokenizer
+from llama3.weights.gguf import find_smollm2_gguf, load_gguf_state_dict, read_gguf_config
+from llama3.weights.gguf_tokenizer import load_gguf_tokenizer
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

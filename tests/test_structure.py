@@ -156,13 +156,9 @@ def test_no_import_circle_between_the_librarys_modules():
 
 
 def test_no_module_is_over_about_500_lines():
-    # a reader holds one file in their head; the two larger ones are whole on purpose (see docs/reading-the-code.md)
+    # a reader holds one file in their head; serve/app.py is still over it until it is split along its seams
     allowed = {
-        "llama3/text/tokenizer.py": 700,
         "llama3/serve/app.py": 700,
-        "llama3/weights/gguf.py": 650,
-        "llama3/model/lora.py": 600,
-        "llama3/train/finetune.py": 630,
     }
     long = {}
     for f in sorted((ROOT / "llama3").rglob("*.py")):

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
 
+from llama3.text.bpe import GPT2_PAT_STR
 from llama3.text.tokenizer import (
-    GPT2_PAT_STR,
     LLAMA3_PAT_STR,
     StreamDecoder,
     Tokenizer,

@@ -148,7 +148,7 @@ class Llama:
             load_adapter(model, adapter)
         gguf = gguf_file(path)
         if gguf is not None:
-            from llama3.weights.gguf import load_gguf_tokenizer
+            from llama3.weights.gguf_tokenizer import load_gguf_tokenizer
 
             tokenizer = load_gguf_tokenizer(gguf)
         else:
