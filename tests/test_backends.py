@@ -77,7 +77,9 @@ def test_graph_form_decode_step_matches_torch_backend(tiny_hf):
     fill_cache_with_garbage(graph_form.model, batch=2, slots=256)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     assert graph_form.generate(prompts, 8, temperature=0) == eager.generate(prompts, 8, temperature=0)
-    assert all(step.static and (step.graph is not None) == (DEVICE == "cuda") for step in graph_form._steps.values())
+    assert all(
+        step.static and (step.captured.graph is not None) == (DEVICE == "cuda") for step in graph_form._steps.values()
+    )
 
 
 def test_backend_choice():

@@ -4,8 +4,8 @@ Grouped-query attention with a mask expands the key/value heads with `repeat_int
 query is on CUDA (`TorchOps.attention`); a tensor subclass that reports `is_cuda` takes that branch on
 the CPU, and the result is checked against grouped-query attention written out from its definition
 (query head h reads key/value head h // (H / KVH), Meta's `repeat_kv`). What cannot run here: the CUDA
-graph capture and replay itself (`DecodeStep._capture`); its body, `DecodeStep._static_body`, is run
-eagerly on the CPU by test_generation's graph-form tests.
+graph capture and replay itself (`CapturedStep._capture`); its eager path runs on the CPU in test_graphs, and
+the body it captures for generation, `DecodeStep._static_body`, in test_generation's graph-form tests.
 """
 
 from __future__ import annotations

@@ -317,7 +317,7 @@ def test_graph_form_decode_step_equals_transformers_over_a_stale_cache(checkpoin
     prompts = encode_all(llm)
     fill_cache_with_garbage(llm.model, batch=2, slots=256)
     assert llm.generate(prompts[:2], 12, temperature=0, stop_tokens=[]) == [hf_greedy(hf, p, 12) for p in prompts[:2]]
-    assert all(step.static and step.graph is None for step in llm._steps.values())
+    assert all(step.static and step.captured.graph is None for step in llm._steps.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -331,7 +331,7 @@ def test_cuda_graph_replay_gives_the_eager_tokens(checkpoint, backend):
         a = graphed.generate(prompts, 24, stop_tokens=[], **kwargs)
         b = eager.generate(prompts, 24, stop_tokens=[], **kwargs)
         assert a == b
-    assert any(s.graph is not None for s in graphed._steps.values())
+    assert any(s.captured.graph is not None for s in graphed._steps.values())
 
 
 def test_compiled_decode_gives_transformers_tokens(checkpoint, llm):

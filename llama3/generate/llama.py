@@ -12,7 +12,6 @@ import contextlib
 import operator
 import os
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -377,13 +376,11 @@ class Llama:
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
         key = (batch_size, params)
         if key not in self._steps:
-            try:  # static: captured on CUDA; on a CPU (cuda_graphs=True) the same graph-form step runs eagerly
-                self._steps[key] = DecodeStep(
-                    self.model, batch_size, params, self._generator, self.cuda_graphs, self._run_block
-                )
-            except (RuntimeError, AttributeError) as e:  # same numbers either way; only the speed differs
-                warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3)
-                self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, static=False)
+            # static: captured on CUDA; on a CPU (cuda_graphs=True), or if the capture fails (it warns), the same
+            # graph-form step runs eagerly
+            self._steps[key] = DecodeStep(
+                self.model, batch_size, params, self._generator, self.cuda_graphs, self._run_block
+            )
         return self._steps[key]
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

@@ -5,6 +5,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from llama3.generate.graphs import CapturedStep
 from llama3.generate.params import SamplingParams
 from llama3.generate.sampling import sample
 from llama3.model.transformer import Transformer, TransformerBlock
@@ -48,7 +49,8 @@ class DecodeStep:
 
     With `static=True` the step reads its tokens and positions from fixed buffers and attends over
     the whole cache (no host-known `kv_len`): the form a CUDA graph captures. On CUDA it is then
-    captured once and replayed; elsewhere the same body runs eagerly (how tests check it on CPU).
+    captured once and replayed (`CapturedStep`); elsewhere, or if the capture fails, the same body runs
+    eagerly (how tests check it on CPU).
     Otherwise it attends over the `kv_len` slots in use, or, with `run_block` (`compiled_block`, which
     runs each block), over their `attention_window`.
     """
@@ -63,39 +65,25 @@ class DecodeStep:
         run_block: Callable | None = None,
     ):
         self.model, self.params, self.generator = model, params, generator
-        self.graph = None
         self.static = static
         self.run_block = run_block
+        self.captured: CapturedStep | None = None
         if static:
             device = model.inv_freq.device
-            self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             # slot 0: capture runs before the prefill, which overwrites whatever the warm-up wrote there
-            self.input_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-            if device.type == "cuda":
-                self._capture()
+            input_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            generators = () if generator is None else (generator,)
+            self.captured = CapturedStep(self._static_body, (tokens, input_pos), generators)
 
     def _eager(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None, run_block=None) -> Tensor:
         logits = self.model(tokens, input_pos, kv_len=kv_len, run_block=run_block)
         p = self.params
         return sample(logits[:, -1], p.temperature, p.top_p, p.top_k, self.generator)
 
-    def _static_body(self) -> Tensor:
+    def _static_body(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """What the graph captures: fixed input buffers, and every cache slot (masked) in attention."""
-        return self._eager(self.tokens, self.input_pos, run_block=self.run_block)
-
-    def _capture(self) -> None:
-        graph = torch.cuda.CUDAGraph()
-        if self.generator is not None:
-            graph.register_generator_state(self.generator)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, kernel choice, allocator
-            for _ in range(2):
-                self._static_body()
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            self.next_tokens = self._static_body()
-        self.graph = graph
+        return self._eager(tokens, input_pos, run_block=self.run_block)
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
         """Next tokens (B,) after `tokens` (B, 1) at slots `input_pos` (B, 1), all below `kv_len`."""
@@ -103,9 +91,4 @@ class DecodeStep:
             if self.run_block is None:
                 return self._eager(tokens, input_pos, kv_len)
             return self._eager(tokens, input_pos, attention_window(kv_len, self.model.max_seq_len), self.run_block)
-        self.tokens.copy_(tokens)
-        self.input_pos.copy_(input_pos)
-        if self.graph is None:
-            return self._static_body()
-        self.graph.replay()
-        return self.next_tokens.clone()  # the static buffer is overwritten by the next replay
+        return self.captured(tokens, input_pos)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from llama3.generate.graphs import CapturedStep
 from llama3.generate.llama import Llama
 from llama3.generate.params import SamplingParams
 from llama3.generate.sampling import sample
@@ -139,7 +140,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_step: CapturedStep | None = None  # the decode step with static_decode
         self.steps = 0  # decode steps run
         self.tokens_generated = 0
 
@@ -310,32 +311,10 @@ class Engine:
 
     def _setup_static(self) -> None:
         B = self.max_batch_size
-        self._static_tokens = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        self._static_pos = torch.full((B, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device)
-        if self.device.type != "cuda":
-            return
-        try:
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.inference_mode(), torch.cuda.stream(stream):  # warm-up: lazy inits, kernel choice
-                for _ in range(2):
-                    self.model(self._static_tokens, self._static_pos)
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.inference_mode(), torch.cuda.graph(graph):
-                self._static_logits = self.model(self._static_tokens, self._static_pos)
-            self._graph = graph
-        except RuntimeError as e:  # same numbers either way; only the speed differs
-            log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", e)
-            self._graph = None
-
-    def _static_step(self, tokens: Tensor, slots: Tensor) -> Tensor:
-        self._static_tokens.copy_(tokens)
-        self._static_pos.copy_(slots)
-        if self._graph is None:
-            return self.model(self._static_tokens, self._static_pos)
-        self._graph.replay()
-        return self._static_logits
+        tokens = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        slots = torch.full((B, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device)
+        # the logits are sampled (and read on the host) before the next step overwrites them: no clone
+        self._static_step = CapturedStep(self.model, (tokens, slots), clone=False)
 
     def _sample(self, rows: list[_Row], logits: Tensor, where: list[int]) -> None:
         """logits (B, vocab), rows[i]'s at where[i]: each row's next token."""
