@@ -1,13 +1,14 @@
-"""LoRA training speed and peak memory: `llama3.finetune` against transformers + PEFT and trl, same model, data, run.
+"""LoRA training speed and peak memory: `llama3.train.finetune` against transformers + PEFT and trl, same model,
+data, run.
 
     python benchmarks/bench_finetune.py                      # the embedded SmolLM2-135M (GGUF), float32 base, CPU
     python benchmarks/bench_finetune.py --steps 4 --rounds 3 --threads 2
 
 Every system trains the same LoRA (rank, alpha, dropout, all seven projections), with AdamW at the same
 learning rate, on the same batches: the rows of benchmarks/data/persona.jsonl encoded with the model's chat
-format (assistant tokens learned), grouped by length and padded as `llama3.finetune` does, loss summed over
+format (assistant tokens learned), grouped by length and padded as `llama3.train.finetune` does, loss summed over
 learned tokens / their count, gradient clipping at 1.0. The systems:
-- llama3: `llama3.finetune.finetune(TrainConfig(...))` itself, the loop `llama3 finetune` runs, float32 base;
+- llama3: `llama3.train.finetune.finetune(TrainConfig(...))` itself, the loop `llama3 finetune` runs, float32 base;
 - transformers + PEFT: `LlamaForCausalLM.from_pretrained(dir, gguf_file=...)` (float32) wrapped by
   `peft.get_peft_model`, trained by a plain PyTorch loop (forward for the logits, the same loss, backward,
   clip, AdamW step);
@@ -101,7 +102,8 @@ def load_avg() -> list[float]:
 
 
 def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
-    """The rows as `llama3.finetune` encodes them (our tokenizer and chat format): the llama3 run's ids and labels."""
+    """The rows as `llama3.train.finetune` encodes them (our tokenizer and chat format): the llama3 run's ids and
+    labels."""
     from llama3.text.chat_format import chat_format_for
     from llama3.train.data import prepare, read_chat_rows
     from llama3.weights.gguf_tokenizer import load_gguf_tokenizer
@@ -111,8 +113,8 @@ def encoded_rows(gguf: Path, args: argparse.Namespace) -> list:
 
 
 def training_batches(train: list, args: argparse.Namespace) -> list[list[int]]:
-    """The 2 x steps batches (row indices) `llama3.finetune` trains on: epoch after epoch of length-grouped batches
-    (the last batch of an epoch can be short: 26 rows make batches of 8, 8, 8 and 2)."""
+    """The 2 x steps batches (row indices) `llama3.train.finetune` trains on: epoch after epoch of length-grouped
+    batches (the last batch of an epoch can be short: 26 rows make batches of 8, 8, 8 and 2)."""
     from llama3.train.data import length_grouped_batches
 
     lengths = [len(e.ids) for e in train]
@@ -124,7 +126,7 @@ def training_batches(train: list, args: argparse.Namespace) -> list[list[int]]:
 
 
 def run_llama3(args: argparse.Namespace) -> dict:
-    """`llama3.finetune.finetune` as `llama3 finetune` runs it; the log's second record gives the timed half."""
+    """`llama3.train.finetune.finetune` as `llama3 finetune` runs it; the log's second record gives the timed half."""
     import llama3.train.finetune as ft
 
     after_load: dict = {}

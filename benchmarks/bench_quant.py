@@ -19,7 +19,7 @@ gives its relative error, and a system whose error is large computed something e
 expect) and is marked so. Times: the median of 20 single calls timed with CUDA events, the L2 cache flushed
 before each, so the weight streams from memory as it does in a decode step. "Decode floor" is one token's
 projections (32 layers of each decode shape plus the output projection; int4 keeps the output at int8 as
-`llama3.quantize.mode_for` does) run back to back: a bound on tok/s from the matmuls alone.
+`llama3.quant.weight_only.mode_for` does) run back to back: a bound on tok/s from the matmuls alone.
 
 Results: benchmarks/results/quant-<device>.json and .md.
 """

@@ -1,4 +1,4 @@
-"""Tensor-parallel decode speed: tokens/s at tp = 1, 2, 4, 8 (llama3.tp, torchrun), random weights.
+"""Tensor-parallel decode speed: tokens/s at tp = 1, 2, 4, 8 (llama3.parallel.tp, torchrun), random weights.
 
     python benchmarks/bench_tp.py                       # CPU, gloo: a small Llama-shaped model, tp 1, 2, 4, each
                                                         # with the embedding / output vocab-parallel and replicated

@@ -5,7 +5,7 @@ per weight instead of 2 is the whole gain. One kernel serves both modes and ever
 
 - int8: codes (N, K) int8, one scale per output row. The codes are exact in any float dtype, so the tensor
   cores multiply x by the codes themselves and the row's scale is applied once to the fp32 sum.
-- int4: two codes a byte, uint8 (N, K / 2) with element 2j in the low nibble of byte j (`llama3.quantize.
+- int4: two codes a byte, uint8 (N, K / 2) with element 2j in the low nibble of byte j (`llama3.quant.weight_only.
   pack_int4`), and one (scale, zero) per group of `group_size` inputs: w = (q - 8) * scale + zero. Each
   weight is dequantized in fp32 and rounded to x's dtype, the tensor cores' input (the weight a float model
   of that dtype would hold). The low and high nibbles are unpacked side by side into the weight tile, so x
@@ -20,7 +20,7 @@ Prefill (more rows): the same kernel tiles the rows as well, one pass over K (a 
 tiles); or the weight is dequantized once into x's dtype (`dequantize_layer`) and cuBLAS multiplies. Which
 prefill path is faster is measured on the GPU (`best_prefill_path`), not assumed.
 
-The references beside the kernels take the dequantization from `llama3.quantize`, the one place its
+The references beside the kernels take the dequantization from `llama3.quant.weight_only`, the one place its
 formulas live.
 """
 
@@ -350,7 +350,7 @@ _best_decode: dict[tuple, tuple[int, int] | None] = {}
 
 
 def quantized_matmul(x: torch.Tensor, layer: torch.nn.Module, prefill_path: str | None = None) -> torch.Tensor:
-    """`x @ W.T` for a quantized layer of `llama3.quantize` in its "gpu" layout: the split-K GEMV for a
+    """`x @ W.T` for a quantized layer of `llama3.quant.weight_only` in its "gpu" layout: the split-K GEMV for a
     decode step (its tiles as `best_decode_tiles` measured them), the faster prefill path for more rows
     (`prefill_path` forces one: "kernel" or "dequantize")."""
     rows = x.numel() // x.shape[-1]

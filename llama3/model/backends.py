@@ -121,7 +121,7 @@ class TorchOps:
     @staticmethod
     def linear(x: Tensor, layer: nn.Module) -> Tensor:
         """F.linear(x, layer.weight); `layer` is an `nn.Linear`, or a module holding a quantized weight
-        (`llama3.quantize`) that runs its own kernel."""
+        (`llama3.quant.weight_only`) that runs its own kernel."""
         if not isinstance(layer, nn.Linear):
             return layer(x)
         w, rows = layer.weight, x.shape[0]

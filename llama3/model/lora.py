@@ -443,7 +443,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Writes adapter_model.safetensors and adapter_config.json as PEFT's `save_pretrained` does (each to a
-    temporary name first, then renamed: see `llama3.checkpoint.atomic_write`)."""
+    temporary name first, then renamed: see `llama3.weights.save.atomic_write`)."""
     directory = Path(directory)
     save_safetensors(lora_state_dict(model), directory / ADAPTER_WEIGHTS)
     write_text(directory / ADAPTER_CONFIG, json.dumps(model.lora_config.to_peft(), indent=2) + "\n")

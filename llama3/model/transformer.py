@@ -3,7 +3,7 @@ RMSNorm, RoPE, the KV cache, grouped-query attention, the SwiGLU feed-forward, t
 
 Each module computes the paper's math in its own `forward`. The few places where a faster form of the
 same function may run instead (a projection, RoPE + the cache write, attention, SwiGLU, the block's
-residual-fused norms) ask the backend, `ops`, chosen once by `llama3.backends.get_ops`; see that module.
+residual-fused norms) ask the backend, `ops`, chosen once by `llama3.model.backends.get_ops`; see that module.
 
 Shapes: B batch, T new tokens, S cache slots, H query heads, KVH key/value heads, D head_dim.
 """
@@ -178,7 +178,7 @@ class Transformer(nn.Module):
         return self
 
     def set_ops(self, ops: type[TorchOps]) -> None:
-        """Runs the model with `ops`: `TorchOps` or `TritonOps`, picked by `llama3.backends.get_ops`."""
+        """Runs the model with `ops`: `TorchOps` or `TritonOps`, picked by `llama3.model.backends.get_ops`."""
         self.ops = ops
         self.max_batch_size = self.max_seq_len = 0  # the next setup_cache allocates the cache `ops` wants
 

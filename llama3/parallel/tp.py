@@ -10,7 +10,7 @@ Each rank holds an ordinary `Transformer` built with its share of the heads and 
   up only its ids (the others' are zero there, filled in by an all-reduce) and computes its slice of the logits,
   gathered along the vocabulary. Replicated (`vocab_parallel=False`) they are whole on every rank: the same
   numbers, each rank streaming the whole output projection per token (see benchmarks/bench_tp.py).
-The model code is untouched: the loader (`llama3.checkpoint.build_model(..., shard=tp)`) asks `slice` for each
+The model code is untouched: the loader (`llama3.weights.build.build_model(..., shard=tp)`) asks `slice` for each
 rank's rows or columns of every checkpoint tensor before anything is copied, builds the model with
 `local_args`, and `parallelize` adds the collectives.
 

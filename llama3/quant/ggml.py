@@ -2,8 +2,8 @@
 
 Every block type stores a few fp16 scales and packed small integers. `dequantize` turns a tensor's raw bytes
 into float weights, bit for bit as gguf-py and llama.cpp compute them; `quantized_codes` turns Q4_0/Q4_1
-bytes into our int4 group-32 format (`llama3.quantize`) without making a float weight. `llama3.gguf` reads
-the file and calls these.
+bytes into our int4 group-32 format (`llama3.quant.weight_only`) without making a float weight.
+`llama3.weights.gguf` reads the file and calls these.
 """
 
 from __future__ import annotations

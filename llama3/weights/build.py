@@ -55,7 +55,7 @@ def load_model(
     Defaults: CUDA if present else CPU; bfloat16, except float32 for GGUF files, whose dequantized
     weights (scale x small integer) are exact in float32 and would be rounded a second time in bfloat16
     (as transformers does, which loads GGUF in float32 too). `quantize` ("int8" or "int4", with int4's
-    `group_size`) quantizes every projection as it is read (see `llama3.quantize`); activations are then
+    `group_size`) quantizes every projection as it is read (see `llama3.quant.weight_only`); activations are then
     bfloat16 by default. `keep_output` leaves the output projection float (tied: the embedding itself).
     `shard` (a `llama3.parallel.tp.TensorParallel`): this rank's part of a tensor-parallel model, read slice
     by slice.
@@ -279,7 +279,7 @@ def build_model(
 
     With `quantize`, each projection weight is quantized as soon as it is read (a stream may also hand
     over weights already quantized, `QuantizedWeight`), so no float copy of the model is ever held.
-    With `shard` (tensor parallelism, `llama3.tp`), the world size is checked before any tensor is read,
+    With `shard` (tensor parallelism, `llama3.parallel.tp`), the world size is checked before any tensor is read,
     and each tensor is cut to this rank's rows or columns before it is copied or quantized.
     """
     if shard is not None:

@@ -11,7 +11,7 @@ format to deal with:
 
 Q4_0/Q4_1 weights can instead keep the file's 4-bit codes as our int4 format (`quantized_codes`,
 `iter_gguf_state_dict(..., int4_native=True)`), never passing through float. The block formats and their
-dequantizers are in `llama3.gguf_quants`.
+dequantizers are in `llama3.quant.ggml`.
 
 Two things differ from an HF checkpoint and are undone here:
 - llama.cpp's converter stores q_proj/k_proj rows in the interleaved RoPE order (Meta's), not HF's
