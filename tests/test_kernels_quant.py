@@ -297,7 +297,7 @@ def test_quantized_graph_form_decode_matches_the_torch_backend(tiny_hf):
     graph_form = Llama(load("triton"), TokenIds(), cuda_graphs=True)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     assert graph_form.generate(prompts, 4, temperature=0) == eager.generate(prompts, 4, temperature=0)
-    assert all(step.static and (step.graph is not None) == CUDA for step in graph_form._steps.values())
+    assert all(step.static and (step.captured.graph is not None) == CUDA for step in graph_form._steps.values())
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------------
