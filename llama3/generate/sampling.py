@@ -3,9 +3,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llama3.generate.params import SamplingParams
 
-def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int | None) -> Tensor:
-    """logits (B, V) -> the distribution (B, V) fp32 that `sample` draws from.
+
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """logits (B, V) -> the distribution (B, V) fp32 that `sample` draws from, `params` applied in
+    transformers' order (`_get_logits_processor`): temperature, top-k, top-p.
 
     temperature 0 (greedy) is the one-hot of the argmax. top_k keeps the k most likely tokens; top_p keeps,
     in order of probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does
@@ -18,6 +21,7 @@ def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int 
     temperature below float32's smallest normal number divides as that number (below float32's subnormals
     it would round to 0, and 0 / 0 is NaN), which already leaves every other token exp(-huge) = 0.
     """
+    temperature, top_p, top_k = params.temperature, params.top_p, params.top_k
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.float().argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float()
@@ -44,9 +48,9 @@ def draw(probs: Tensor, generator=None) -> Tensor:
     return (probs / race).argmax(dim=-1)
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, top_k: int | None, generator=None) -> Tensor:
+def sample(logits: Tensor, params: SamplingParams, generator=None) -> Tensor:
     """logits (B, V) -> token ids (B,), on the device, with no host sync (so it can be graph-captured):
     a draw from `sampling_probs`; temperature 0 is greedy."""
-    if temperature <= 0:
+    if params.temperature <= 0:
         return logits.float().argmax(dim=-1)  # same index; CPU argmax over bf16 is 2x slower than over fp32
-    return draw(sampling_probs(logits, temperature, top_p, top_k), generator)
+    return draw(sampling_probs(logits, params), generator)

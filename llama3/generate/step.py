@@ -76,8 +76,7 @@ class DecodeStep:
 
     def _eager(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None, run_block=None) -> Tensor:
         logits = self.model(tokens, input_pos, kv_len=kv_len, run_block=run_block)
-        p = self.params
-        return sample(logits[:, -1], p.temperature, p.top_p, p.top_k, self.generator)
+        return sample(logits[:, -1], self.params, self.generator)
 
     def _static_body(self) -> Tensor:
         """What the graph captures: fixed input buffers, and every cache slot (masked) in attention."""

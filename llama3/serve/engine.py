@@ -349,7 +349,7 @@ class Engine:
         for r in rows:
             if r.req.params.temperature > 0:
                 p, i = r.req.params, at[r.index]
-                picked[r.index] = sample(logits[i : i + 1], p.temperature, p.top_p, p.top_k, r.generator)[0]
+                picked[r.index] = sample(logits[i : i + 1], p, r.generator)[0]
         want = [r for r in rows if r.req.logprobs is not None]
         logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:
