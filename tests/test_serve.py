@@ -283,6 +283,9 @@ def test_errors_arrive_as_the_clients_exceptions(server):
         (b'{"model": "tiny", "prompt": "x", "seed": -5}', 400, "seed"),
         (b'{"model": "tiny", "prompt": "x", "seed": 1.5}', 400, "seed"),
         (b'{"modle": "tiny", "prompt": "x"}', 400, "modle"),  # the misspelt field, not the missing one
+        (b'{"model": "tiny", "prompt": "x", "min_p": 1.5}', 400, "min_p"),
+        (b'{"model": "tiny", "prompt": "x", "min_p": -0.1}', 400, "min_p"),
+        (b'{"model": "tiny", "prompt": "x", "min_p": "0.1"}', 400, "min_p"),
     ],
 )
 def test_bad_bodies_get_a_400_naming_the_field(server, body, status, param):
@@ -594,6 +597,17 @@ def test_the_official_clients_calls_and_the_extensions_pass(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=NAME, prompt="Hi", extra_body={"top-k": 5})
     assert e.value.param == "top-k" and e.value.code == "unknown_parameter"
+
+
+def test_sampling_extensions_reach_the_sampler(server):
+    """min_p 1 keeps only the likeliest token: sampling at temperature 1 gives the greedy answer."""
+    client = server.client()
+    common = dict(model=NAME, prompt="The capital of France is", max_tokens=10, extra_body={"return_token_ids": True})
+    greedy = token_ids(client.completions.create(temperature=0, **common).choices[0])
+    sampled = dict(temperature=1.0, top_p=1.0, seed=3)
+    assert token_ids(client.completions.create(**sampled, **common).choices[0]) != greedy
+    common["extra_body"] |= {"min_p": 1.0}
+    assert token_ids(client.completions.create(**sampled, **common).choices[0]) == greedy
 
 
 @pytest.mark.parametrize("seed, ok", [(-5, False), (2**64, False), (0, True), (2**64 - 1, True)])

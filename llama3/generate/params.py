@@ -23,6 +23,7 @@ class SamplingParams:
     temperature: float = knob(0.6, "--temperature/-t", "0 is greedy")
     top_p: float = knob(0.9, "--top-p", "nucleus sampling: keep the likeliest tokens up to this mass")
     top_k: int | None = knob(None, "--top-k", "keep only the K most likely tokens (default: all)", extension=True)
+    min_p: float = knob(0.0, "--min-p", "keep tokens at least this fraction as likely as the likeliest; 0 is off", True)
 
     def __post_init__(self) -> None:
         if not _is_real(self.temperature) or self.temperature < 0:
@@ -31,6 +32,8 @@ class SamplingParams:
             raise ParamError("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and not _is_int(self.top_k, low=1):
             raise ParamError("top_k", f"must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ParamError("min_p", f"must be a number in [0, 1] (0 is off), got {self.min_p!r}")
 
 
 KNOBS = tuple(f.name for f in fields(SamplingParams))  # the keyword arguments that make a SamplingParams

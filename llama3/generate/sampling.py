@@ -8,7 +8,7 @@ from llama3.generate.params import SamplingParams
 
 def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     """logits (B, V) -> the distribution (B, V) fp32 that `sample` draws from, `params` applied in
-    transformers' order (`_get_logits_processor`): temperature, top-k, top-p.
+    transformers' order (`_get_logits_processor`): temperature, top-k, top-p, min-p.
 
     temperature 0 (greedy) is the one-hot of the argmax. top_k keeps the k most likely tokens; top_p keeps,
     in order of probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does
@@ -35,6 +35,8 @@ def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if params.min_p > 0:  # transformers' MinPLogitsWarper; the ratio to the top token survives top-p's cut
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     return probs
 
 

@@ -8,7 +8,8 @@ than silently ignored. A field OpenAI does not define is refused too, as OpenAI'
 Only the top level of a request is checked so; message objects may carry other fields (an assistant message
 sent back as the client received it has `refusal`, `tool_calls`, ...).
 
-Extensions (sent by the official client through `extra_body`): `EXTENSIONS`, that is `top_k`, and
+Extensions (sent by the official client through `extra_body`): `EXTENSIONS`, that is the sampling knobs
+beyond OpenAI's (`top_k`, `min_p`, ...: the `SamplingParams` fields marked `extension`) and
 `return_token_ids` (each choice then carries the generated `token_ids`, and the response the
 `prompt_token_ids`), as vLLM offers them.
 """
@@ -110,6 +111,7 @@ class SamplingRequest(OpenAIModel):
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1)  # extension (vLLM's)
     # further extensions: each a `SamplingParams` field, checked there (a 400 naming the field)
+    min_p: float | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None  # checked by the library's own rule (`check_seed`), as the CLI's --seed is
