@@ -1,7 +1,8 @@
 """The sampling knobs against transformers' logits processors, and each knob from the CLI to the sampler.
 
 `SamplingParams` carries every knob; `sampling_probs` applies them in transformers' order
-(`transformers/generation/utils.py`, `_get_logits_processor`): temperature, top-k, top-p, min-p.
+(`transformers/generation/utils.py`, `_get_logits_processor`): the repetition penalty, then temperature,
+top-k, top-p, min-p.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from conftest import run_main
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
 )
 
+from llama3 import Llama
 from llama3.generate.params import SamplingParams
-from llama3.generate.sampling import sample, sampling_probs
+from llama3.generate.sampling import sample, sampling_probs, seen_mask
 
 
 def transformers_probs(logits: torch.Tensor, input_ids: torch.Tensor, processors: list) -> torch.Tensor:
@@ -70,13 +73,124 @@ def test_min_p_draws_only_kept_tokens():
     assert set(sample(logits, params, torch.Generator().manual_seed(0)).tolist()) <= kept
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "0.1"])
-def test_min_p_out_of_range_names_the_knob(value):
+@pytest.mark.parametrize(
+    "knob, value",
+    [("min_p", -0.1), ("min_p", 1.5), ("min_p", float("nan")), ("min_p", "0.1")]
+    + [("repetition_penalty", v) for v in (0, -1.0, float("inf"), float("nan"), "1.2")],
+)
+def test_a_knob_out_of_range_is_named(knob, value):
     from llama3.checks import ParamError
 
     with pytest.raises(ParamError) as e:
-        SamplingParams(min_p=value)
-    assert e.value.param == "min_p"
+        SamplingParams(**{knob: value})
+    assert e.value.param == knob
+
+
+# -- repetition_penalty --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "penalty, temperature, top_k, min_p",
+    [(1.3, 1.0, None, 0.0), (0.7, 1.0, None, 0.0), (2.0, 0.7, 12, 0.0), (1.5, 1.2, None, 0.05), (1.2, 0.8, 20, 0.1)],
+)
+def test_repetition_penalty_equals_transformers_processor(penalty, temperature, top_k, min_p):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 64, generator=g) * 3
+    input_ids = torch.randint(0, 64, (6, 20), generator=g)  # repeats within a row: each token penalised once
+    processors = [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)]
+    if top_k is not None:
+        processors.append(TopKLogitsWarper(top_k))
+    if min_p:
+        processors.append(MinPLogitsWarper(min_p))
+    expected = transformers_probs(logits, input_ids, processors)
+    params = SamplingParams(temperature, 1.0, top_k, min_p=min_p, repetition_penalty=penalty)
+    seen = seen_mask(input_ids.tolist(), 64)
+    ours = sampling_probs(logits, params, seen)
+    assert torch.equal(ours == 0, expected == 0)
+    torch.testing.assert_close(normalised(ours), expected, atol=1e-6, rtol=1e-5)
+    # greedy: the argmax of the penalised logits, as transformers' greedy search takes it
+    greedy = SamplingParams(0.0, 1.0, None, repetition_penalty=penalty)
+    reference = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, logits.clone()).argmax(dim=-1)
+    assert torch.equal(sample(logits, greedy, seen=seen), reference)
+    assert torch.equal(sampling_probs(logits, greedy, seen).argmax(dim=-1), reference)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_llama3):
+    return tiny_llama3
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return Llama.from_pretrained(checkpoint[0], device="cpu", dtype=torch.float32)
+
+
+class NoTokenizer:
+    """What `Llama` asks of a tokenizer when generating from token ids with explicit stop tokens."""
+
+    def __init__(self, n_words: int):
+        self.n_words, self.stop_tokens = n_words, []
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(Llama, HF model): a 512-token vocabulary, where a random model's greedy text soon repeats itself."""
+    from conftest import save_tiny_hf
+
+    from llama3 import Transformer
+
+    d = tmp_path_factory.mktemp("tiny-512")
+    hf = save_tiny_hf(d, vocab_size=512, eos_token_id=None, bos_token_id=None)
+    model = Transformer.from_pretrained(d, device="cpu", dtype=torch.float32, progress=False)
+    return Llama(model, NoTokenizer(512)), hf
+
+
+PROMPTS = [[1, 491, 64, 315, 82, 374, 64], [1, 40, 103]]  # different lengths: padded rows
+
+
+def hf_penalised_greedy(hf, prompt: list[int], n: int, penalty: float) -> list[int]:
+    out = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        repetition_penalty=penalty,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("penalty", [1.5, 0.8])
+def test_greedy_with_repetition_penalty_equals_transformers(small, penalty):
+    """Batched (rows of different lengths), the eager step and the graph-form step (CUDA graphs' body, run
+    eagerly on the CPU: the `seen` mask kept and updated on the device)."""
+    llm, hf = small
+    expected = [hf_penalised_greedy(hf, p, 16, penalty) for p in PROMPTS]
+    assert expected != [hf_penalised_greedy(hf, p, 16, 1.0) for p in PROMPTS]  # the penalty matters here
+    kwargs = dict(temperature=0, stop_tokens=[], repetition_penalty=penalty)
+    assert llm.generate(PROMPTS, 16, **kwargs) == expected
+    graph_form = Llama(llm.model, llm.tokenizer, cuda_graphs=True)
+    assert graph_form.generate(PROMPTS, 16, **kwargs) == expected
+    assert all(step.static for step in graph_form._steps.values())
+    assert graph_form.generate(PROMPTS[::-1], 16, **kwargs) == expected[::-1]  # a reused step starts afresh
+
+
+def test_sampled_decode_step_draws_from_the_reference(small):
+    """Sampling with the penalty, the decode step against the reference function: each token is what
+    `sample` draws from the same generator state, given cache-free logits and the history written out."""
+    llm = small[0]
+    params = SamplingParams(1.0, 0.95, 40, min_p=0.02, repetition_penalty=1.4)
+    prompt = PROMPTS[0]
+    out = llm.generate([prompt], 10, stop_tokens=[], seed=5, **vars(params))[0]
+    g = torch.Generator().manual_seed(5)
+    history = list(prompt)
+    with torch.inference_mode():
+        for token in out:
+            logits = llm.model(torch.tensor([history]))[:, -1]
+            seen = seen_mask([history], logits.shape[-1])
+            assert int(sample(logits, params, g, seen)) == token
+            history.append(token)
 
 
 # -- from the command line -----------------------------------------------------------------------------------
@@ -98,8 +212,22 @@ def test_cli_min_p_reaches_the_sampler(tiny_llama3, capsys, monkeypatch):
     assert cli_tokens(monkeypatch, capsys, d, "-t", "1", "--top-p", "1", "--seed", "3") != greedy
 
 
-@pytest.mark.parametrize("flag, value", [("--min-p", "1.5"), ("--min-p", "-1")])
+def test_cli_repetition_penalty_gives_the_librarys_tokens(tiny_llama3, llm, capsys, monkeypatch):
+    d = tiny_llama3[0]
+    # below 1 the prompt's tokens are favoured: this random model's greedy text repeats none within 12 tokens
+    penalised = cli_tokens(monkeypatch, capsys, d, "-t", "0", "--repetition-penalty", "0.05")
+    prompt = llm.tokenizer.encode("The capital of France is", bos=True)
+    assert penalised == llm.generate([prompt], 12, temperature=0, stop_tokens=[], repetition_penalty=0.05)[0]
+    assert penalised != cli_tokens(monkeypatch, capsys, d, "-t", "0")
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--min-p", "1.5"), ("--min-p", "-1"), ("--repetition-penalty", "0"), ("--repetition-penalty", "nan")],
+)
 def test_cli_bad_knob_names_the_flag(tiny_llama3, capsys, monkeypatch, flag, value):
     code, _, err = run_main(monkeypatch, capsys, "generate", "Hi", "--model", str(tiny_llama3[0]), flag, value)
     assert code == 2
-    assert f"argument {flag}:" in err and "min_p" not in err and "Traceback" not in err
+    line = [line for line in err.splitlines() if "error:" in line][0]
+    assert f"argument {flag}: must be" in line and "_" not in line  # the flag, not the Python name
+    assert "Traceback" not in err

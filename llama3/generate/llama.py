@@ -21,7 +21,7 @@ from torch import Tensor
 
 from llama3.checks import ParamError
 from llama3.generate.params import SamplingParams, check_max_new_tokens, check_seed
-from llama3.generate.sampling import sample
+from llama3.generate.sampling import sample, seen_mask
 from llama3.generate.step import DecodeStep, compiled_block
 from llama3.generate.stream import TextStream
 from llama3.model.transformer import Transformer
@@ -284,7 +284,9 @@ class Llama:
         tokens = tokens.to(self.device)
         pos = torch.tensor(lengths, device=self.device)  # slot of each row's next token
         logits = self.model(tokens, torch.arange(L, device=self.device), logits_pos=pos - 1, kv_len=L)
-        next_tok = sample(logits[:, -1], params, self._generator)
+        seen = seen_mask(prompts, self.model.args.vocab_size, self.device) if params.repetition_penalty != 1 else None
+        next_tok = sample(logits[:, -1], params, self._generator, seen)
+        step.start(seen)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         pending: list[tuple[Tensor, Tensor]] = []
         finished = [False] * B

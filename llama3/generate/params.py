@@ -24,6 +24,13 @@ class SamplingParams:
     top_p: float = knob(0.9, "--top-p", "nucleus sampling: keep the likeliest tokens up to this mass")
     top_k: int | None = knob(None, "--top-k", "keep only the K most likely tokens (default: all)", extension=True)
     min_p: float = knob(0.0, "--min-p", "keep tokens at least this fraction as likely as the likeliest; 0 is off", True)
+    repetition_penalty: float = knob(
+        1.0,
+        "--repetition-penalty",
+        "divide the logits of tokens already in the prompt or the answer by this (multiply the negative ones), "
+        "as transformers does; 1 is off",
+        extension=True,
+    )
 
     def __post_init__(self) -> None:
         if not _is_real(self.temperature) or self.temperature < 0:
@@ -34,6 +41,9 @@ class SamplingParams:
             raise ParamError("top_k", f"must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
         if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
             raise ParamError("min_p", f"must be a number in [0, 1] (0 is off), got {self.min_p!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            msg = f"must be a finite number > 0 (1 is off), got {self.repetition_penalty!r}"
+            raise ParamError("repetition_penalty", msg)
 
 
 KNOBS = tuple(f.name for f in fields(SamplingParams))  # the keyword arguments that make a SamplingParams

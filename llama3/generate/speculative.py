@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from llama3.generate.params import SamplingParams
-from llama3.generate.sampling import draw, sample, sampling_probs
+from llama3.generate.sampling import draw, sample, sampling_probs, seen_mask
 
 
 class ModelDrafter:
@@ -60,13 +60,16 @@ class ModelDrafter:
         """
         pos = len(history) - 1  # slot of the current token
         p = self.params
+        seen = seen_mask([history], self.model.args.vocab_size, self.device) if p.repetition_penalty != 1 else None
         tokens = torch.tensor([history[-2:]], device=self.device)
         input_pos = torch.arange(pos + 1 - tokens.shape[1], pos + 1, device=self.device)
         guesses, probs = [], []
         for i in range(k):
             logits = self.model(tokens, input_pos, kv_len=pos + 1 + i)[:, -1]
-            q = sampling_probs(logits, p)
+            q = sampling_probs(logits, p, seen)
             token = draw(q, self.generator)
+            if seen is not None:  # the next guess is penalised for this one too
+                seen = seen.scatter(1, token[:, None], True)
             guesses.append(token)
             probs.append(q)
             tokens, input_pos = token[:, None], torch.tensor([pos + 1 + i], device=self.device)
@@ -147,7 +150,12 @@ def speculative_decode(
         logits_pos=torch.tensor([L - 1], device=device),
         kv_len=L,
     )
-    new = [int(sample(logits[:, -1], params, generator))]
+    penalty = params.repetition_penalty != 1
+    new = [
+        int(
+            sample(logits[:, -1], params, generator, seen_mask([prompt], logits.shape[-1], device) if penalty else None)
+        )
+    ]
     drafter.prefill(prompt)
     history = list(prompt)
     stats.update(drafted=0, accepted=0, verify_steps=0)
@@ -169,7 +177,11 @@ def speculative_decode(
         pos = len(history) - 1  # slot of the current token (the last one yielded)
         tokens = torch.cat([torch.tensor([history[-1]], device=device), guesses])[None]
         logits = model(tokens, torch.arange(pos, pos + tokens.shape[1], device=device), kv_len=pos + tokens.shape[1])
-        p = sampling_probs(logits[0], params)  # (k + 1, V)
+        seen = None
+        if penalty:  # position j follows the history and guesses[:j]
+            seen = seen_mask([history], logits.shape[-1], device).expand(len(guesses) + 1, -1).clone()
+            seen[1:] |= torch.nn.functional.one_hot(guesses, logits.shape[-1]).cumsum(dim=0).bool()
+        p = sampling_probs(logits[0], params, seen)  # (k + 1, V)
         if len(guesses):
             n, token = verify(guesses, q.to(device), p, generator)
         else:

@@ -112,6 +112,7 @@ class SamplingRequest(OpenAIModel):
     top_k: int | None = Field(default=None, ge=1)  # extension (vLLM's)
     # further extensions: each a `SamplingParams` field, checked there (a 400 naming the field)
     min_p: float | None = None
+    repetition_penalty: float | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None  # checked by the library's own rule (`check_seed`), as the CLI's --seed is
