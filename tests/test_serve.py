@@ -286,6 +286,8 @@ def test_errors_arrive_as_the_clients_exceptions(server):
         (b'{"model": "tiny", "prompt": "x", "min_p": 1.5}', 400, "min_p"),
         (b'{"model": "tiny", "prompt": "x", "min_p": -0.1}', 400, "min_p"),
         (b'{"model": "tiny", "prompt": "x", "min_p": "0.1"}', 400, "min_p"),
+        (b'{"model": "tiny", "prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+        (b'{"model": "tiny", "prompt": "x", "repetition_penalty": -1.5}', 400, "repetition_penalty"),
     ],
 )
 def test_bad_bodies_get_a_400_naming_the_field(server, body, status, param):
@@ -608,6 +610,25 @@ def test_sampling_extensions_reach_the_sampler(server):
     assert token_ids(client.completions.create(**sampled, **common).choices[0]) != greedy
     common["extra_body"] |= {"min_p": 1.0}
     assert token_ids(client.completions.create(**sampled, **common).choices[0]) == greedy
+
+
+def test_repetition_penalty_gives_the_librarys_tokens(server, ref):
+    """Greedy with the penalty, alone and beside plain requests in the batch (the seen tokens are per request)."""
+    prompts = [prompt_of(i, 9) for i in range(3)]
+    # below 1 the prompt's tokens are favoured: this random model's greedy text repeats none within 10 tokens
+    want = [ref.generate([p], 10, temperature=0, stop_tokens=[], repetition_penalty=0.05)[0] for p in prompts]
+    assert want[0] != ref.generate([prompts[0]], 10, temperature=0, stop_tokens=[])[0]
+    client = server.client()
+
+    def ask(prompt, penalty):
+        body = {"return_token_ids": True, "repetition_penalty": penalty}
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, extra_body=body)
+        return token_ids(r.choices[0])
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, prompts + prompts, [0.05] * 3 + [1.0] * 3))
+    assert got[:3] == want
+    assert got[3:] == [ref.generate([p], 10, temperature=0, stop_tokens=[])[0] for p in prompts]
 
 
 @pytest.mark.parametrize("seed, ok", [(-5, False), (2**64, False), (0, True), (2**64 - 1, True)])
