@@ -614,10 +614,11 @@ def test_sampling_extensions_reach_the_sampler(server):
 
 def test_repetition_penalty_gives_the_librarys_tokens(server, ref):
     """Greedy with the penalty, alone and beside plain requests in the batch (the seen tokens are per request)."""
-    prompts = [prompt_of(i, 9) for i in range(3)]
-    # below 1 the prompt's tokens are favoured: this random model's greedy text repeats none within 10 tokens
-    want = [ref.generate([p], 10, temperature=0, stop_tokens=[], repetition_penalty=0.05)[0] for p in prompts]
-    assert want[0] != ref.generate([prompts[0]], 10, temperature=0, stop_tokens=[])[0]
+    # the first: with the penalty below 1 this random model's greedy answer repeats its own tokens (favoured
+    # once generated), which it does not if only the prompt's tokens count as seen
+    prompts = [[128000] + [1000 + 13 * j for j in range(8)], prompt_of(1, 9), prompt_of(2, 9)]
+    want = [ref.generate([p], 10, temperature=0, stop_tokens=[], repetition_penalty=0.7)[0] for p in prompts]
+    assert len(set(want[0])) < 10 and want[0] != ref.generate([prompts[0]], 10, temperature=0, stop_tokens=[])[0]
     client = server.client()
 
     def ask(prompt, penalty):
@@ -626,7 +627,7 @@ def test_repetition_penalty_gives_the_librarys_tokens(server, ref):
         return token_ids(r.choices[0])
 
     with ThreadPoolExecutor(6) as pool:
-        got = list(pool.map(ask, prompts + prompts, [0.05] * 3 + [1.0] * 3))
+        got = list(pool.map(ask, prompts + prompts, [0.7] * 3 + [1.0] * 3))
     assert got[:3] == want
     assert got[3:] == [ref.generate([p], 10, temperature=0, stop_tokens=[])[0] for p in prompts]
 

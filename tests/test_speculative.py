@@ -307,22 +307,26 @@ def test_speculative_sampling_has_the_targets_distribution(small_models, params,
     assert 0.05 < acceptance < 0.95  # both branches of the rule were taken
 
 
-def test_the_draft_reports_the_distribution_it_drew_from(small_models):
-    """The q the rule divides by is the draft's processed distribution (temperature, top-k, top-p) after
-    the text so far and each guess: compared with cache-free forwards and the formulas written out here."""
+@pytest.mark.parametrize("penalty", [{}, {"min_p": 0.1, "repetition_penalty": 3.0}])
+def test_the_draft_reports_the_distribution_it_drew_from(small_models, penalty):
+    """The q the rule divides by is the draft's processed distribution (repetition penalty over the history
+    and the guesses before, temperature, top-k, top-p, min-p) after the text so far and each guess:
+    compared with cache-free forwards and the formulas written out here."""
     from llama3.generate.params import SamplingParams
     from llama3.generate.speculative import ModelDrafter
 
-    _, draft = small_models
-    params = SamplingParams(temperature=0.6, top_p=0.9, top_k=4)
-    history = SAMPLE_PROMPT + [5, 2]
+    # with the penalty: the less peaky model, and a short history (guesses add tokens not seen before)
+    draft = small_models[0] if penalty else small_models[1]
+    params = SamplingParams(temperature=0.6, top_p=0.9, top_k=4, **penalty)
+    prompt = [1, 4] if penalty else SAMPLE_PROMPT
+    history = prompt + [5, 2]
     with torch.inference_mode():
         draft._ensure_cache(1, 64)
         drafter = ModelDrafter(draft, params, torch.Generator().manual_seed(0))
-        drafter.prefill(SAMPLE_PROMPT)
+        drafter.prefill(prompt)
         guesses, q = drafter.propose(history, 3)
         logits = draft.model(torch.tensor([history + guesses.tolist()]))[0, len(history) - 1 : -1]
-    expected = processed(logits, 0.6, 0.9, 4)
+    expected = processed(logits, 0.6, 0.9, 4, **penalty, tokens=torch.tensor(history + guesses.tolist()[:-1]))
     torch.testing.assert_close(q / q.sum(-1, keepdim=True), expected.float(), atol=1e-5, rtol=1e-4)
     assert (expected[torch.arange(3), guesses] > 0).all()
     counts = torch.zeros(VOCAB, dtype=torch.long)
