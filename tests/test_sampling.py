@@ -193,6 +193,22 @@ def test_sampled_decode_step_draws_from_the_reference(small):
             history.append(token)
 
 
+def test_text_chat_and_stream_apis_take_the_knobs(llm):
+    """Each public API forwards the knobs into one SamplingParams: the same tokens as `generate` with them."""
+    knobs = dict(temperature=0, repetition_penalty=0.05, min_p=0.5)
+    prompt = llm.tokenizer.encode("The capital of France is", bos=True)
+    want = llm.generate([prompt], 8, stop_tokens=[], **knobs)[0]
+    assert want != llm.generate([prompt], 8, temperature=0, stop_tokens=[])[0]
+    assert [t for t, _ in llm.stream(prompt, 8, stop_tokens=[], **knobs) if t is not None] == want
+    assert llm.text_completion(["The capital of France is"], 8, stop_tokens=[], **knobs) == [llm.tokenizer.decode(want)]
+    dialog = [{"role": "user", "content": "Hi"}]
+    chat = llm.chat_format.encode_dialog_prompt(dialog)
+    reply = llm.generate([chat], 8, stop_tokens=llm.chat_stop_tokens, **knobs)[0]
+    assert llm.chat_completion([dialog], 8, **knobs)[0]["content"] == llm.tokenizer.decode(reply)
+    with pytest.raises(TypeError):
+        llm.generate([prompt], 1, min_q=0.1)  # a misspelt knob is refused, not ignored
+
+
 # -- from the command line -----------------------------------------------------------------------------------
 
 
