@@ -330,7 +330,13 @@ def test_cuda_graph_replay_gives_the_eager_tokens(checkpoint, backend):
     graphed = Llama.from_pretrained(d, device="cuda", dtype=torch.float32, backend=backend, cuda_graphs=True)
     eager = Llama.from_pretrained(d, device="cuda", dtype=torch.float32, backend=backend, cuda_graphs=False)
     prompts = encode_all(graphed)
-    for kwargs in ({"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "seed": 7}):
+    penalty = {"min_p": 0.05, "repetition_penalty": 1.3}  # the seen mask updated inside the captured graph
+    for kwargs in (
+        {"temperature": 0},
+        {"temperature": 0.8, "top_p": 0.9, "seed": 7},
+        {"temperature": 0, **penalty},
+        {"temperature": 0.8, "top_p": 0.9, "seed": 7, **penalty},
+    ):
         a = graphed.generate(prompts, 24, stop_tokens=[], **kwargs)
         b = eager.generate(prompts, 24, stop_tokens=[], **kwargs)
         assert a == b
