@@ -9,6 +9,7 @@ import torch
 from conftest import hf_greedy
 
 from llama3 import Llama
+from llama3.generate.params import SamplingParams
 from llama3.generate.sampling import sample
 
 PROMPTS = ["Hello world, this is", "Hi", "The quick brown fox jumps over the lazy dog and keeps running"]
@@ -188,7 +189,7 @@ def test_fixed_cache_limits_batch_and_length(checkpoint):
 def draws(logits: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     batch = logits.expand(n, -1)
-    return sample(batch, generator=g, **{"temperature": 1.0, "top_p": 1.0, "top_k": None, **kwargs})
+    return sample(batch, SamplingParams(**{"temperature": 1.0, "top_p": 1.0, "top_k": None, **kwargs}), g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -198,8 +199,10 @@ def test_greedy_picks_the_planted_maximum(dtype):
     winners = torch.tensor([0, 999, 17, 500, 3, 998])
     logits[torch.arange(6), winners] = 5.0  # randn stays far below 5 in 6,000 draws... checked here:
     assert (logits.float().topk(2, dim=-1).values[:, 1] < 5.0).all()
-    assert sample(logits, 0.0, 0.9, None).tolist() == winners.tolist()
-    assert sample(logits, 0.0, 0.1, 1).tolist() == winners.tolist()  # top-p/top-k do not matter when greedy
+    assert sample(logits, SamplingParams(0.0, 0.9, None)).tolist() == winners.tolist()
+    assert (
+        sample(logits, SamplingParams(0.0, 0.1, 1)).tolist() == winners.tolist()
+    )  # top-p/top-k do not matter when greedy
 
 
 def test_top_k_never_emits_tokens_outside_the_k_best():
@@ -271,7 +274,7 @@ def test_tiny_temperature_gives_the_one_hot_of_the_argmax(temperature, dtype, lo
     logits = torch.tensor(logits, dtype=dtype)
     expected = torch.nn.functional.one_hot(torch.tensor([argmax]), 4).float()
     for top_p, top_k in ((1.0, None), (0.9, 2)):
-        assert torch.equal(sampling_probs(logits, temperature, top_p, top_k), expected)
+        assert torch.equal(sampling_probs(logits, SamplingParams(temperature, top_p, top_k)), expected)
     assert draws(logits, 50, temperature=temperature).tolist() == [argmax] * 50
 
 
@@ -280,7 +283,7 @@ def test_huge_logits_sample_at_an_ordinary_temperature():
     from llama3.generate.sampling import sampling_probs
 
     logits = torch.tensor([[3e38, -3e38, 2.9e38]], dtype=torch.bfloat16)
-    assert torch.equal(sampling_probs(logits, 0.5, 1.0, None), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.equal(sampling_probs(logits, SamplingParams(0.5, 1.0, None)), torch.tensor([[1.0, 0.0, 0.0]]))
 
 
 @pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
@@ -288,7 +291,7 @@ def test_tiny_temperature_ties_share_the_mass(temperature):
     """The limit of softmax over tied maxima is uniform over them (temperature 0 picks the first instead)."""
     from llama3.generate.sampling import sampling_probs
 
-    probs = sampling_probs(torch.tensor([[2.0, 5.0, -1.0, 5.0]]), temperature, 1.0, None)
+    probs = sampling_probs(torch.tensor([[2.0, 5.0, -1.0, 5.0]]), SamplingParams(temperature, 1.0, None))
     assert torch.equal(probs, torch.tensor([[0.0, 0.5, 0.0, 0.5]]))
     assert set(draws(torch.tensor([[2.0, 5.0, -1.0, 5.0]]), 200, temperature=temperature).tolist()) == {1, 3}
 
@@ -327,7 +330,13 @@ def test_cuda_graph_replay_gives_the_eager_tokens(checkpoint, backend):
     graphed = Llama.from_pretrained(d, device="cuda", dtype=torch.float32, backend=backend, cuda_graphs=True)
     eager = Llama.from_pretrained(d, device="cuda", dtype=torch.float32, backend=backend, cuda_graphs=False)
     prompts = encode_all(graphed)
-    for kwargs in ({"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "seed": 7}):
+    penalty = {"min_p": 0.05, "repetition_penalty": 1.3}  # the seen mask updated inside the captured graph
+    for kwargs in (
+        {"temperature": 0},
+        {"temperature": 0.8, "top_p": 0.9, "seed": 7},
+        {"temperature": 0, **penalty},
+        {"temperature": 0.8, "top_p": 0.9, "seed": 7, **penalty},
+    ):
         a = graphed.generate(prompts, 24, stop_tokens=[], **kwargs)
         b = eager.generate(prompts, 24, stop_tokens=[], **kwargs)
         assert a == b

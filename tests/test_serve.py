@@ -283,6 +283,11 @@ def test_errors_arrive_as_the_clients_exceptions(server):
         (b'{"model": "tiny", "prompt": "x", "seed": -5}', 400, "seed"),
         (b'{"model": "tiny", "prompt": "x", "seed": 1.5}', 400, "seed"),
         (b'{"modle": "tiny", "prompt": "x"}', 400, "modle"),  # the misspelt field, not the missing one
+        (b'{"model": "tiny", "prompt": "x", "min_p": 1.5}', 400, "min_p"),
+        (b'{"model": "tiny", "prompt": "x", "min_p": -0.1}', 400, "min_p"),
+        (b'{"model": "tiny", "prompt": "x", "min_p": "0.1"}', 400, "min_p"),
+        (b'{"model": "tiny", "prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+        (b'{"model": "tiny", "prompt": "x", "repetition_penalty": -1.5}', 400, "repetition_penalty"),
     ],
 )
 def test_bad_bodies_get_a_400_naming_the_field(server, body, status, param):
@@ -594,6 +599,37 @@ def test_the_official_clients_calls_and_the_extensions_pass(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=NAME, prompt="Hi", extra_body={"top-k": 5})
     assert e.value.param == "top-k" and e.value.code == "unknown_parameter"
+
+
+def test_sampling_extensions_reach_the_sampler(server):
+    """min_p 1 keeps only the likeliest token: sampling at temperature 1 gives the greedy answer."""
+    client = server.client()
+    common = dict(model=NAME, prompt="The capital of France is", max_tokens=10, extra_body={"return_token_ids": True})
+    greedy = token_ids(client.completions.create(temperature=0, **common).choices[0])
+    sampled = dict(temperature=1.0, top_p=1.0, seed=3)
+    assert token_ids(client.completions.create(**sampled, **common).choices[0]) != greedy
+    common["extra_body"] |= {"min_p": 1.0}
+    assert token_ids(client.completions.create(**sampled, **common).choices[0]) == greedy
+
+
+def test_repetition_penalty_gives_the_librarys_tokens(server, ref):
+    """Greedy with the penalty, alone and beside plain requests in the batch (the seen tokens are per request)."""
+    # the first: with the penalty below 1 this random model's greedy answer repeats its own tokens (favoured
+    # once generated), which it does not if only the prompt's tokens count as seen
+    prompts = [[128000] + [1000 + 13 * j for j in range(8)], prompt_of(1, 9), prompt_of(2, 9)]
+    want = [ref.generate([p], 10, temperature=0, stop_tokens=[], repetition_penalty=0.7)[0] for p in prompts]
+    assert len(set(want[0])) < 10 and want[0] != ref.generate([prompts[0]], 10, temperature=0, stop_tokens=[])[0]
+    client = server.client()
+
+    def ask(prompt, penalty):
+        body = {"return_token_ids": True, "repetition_penalty": penalty}
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, extra_body=body)
+        return token_ids(r.choices[0])
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, prompts + prompts, [0.7] * 3 + [1.0] * 3))
+    assert got[:3] == want
+    assert got[3:] == [ref.generate([p], 10, temperature=0, stop_tokens=[])[0] for p in prompts]
 
 
 @pytest.mark.parametrize("seed, ok", [(-5, False), (2**64, False), (0, True), (2**64 - 1, True)])

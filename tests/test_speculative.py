@@ -112,6 +112,18 @@ def test_int4_quantized_draft_gives_plain_greedy_tokens(target):
     assert target.last_stats["acceptance_rate"] > 0.5
 
 
+@pytest.mark.parametrize("penalty", [1.5, 0.7])
+def test_greedy_speculation_with_repetition_penalty_gives_plain_greedy_tokens(target, drafts, penalty):
+    """Verify's position j is penalised for the history and guesses[:j]; plain greedy is checked against
+    transformers in test_sampling."""
+    plain = greedy(target, 30, repetition_penalty=penalty)
+    assert plain != greedy(target, 30)  # the penalty matters here
+    for spec in ({"draft": drafts["same"]}, {"draft": drafts["unrelated"]}, {"prompt_lookup": 3}):
+        assert greedy(target, 30, speculate_k=4, repetition_penalty=penalty, **spec) == plain
+        if "draft" in spec and spec["draft"] is drafts["same"]:  # the draft penalises its guesses as verify does
+            assert target.last_stats["acceptance_rate"] == 1.0
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 6, 9])
 def test_max_new_tokens_is_exact(target, drafts, max_new_tokens):
     plain = greedy(target, max_new_tokens)
@@ -184,10 +196,28 @@ VOCAB, N_SAMPLES, SAMPLE_PROMPT = 8, 600, [1, 4, 2, 1, 4, 7, 3, 1, 4]
 CHI2_999 = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32]
 
 
-def processed(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None) -> torch.Tensor:
-    """Temperature, then top-k, then Meta's top-p (`sample_top_p`: zero the tokens with cumsum - p_i > top_p),
-    renormalised: what the target's sampling draws from."""
-    logits = logits.double() / temperature
+def processed(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The repetition penalty (CTRL's: a seen token's positive logit divided by it, a negative one multiplied;
+    logits[..., j, :] follows `tokens`[..., : n + j] with n = tokens.shape[-1] - logits.shape[-2] + 1), then
+    temperature, top-k, Meta's top-p (`sample_top_p`: zero the tokens with cumsum - p_i > top_p) and min-p
+    (zero p_i < min_p * max p), renormalised: what the target's sampling draws from."""
+    logits = logits.double()
+    if repetition_penalty != 1:
+        n = tokens.shape[-1] - logits.shape[-2] + 1
+        for j in range(logits.shape[-2]):
+            seen = torch.zeros_like(logits[..., j, :], dtype=torch.bool).scatter(-1, tokens[..., : n + j], True)
+            row = logits[..., j, :]
+            penalised = torch.where(row < 0, row * repetition_penalty, row / repetition_penalty)
+            logits[..., j, :] = torch.where(seen, penalised, row)
+    logits = logits / temperature
     if top_k is not None:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -195,10 +225,12 @@ def processed(logits: torch.Tensor, temperature: float, top_p: float, top_k: int
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p] = 0.0
     probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def reference_marginal(llm: Llama, index: int, temperature: float, top_p: float, top_k: int | None) -> torch.Tensor:
+def reference_marginal(llm: Llama, index: int, **params) -> torch.Tensor:
     """P(new token `index` = v) for every v: every prefix of `index` new tokens enumerated, each weighted
     by its probability, from cache-free forwards of the whole sequence."""
     prefixes = torch.tensor(list(itertools.product(range(VOCAB), repeat=index)), dtype=torch.long)
@@ -206,7 +238,7 @@ def reference_marginal(llm: Llama, index: int, temperature: float, top_p: float,
     tokens = torch.cat([torch.tensor(SAMPLE_PROMPT).expand(len(prefixes), -1), prefixes], dim=1)
     with torch.no_grad():
         logits = llm.model(tokens)[:, len(SAMPLE_PROMPT) - 1 :]  # (prefixes, index + 1, V)
-    probs = processed(logits, temperature, top_p, top_k)
+    probs = processed(logits, **params, tokens=tokens)
     weight = probs[:, :-1].gather(-1, prefixes[..., None]).squeeze(-1).prod(dim=-1)  # P(prefix)
     return (weight[:, None] * probs[:, -1]).sum(dim=0)
 
@@ -249,6 +281,16 @@ def speculative_counts(target: Llama, indices: tuple[int, ...], **kwargs) -> tup
 SAMPLING = [
     pytest.param(dict(temperature=0.6, top_p=0.9, top_k=4), {"speculate_k": 2}, id="draft-k2-t0.6-topp-topk"),
     pytest.param(dict(temperature=1.0, top_p=1.0, top_k=None), {"speculate_k": 3, "prompt_lookup": 2}, id="lookup-k3"),
+    pytest.param(
+        dict(temperature=1.0, top_p=1.0, top_k=None, min_p=0.05, repetition_penalty=1.8),
+        {"speculate_k": 2},
+        id="draft-k2-minp-penalty",
+    ),
+    pytest.param(
+        dict(temperature=0.8, top_p=1.0, top_k=None, min_p=0.05, repetition_penalty=1.8),
+        {"speculate_k": 3, "prompt_lookup": 2},
+        id="lookup-k3-minp-penalty",
+    ),
 ]
 
 
@@ -265,22 +307,26 @@ def test_speculative_sampling_has_the_targets_distribution(small_models, params,
     assert 0.05 < acceptance < 0.95  # both branches of the rule were taken
 
 
-def test_the_draft_reports_the_distribution_it_drew_from(small_models):
-    """The q the rule divides by is the draft's processed distribution (temperature, top-k, top-p) after
-    the text so far and each guess: compared with cache-free forwards and the formulas written out here."""
+@pytest.mark.parametrize("penalty", [{}, {"min_p": 0.1, "repetition_penalty": 3.0}])
+def test_the_draft_reports_the_distribution_it_drew_from(small_models, penalty):
+    """The q the rule divides by is the draft's processed distribution (repetition penalty over the history
+    and the guesses before, temperature, top-k, top-p, min-p) after the text so far and each guess:
+    compared with cache-free forwards and the formulas written out here."""
     from llama3.generate.params import SamplingParams
     from llama3.generate.speculative import ModelDrafter
 
-    _, draft = small_models
-    params = SamplingParams(temperature=0.6, top_p=0.9, top_k=4)
-    history = SAMPLE_PROMPT + [5, 2]
+    # with the penalty: the less peaky model, and a short history (guesses add tokens not seen before)
+    draft = small_models[0] if penalty else small_models[1]
+    params = SamplingParams(temperature=0.6, top_p=0.9, top_k=4, **penalty)
+    prompt = [1, 4] if penalty else SAMPLE_PROMPT
+    history = prompt + [5, 2]
     with torch.inference_mode():
         draft._ensure_cache(1, 64)
         drafter = ModelDrafter(draft, params, torch.Generator().manual_seed(0))
-        drafter.prefill(SAMPLE_PROMPT)
+        drafter.prefill(prompt)
         guesses, q = drafter.propose(history, 3)
         logits = draft.model(torch.tensor([history + guesses.tolist()]))[0, len(history) - 1 : -1]
-    expected = processed(logits, 0.6, 0.9, 4)
+    expected = processed(logits, 0.6, 0.9, 4, **penalty, tokens=torch.tensor(history + guesses.tolist()[:-1]))
     torch.testing.assert_close(q / q.sum(-1, keepdim=True), expected.float(), atol=1e-5, rtol=1e-4)
     assert (expected[torch.arange(3), guesses] > 0).all()
     counts = torch.zeros(VOCAB, dtype=torch.long)

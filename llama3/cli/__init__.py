@@ -32,7 +32,7 @@ from llama3.cli.guard import GUARD_HELP, cmd_guard
 from llama3.cli.perplexity import cmd_perplexity
 from llama3.cli.quantize import cmd_quantize
 from llama3.cli.serve import _add_serve_parser, cmd_serve
-from llama3.generate.params import SamplingParams, check_seed
+from llama3.generate.params import KNOBS, SamplingParams, check_seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +145,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"argument --top-k: must be >= 1 (omit it to keep all tokens), got {args.top_k}")
     try:
-        SamplingParams(args.temperature, args.top_p, args.top_k)
+        SamplingParams(**{k: getattr(args, k) for k in KNOBS})
         check_seed(args.seed)
     except ParamError as e:
         parser.error(param_message(e))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llama3.checks import ParamError
+from llama3.generate.params import KNOBS, SamplingParams
 
 DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2-135M-Instruct)"
 
@@ -17,9 +19,7 @@ GROUP_SIZES = (32, 64, 128, 256)  # llama3.quantize.GROUP_SIZES, not imported: i
 
 # The library's parameter names (ParamError.param) and the flags that set them: an error names what was typed.
 PARAM_FLAGS = {
-    "temperature": "--temperature/-t",
-    "top_p": "--top-p",
-    "top_k": "--top-k",
+    **{f.name: f.metadata["flag"] for f in dataclasses.fields(SamplingParams)},
     "seed": "--seed",
     "max_new_tokens": "--max-new-tokens/-n",
     "max_seq_len": "--max-seq-len/-c",
@@ -85,14 +85,10 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         metavar="N",
         help="the most tokens to generate; -1: until a stop or the context is full (default: %(default)s)",
     )
-    p.add_argument("--temperature", "-t", type=float, default=0.6, help="0 is greedy (default: %(default)s)")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=0.9,
-        help="nucleus sampling: keep the likeliest tokens up to this mass (default: %(default)s)",
-    )
-    p.add_argument("--top-k", type=int, default=None, help="keep only the K most likely tokens (default: all)")
+    for f in dataclasses.fields(SamplingParams):  # one flag per knob, as the knob describes it
+        help = f.metadata["help"] if f.default is None else f"{f.metadata['help']} (default: %(default)s)"
+        kind = int if f.type in ("int", "int | None") else float
+        p.add_argument(*f.metadata["flag"].split("/"), type=kind, default=f.default, help=help)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument(
         "--stop",
@@ -255,7 +251,7 @@ def _check_draft(spec: dict[str, Any], n_prompt: int, n: int) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    return dict(**{k: getattr(args, k) for k in KNOBS}, seed=args.seed, stop=args.stop)
 
 
 def _report(llm, log, max_new_tokens: int, interrupted: bool = False) -> None:

@@ -13,13 +13,14 @@ import operator
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from llama3.checks import ParamError
 from llama3.generate.params import SamplingParams, check_max_new_tokens, check_seed
-from llama3.generate.sampling import sample
+from llama3.generate.sampling import sample, seen_mask
 from llama3.generate.step import DecodeStep, compiled_block
 from llama3.generate.stream import TextStream
 from llama3.model.transformer import Transformer
@@ -188,6 +189,7 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        **sampling: Any,
     ) -> list[list[int]]:
         """The new tokens of each prompt, up to (not including) its first stop token.
 
@@ -195,12 +197,12 @@ class Llama:
         model with the same vocabulary) or `prompt_lookup` (the longest n-gram to look up in the prompt and
         the text so far) turns on speculative decoding, `speculate_k` guesses per step: the same tokens
         when greedy, the same distribution when sampling (see `llama3.speculative`); one prompt at a time.
+        `sampling`: the other fields of `SamplingParams` (`min_p`, `repetition_penalty`, ...).
         """
+        params = SamplingParams(temperature, top_p, top_k, **sampling)
         out: list[list[int]] = [[] for _ in prompt_tokens]
         speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
-        for step in self.generate_stream(
-            prompt_tokens, max_new_tokens, temperature, top_p, top_k, stop_tokens, seed, sync_every=8, **speculation
-        ):
+        for step in self._generate_stream(prompt_tokens, max_new_tokens, params, stop_tokens, seed, 8, **speculation):
             for row, token in enumerate(step):
                 if token is not None:
                     out[row].append(token)
@@ -221,19 +223,40 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        **sampling: Any,
     ) -> Iterator[list[int | None]]:
         """Yields, per decode step, each row's new token (None once the row has stopped).
 
         Tokens stay on the device for `sync_every` steps between host reads; the stop check needs
         the only sync. With `draft` or `prompt_lookup` (see `generate`) a step is one token of a
-        speculative round, which syncs once per round.
+        speculative round, which syncs once per round. `sampling`: as in `generate`.
         """
-        params = SamplingParams(temperature, top_p, top_k)
+        params = SamplingParams(temperature, top_p, top_k, **sampling)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        yield from self._generate_stream(
+            prompt_tokens, max_new_tokens, params, stop_tokens, seed, sync_every, **speculation
+        )
+
+    def _generate_stream(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        stop_tokens: Sequence[int] | None,
+        seed: int | None,
+        sync_every: int,
+        *,
+        draft: Llama | None,
+        speculate_k: int,
+        prompt_lookup: int | None,
+    ) -> Iterator[list[int | None]]:
         check_seed(seed)
         prompts = self._check_prompts(prompt_tokens, max_new_tokens)
         stops = self._check_stop_tokens(stop_tokens)
         if draft is not None or prompt_lookup is not None:
-            yield from self._speculate(prompts, max_new_tokens, params, stops, seed, draft, speculate_k, prompt_lookup)
+            from llama3.generate.speculative import speculate
+
+            yield from speculate(self, prompts, max_new_tokens, params, stops, seed, draft, speculate_k, prompt_lookup)
             return
         if max_new_tokens == 0:
             self.last_stats = {
@@ -260,7 +283,9 @@ class Llama:
         tokens = tokens.to(self.device)
         pos = torch.tensor(lengths, device=self.device)  # slot of each row's next token
         logits = self.model(tokens, torch.arange(L, device=self.device), logits_pos=pos - 1, kv_len=L)
-        next_tok = sample(logits[:, -1], params.temperature, params.top_p, params.top_k, self._generator)
+        seen = seen_mask(prompts, self.model.args.vocab_size, self.device) if params.repetition_penalty != 1 else None
+        next_tok = sample(logits[:, -1], params, self._generator, seen)
+        step.start(seen)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         pending: list[tuple[Tensor, Tensor]] = []
         finished = [False] * B
@@ -295,82 +320,6 @@ class Llama:
                 "seconds": elapsed,
                 "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
                 "finish_reasons": ["stop" if f else "length" for f in finished],  # a stop token, or max_new_tokens
-            }
-
-    def _speculate(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        params: SamplingParams,
-        stops: list[int],
-        seed: int | None,
-        draft: Llama | None,
-        speculate_k: int,
-        prompt_lookup: int | None,
-    ) -> Iterator[list[int | None]]:
-        """`generate_stream` by speculative decoding (`llama3.speculative`), eagerly: one prompt, one token a step."""
-        from llama3.generate.speculative import ModelDrafter, PromptLookupDrafter, speculative_decode
-
-        if draft is not None and prompt_lookup is not None:
-            raise ValueError("pass either draft or prompt_lookup, not both")
-        if not isinstance(speculate_k, int) or isinstance(speculate_k, bool) or speculate_k < 1:
-            raise ValueError(f"speculate_k must be an integer >= 1, got {speculate_k!r}")
-        if len(prompts) != 1:
-            raise ValueError(
-                f"speculative decoding runs one prompt at a time, got a batch of {len(prompts)} "
-                "(rows would accept different numbers of guesses per step); call generate once per prompt"
-            )
-        if prompt_lookup is not None:
-            if not isinstance(prompt_lookup, int) or isinstance(prompt_lookup, bool) or prompt_lookup < 1:
-                raise ValueError(f"prompt_lookup (the longest n-gram) must be an integer >= 1, got {prompt_lookup!r}")
-            drafter = PromptLookupDrafter(prompt_lookup, self.model.args.vocab_size, self.device)
-        else:
-            if not isinstance(draft, Llama):
-                raise TypeError(f"draft must be a Llama (e.g. Llama.from_pretrained(...)), got {type(draft).__name__}")
-            if draft.model.args.vocab_size != self.model.args.vocab_size:
-                raise ValueError(
-                    f"the draft model's vocabulary has {draft.model.args.vocab_size} tokens and the target's "
-                    f"{self.model.args.vocab_size}: speculative decoding needs the same tokenizer in both"
-                )
-            if draft.device != self.device:
-                raise ValueError(f"the draft model is on {draft.device}, the target on {self.device}: use one device")
-            need = len(prompts[0]) + max_new_tokens
-            if need > draft.context_length:
-                raise ValueError(f"prompt + max_new_tokens = {need} exceeds the draft context ({draft.context_length})")
-            draft._ensure_cache(1, need)
-            drafter = ModelDrafter(draft, params, self._generator)
-        if max_new_tokens == 0:
-            self.last_stats = {"time_to_first_token_s": 0.0, "decode_steps": 0, "seconds": 0.0}
-            self.last_stats |= {"tokens_per_second": 0.0, "finish_reasons": ["length"], "drafted": 0, "accepted": 0}
-            return
-        self._ensure_cache(1, len(prompts[0]) + max_new_tokens)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        self._generator.manual_seed(seed)
-        t0, first_token_at, n, finished = time.perf_counter(), None, 0, False
-        stats: dict = {}
-        tokens = speculative_decode(self, drafter, prompts[0], max_new_tokens, params, stops, speculate_k, stats)
-        try:
-            for token in tokens:
-                first_token_at = first_token_at or time.perf_counter()
-                n += 1
-                finished = token is None
-                yield [token]
-        finally:
-            tokens.close()
-            elapsed = time.perf_counter() - t0
-            ttft = (first_token_at or time.perf_counter()) - t0
-            drafted = stats.get("drafted", 0)
-            self.last_stats = {
-                "time_to_first_token_s": ttft,
-                "decode_steps": n,
-                "seconds": elapsed,
-                "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
-                "finish_reasons": ["stop" if finished else "length"],
-                "verify_steps": stats.get("verify_steps", 0),
-                "drafted": drafted,
-                "accepted": stats.get("accepted", 0),
-                "acceptance_rate": stats.get("accepted", 0) / drafted if drafted else 0.0,
             }
 
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
@@ -446,9 +395,11 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        **sampling: Any,
     ) -> list[str]:
         """Continues each prompt (encoded with BOS); returns the new text only, cut before any `stop` string.
-        `draft`, `speculate_k`, `prompt_lookup`: speculative decoding, as in `generate`."""
+        `draft`, `speculate_k`, `prompt_lookup`: speculative decoding, `sampling`: as in `generate`."""
+        params = SamplingParams(temperature, top_p, top_k, **sampling)
         if (
             isinstance(prompts, str)
             or not isinstance(prompts, Sequence)
@@ -457,7 +408,7 @@ class Llama:
             raise TypeError("text_completion takes a list of prompt strings, e.g. ['The capital of France is']")
         tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
         speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
-        return self._complete(tokens, max_new_tokens, stop, temperature, top_p, top_k, stop_tokens, seed, **speculation)
+        return self._complete(tokens, max_new_tokens, stop, params, stop_tokens, seed, **speculation)
 
     def chat_completion(
         self,
@@ -472,9 +423,11 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        **sampling: Any,
     ) -> list[Message]:
         """The assistant's reply to each dialog, as {"role": "assistant", "content": ...}; `draft`,
-        `speculate_k`, `prompt_lookup`: speculative decoding, as in `generate`."""
+        `speculate_k`, `prompt_lookup`: speculative decoding, `sampling`: as in `generate`."""
+        params = SamplingParams(temperature, top_p, top_k, **sampling)
         if (
             isinstance(dialogs, (str, Mapping))
             or not isinstance(dialogs, Sequence)
@@ -483,18 +436,30 @@ class Llama:
             raise TypeError("chat_completion takes a list of dialogs, each a list of messages: [[{'role': ..., ...}]]")
         tokens = [self.chat_format.encode_dialog_prompt(d) for d in dialogs]
         speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
-        args = (temperature, top_p, top_k, self.chat_stop_tokens, seed)
-        texts = self._complete(tokens, max_new_tokens, stop, *args, **speculation)
+        texts = self._complete(tokens, max_new_tokens, stop, params, self.chat_stop_tokens, seed, **speculation)
         return [{"role": "assistant", "content": text} for text in texts]
 
     def stream(
-        self, prompt_tokens: Sequence[int], max_new_tokens: int = 256, **kwargs
+        self,
+        prompt_tokens: Sequence[int],
+        max_new_tokens: int = 256,
+        *,
+        stop: str | Sequence[str] | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        seed: int | None = None,
+        draft: Llama | None = None,
+        speculate_k: int = 4,
+        prompt_lookup: int | None = None,
+        **sampling: Any,
     ) -> Iterator[tuple[int | None, str]]:
         """Yields each new token of one prompt with the text it completes (often "" while a UTF-8 character
         or a possible `stop` string is incomplete), then (None, text held back) if any is left. Takes
         `generate`'s options and `stop`; afterwards `last_stats["finish_reasons"][0]` is "stop" (a stop
         token or string) or "length"."""
-        for _, token, text in self._stream_rows([prompt_tokens], max_new_tokens, sync_every=1, **kwargs):
+        params = SamplingParams(**sampling)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        rows = self._stream_rows([prompt_tokens], max_new_tokens, stop, params, stop_tokens, seed, 1, **speculation)
+        for _, token, text in rows:
             if token is not None or text:
                 yield token, text
 
@@ -511,14 +476,25 @@ class Llama:
             if text:
                 yield text
 
-    def _complete(self, prompts: list[list[int]], max_new_tokens: int, stop, *args, **speculation) -> list[str]:
+    def _complete(
+        self, prompts: list[list[int]], max_new_tokens: int, stop, params, stop_tokens, seed, **speculation
+    ) -> list[str]:
         texts = [""] * len(prompts)
-        for row, _, text in self._stream_rows(prompts, max_new_tokens, stop, *args, sync_every=8, **speculation):
+        rows = self._stream_rows(prompts, max_new_tokens, stop, params, stop_tokens, seed, 8, **speculation)
+        for row, _, text in rows:
             texts[row] += text
         return texts
 
     def _stream_rows(
-        self, prompts, max_new_tokens: int, stop: str | Sequence[str] | None = None, *args, sync_every: int, **kwargs
+        self,
+        prompts,
+        max_new_tokens: int,
+        stop: str | Sequence[str] | None,
+        params: SamplingParams,
+        stop_tokens: Sequence[int] | None,
+        seed: int | None,
+        sync_every: int,
+        **speculation,
     ) -> Iterator[tuple[int, int | None, str]]:
         """(row, token, text) for each new token of each row; then (row, None, held-back text) as each row ends.
 
@@ -527,7 +503,7 @@ class Llama:
         """
         texts = [TextStream(self.tokenizer, stop) for _ in prompts]
         reasons: list[str | None] = [None] * len(prompts)
-        steps = self.generate_stream(prompts, max_new_tokens, *args, sync_every=sync_every, **kwargs)
+        steps = self._generate_stream(prompts, max_new_tokens, params, stop_tokens, seed, sync_every, **speculation)
         with contextlib.closing(steps):  # also when the caller stops early: the stats get recorded
             for step in steps:
                 for row, token in enumerate(step):

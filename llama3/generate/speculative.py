@@ -27,6 +27,7 @@ already share each weight read among rows, the gain speculation chases at batch 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from llama3.generate.params import SamplingParams
-from llama3.generate.sampling import draw, sample, sampling_probs
+from llama3.generate.sampling import draw, sample, sampling_probs, seen_mask
 
 
 class ModelDrafter:
@@ -59,13 +60,16 @@ class ModelDrafter:
         """
         pos = len(history) - 1  # slot of the current token
         p = self.params
+        seen = seen_mask([history], self.model.args.vocab_size, self.device) if p.repetition_penalty != 1 else None
         tokens = torch.tensor([history[-2:]], device=self.device)
         input_pos = torch.arange(pos + 1 - tokens.shape[1], pos + 1, device=self.device)
         guesses, probs = [], []
         for i in range(k):
             logits = self.model(tokens, input_pos, kv_len=pos + 1 + i)[:, -1]
-            q = sampling_probs(logits, p.temperature, p.top_p, p.top_k)
+            q = sampling_probs(logits, p, seen)
             token = draw(q, self.generator)
+            if seen is not None:  # the next guess is penalised for this one too
+                seen = seen.scatter(1, token[:, None], True)
             guesses.append(token)
             probs.append(q)
             tokens, input_pos = token[:, None], torch.tensor([pos + 1 + i], device=self.device)
@@ -146,7 +150,12 @@ def speculative_decode(
         logits_pos=torch.tensor([L - 1], device=device),
         kv_len=L,
     )
-    new = [int(sample(logits[:, -1], params.temperature, params.top_p, params.top_k, generator))]
+    penalty = params.repetition_penalty != 1
+    new = [
+        int(
+            sample(logits[:, -1], params, generator, seen_mask([prompt], logits.shape[-1], device) if penalty else None)
+        )
+    ]
     drafter.prefill(prompt)
     history = list(prompt)
     stats.update(drafted=0, accepted=0, verify_steps=0)
@@ -168,7 +177,11 @@ def speculative_decode(
         pos = len(history) - 1  # slot of the current token (the last one yielded)
         tokens = torch.cat([torch.tensor([history[-1]], device=device), guesses])[None]
         logits = model(tokens, torch.arange(pos, pos + tokens.shape[1], device=device), kv_len=pos + tokens.shape[1])
-        p = sampling_probs(logits[0], params.temperature, params.top_p, params.top_k)  # (k + 1, V)
+        seen = None
+        if penalty:  # position j follows the history and guesses[:j]
+            seen = seen_mask([history], logits.shape[-1], device).expand(len(guesses) + 1, -1).clone()
+            seen[1:] |= torch.nn.functional.one_hot(guesses, logits.shape[-1]).cumsum(dim=0).bool()
+        p = sampling_probs(logits[0], params, seen)  # (k + 1, V)
         if len(guesses):
             n, token = verify(guesses, q.to(device), p, generator)
         else:
@@ -177,3 +190,78 @@ def speculative_decode(
         stats["drafted"] += len(guesses)
         stats["accepted"] += n
         stats["verify_steps"] += 1
+
+
+def speculate(
+    llm: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    stops: list[int],
+    seed: int | None,
+    draft: Any,
+    speculate_k: int,
+    prompt_lookup: int | None,
+) -> Iterator[list[int | None]]:
+    """`Llama.generate_stream` by speculative decoding, eagerly: one prompt, one token a step."""
+    if draft is not None and prompt_lookup is not None:
+        raise ValueError("pass either draft or prompt_lookup, not both")
+    if not isinstance(speculate_k, int) or isinstance(speculate_k, bool) or speculate_k < 1:
+        raise ValueError(f"speculate_k must be an integer >= 1, got {speculate_k!r}")
+    if len(prompts) != 1:
+        raise ValueError(
+            f"speculative decoding runs one prompt at a time, got a batch of {len(prompts)} "
+            "(rows would accept different numbers of guesses per step); call generate once per prompt"
+        )
+    if prompt_lookup is not None:
+        if not isinstance(prompt_lookup, int) or isinstance(prompt_lookup, bool) or prompt_lookup < 1:
+            raise ValueError(f"prompt_lookup (the longest n-gram) must be an integer >= 1, got {prompt_lookup!r}")
+        drafter = PromptLookupDrafter(prompt_lookup, llm.model.args.vocab_size, llm.device)
+    else:
+        if not isinstance(draft, type(llm)):
+            raise TypeError(f"draft must be a Llama (e.g. Llama.from_pretrained(...)), got {type(draft).__name__}")
+        if draft.model.args.vocab_size != llm.model.args.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary has {draft.model.args.vocab_size} tokens and the target's "
+                f"{llm.model.args.vocab_size}: speculative decoding needs the same tokenizer in both"
+            )
+        if draft.device != llm.device:
+            raise ValueError(f"the draft model is on {draft.device}, the target on {llm.device}: use one device")
+        need = len(prompts[0]) + max_new_tokens
+        if need > draft.context_length:
+            raise ValueError(f"prompt + max_new_tokens = {need} exceeds the draft context ({draft.context_length})")
+        draft._ensure_cache(1, need)
+        drafter = ModelDrafter(draft, params, llm._generator)
+    if max_new_tokens == 0:
+        llm.last_stats = {"time_to_first_token_s": 0.0, "decode_steps": 0, "seconds": 0.0}
+        llm.last_stats |= {"tokens_per_second": 0.0, "finish_reasons": ["length"], "drafted": 0, "accepted": 0}
+        return
+    llm._ensure_cache(1, len(prompts[0]) + max_new_tokens)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    llm._generator.manual_seed(seed)
+    t0, first_token_at, n, finished = time.perf_counter(), None, 0, False
+    stats: dict = {}
+    tokens = speculative_decode(llm, drafter, prompts[0], max_new_tokens, params, stops, speculate_k, stats)
+    try:
+        for token in tokens:
+            first_token_at = first_token_at or time.perf_counter()
+            n += 1
+            finished = token is None
+            yield [token]
+    finally:
+        tokens.close()
+        elapsed = time.perf_counter() - t0
+        ttft = (first_token_at or time.perf_counter()) - t0
+        drafted = stats.get("drafted", 0)
+        llm.last_stats = {
+            "time_to_first_token_s": ttft,
+            "decode_steps": n,
+            "seconds": elapsed,
+            "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
+            "finish_reasons": ["stop" if finished else "length"],
+            "verify_steps": stats.get("verify_steps", 0),
+            "drafted": drafted,
+            "accepted": stats.get("accepted", 0),
+            "acceptance_rate": stats.get("accepted", 0) / drafted if drafted else 0.0,
+        }

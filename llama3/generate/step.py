@@ -68,6 +68,11 @@ class DecodeStep:
         self.static = static
         self.run_block = run_block
         self.captured: CapturedStep | None = None
+        # the tokens each row has seen, on the device (repetition_penalty only): `start` sets the prompt's,
+        # each step adds the token it reads (the last one sampled), so a captured graph needs no host sync
+        penalty = params.repetition_penalty != 1
+        vocab = model.args.vocab_size
+        self.seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=model.inv_freq.device) if penalty else None
         if static:
             device = model.inv_freq.device
             tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -78,12 +83,18 @@ class DecodeStep:
 
     def _eager(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None, run_block=None) -> Tensor:
         logits = self.model(tokens, input_pos, kv_len=kv_len, run_block=run_block)
-        p = self.params
-        return sample(logits[:, -1], p.temperature, p.top_p, p.top_k, self.generator)
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens, True)
+        return sample(logits[:, -1], self.params, self.generator, self.seen)
 
     def _static_body(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """What the graph captures: fixed input buffers, and every cache slot (masked) in attention."""
         return self._eager(tokens, input_pos, run_block=self.run_block)
+
+    def start(self, seen: Tensor | None) -> None:
+        """A new generation: `seen` (B, V): each row's prompt tokens (for repetition_penalty)."""
+        if self.seen is not None:
+            self.seen.copy_(seen)
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
         """Next tokens (B,) after `tokens` (B, 1) at slots `input_pos` (B, 1), all below `kv_len`."""

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llama3.generate.llama import Llama
-from llama3.generate.params import SamplingParams
+from llama3.generate.params import KNOBS, SamplingParams
 from llama3.serve.engine import Engine, GenerationRequest, Output, QueueFull
 from llama3.serve.protocol import (
     ChatChoice,
@@ -259,11 +259,8 @@ class _Server:
         context = self.engine.max_seq_len
         where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         try:
-            params = SamplingParams(
-                1.0 if req.temperature is None else req.temperature,  # OpenAI's defaults
-                1.0 if req.top_p is None else req.top_p,
-                req.top_k,
-            )
+            sent = {k: getattr(req, k) for k in KNOBS if getattr(req, k) is not None}
+            params = SamplingParams(**{"temperature": 1.0, "top_p": 1.0, **sent})  # OpenAI's defaults
         except ValueError as e:
             raise RequestError(str(e), param=getattr(e, "param", None)) from None
         if len(prompts) * req.n > self.engine.max_batch_size + self.engine.max_queue:

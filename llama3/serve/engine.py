@@ -43,7 +43,7 @@ from torch import Tensor
 from llama3.generate.graphs import CapturedStep
 from llama3.generate.llama import Llama
 from llama3.generate.params import SamplingParams
-from llama3.generate.sampling import sample
+from llama3.generate.sampling import sample, seen_mask
 from llama3.generate.stream import TextStream
 
 log = logging.getLogger("llama3.engine")
@@ -99,6 +99,7 @@ class _Row:
     generated: int = 0
     last_token: int = 0
     first_token_at: float | None = None
+    seen: Tensor | None = None  # (1, V) the prompt and the tokens so far, for repetition_penalty
 
     @property
     def decoding(self) -> bool:
@@ -320,15 +321,20 @@ class Engine:
         """logits (B, vocab), rows[i]'s at where[i]: each row's next token."""
         at = {r.index: w for r, w in zip(rows, where, strict=True)}
         picked: dict[int, Tensor] = {}
-        greedy = [r for r in rows if r.req.params.temperature <= 0]
+        plain = [r for r in rows if r.req.params.repetition_penalty == 1]  # no per-row history to read
+        greedy = [r for r in plain if r.req.params.temperature <= 0]
         if greedy:
             idx = torch.tensor([at[r.index] for r in greedy], device=logits.device)
             for r, t in zip(greedy, logits[idx].float().argmax(dim=-1), strict=True):
                 picked[r.index] = t
         for r in rows:
-            if r.req.params.temperature > 0:
+            if r.index not in picked:
                 p, i = r.req.params, at[r.index]
-                picked[r.index] = sample(logits[i : i + 1], p.temperature, p.top_p, p.top_k, r.generator)[0]
+                if p.repetition_penalty != 1 and r.seen is None:
+                    r.seen = seen_mask([r.req.prompt], logits.shape[-1], logits.device)
+                picked[r.index] = sample(logits[i : i + 1], p, r.generator, r.seen)[0]
+                if r.seen is not None:
+                    r.seen[0, picked[r.index]] = True
         want = [r for r in rows if r.req.logprobs is not None]
         logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:

@@ -8,7 +8,8 @@ than silently ignored. A field OpenAI does not define is refused too, as OpenAI'
 Only the top level of a request is checked so; message objects may carry other fields (an assistant message
 sent back as the client received it has `refusal`, `tool_calls`, ...).
 
-Extensions (sent by the official client through `extra_body`): `EXTENSIONS`, that is `top_k`, and
+Extensions (sent by the official client through `extra_body`): `EXTENSIONS`, that is the sampling knobs
+beyond OpenAI's (`top_k`, `min_p`, ...: the `SamplingParams` fields marked `extension`) and
 `return_token_ids` (each choice then carries the generated `token_ids`, and the response the
 `prompt_token_ids`), as vLLM offers them.
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from llama3.checks import ParamError
-from llama3.generate.params import check_seed
+from llama3.generate.params import SamplingParams, check_seed
 
 MAX_N = 16  # choices per request; each takes a row of the batch
 
@@ -31,7 +33,8 @@ MAX_N = 16  # choices per request; each takes a row of the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
 
 
-EXTENSIONS = ("top_k", "return_token_ids")  # request fields beyond OpenAI's API (vLLM's names)
+# request fields beyond OpenAI's API (vLLM's names): the sampling knobs marked so, and return_token_ids
+EXTENSIONS = (*(f.name for f in fields(SamplingParams) if f.metadata["extension"]), "return_token_ids")
 
 
 class OpenAIModel(BaseModel):
@@ -107,6 +110,9 @@ class SamplingRequest(OpenAIModel):
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1)  # extension (vLLM's)
+    # further extensions: each a `SamplingParams` field, checked there (a 400 naming the field)
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None  # checked by the library's own rule (`check_seed`), as the CLI's --seed is
