@@ -35,6 +35,23 @@ def test_greedy_equals_transformers_single(llm, checkpoint):
         assert llm.generate([prompt], 16, temperature=0, stop_tokens=[]) == [hf_greedy(checkpoint[1], prompt, 16)]
 
 
+def test_every_decoding_call_runs_in_inference_mode(llm):
+    """No autograd graph is built while decoding, whatever the caller's grad mode: every forward of generate,
+    the streams and the text calls runs under torch.inference_mode (tensor parallelism's in-place collectives
+    need it, and it saves the graph's memory)."""
+    modes = []
+    hook = llm.model.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    try:
+        with torch.enable_grad():
+            llm.generate([[1, 2, 3]], 2, temperature=0)
+            list(llm.generate_stream([[1, 2, 3]], 2, temperature=0))
+            llm.text_completion(["Hello"], max_new_tokens=2, temperature=0)
+            list(llm.stream_completion("Hello", max_new_tokens=2, temperature=0))
+    finally:
+        hook.remove()
+    assert modes and all(modes), modes
+
+
 def test_ragged_batch_equals_each_prompt_alone(llm, checkpoint):
     prompts = encode_all(llm)
     batched = llm.generate(prompts, 16, temperature=0, stop_tokens=[])

@@ -208,7 +208,6 @@ class Llama:
                     out[row].append(token)
         return out
 
-    @torch.inference_mode()
     def generate_stream(
         self,
         prompt_tokens: Sequence[Sequence[int]],
@@ -237,6 +236,7 @@ class Llama:
             prompt_tokens, max_new_tokens, params, stop_tokens, seed, sync_every, **speculation
         )
 
+    @torch.inference_mode()  # every public path (generate, the streams, text and chat) decodes through here
     def _generate_stream(
         self,
         prompt_tokens: Sequence[Sequence[int]],
