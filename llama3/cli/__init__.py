@@ -142,8 +142,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not 1 <= args.stride <= args.max_length:
             parser.error(f"argument --stride: must be in [1, --max-length], got {args.stride}")
         return
-    if args.top_k is not None and args.top_k < 1:
-        parser.error(f"argument --top-k: must be >= 1 (omit it to keep all tokens), got {args.top_k}")
     try:
         SamplingParams(**{k: getattr(args, k) for k in KNOBS})
         check_seed(args.seed)

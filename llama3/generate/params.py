@@ -38,7 +38,7 @@ class SamplingParams:
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ParamError("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and not _is_int(self.top_k, low=1):
-            raise ParamError("top_k", f"must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
+            raise ParamError("top_k", f"must be an integer >= 1 (unset: keep all tokens), got {self.top_k!r}")
         if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
             raise ParamError("min_p", f"must be a number in [0, 1] (0 is off), got {self.min_p!r}")
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:

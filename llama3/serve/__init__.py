@@ -6,8 +6,7 @@ batching over the static KV cache), `app` (the Starlette routes). Needs the `ser
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from llama3.lazy import lazy_exports
 
 _EXPORTS = {
     "DISCONNECT_POLL_S": "llama3.serve.app",
@@ -18,7 +17,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: imported on first use, so the package itself imports nothing
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)  # the names load on first use
