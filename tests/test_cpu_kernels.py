@@ -118,21 +118,12 @@ def test_every_projection_on_fbgemm_computes_the_reference(tiny_hf, variant):
     assert rel_error(logits, hf(tokens).logits) < 0.05  # and close to the float model
 
 
-@torch.inference_mode()
-def test_embedded_model_on_the_int4_fbgemm_kernel_keeps_the_files_codes():
-    llm = Llama.from_pretrained(kernel="int4-fbgemm")
-    model = llm.model
-    assert model.kernel_choice.plan == "int4-fbgemm" and isinstance(model.output, DynInt8Linear)
-    assert type(model.layers[0].feed_forward.w2).__name__ == "Int4Linear"
-    assert "Paris" in llm.text_completion(["The capital of France is"], 8, temperature=0)[0]
-
-
 def test_embedded_model_loads_into_the_chosen_kernel_by_default(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(choice, "measure", lambda: choice.forced("int4"))
+    monkeypatch.setattr(choice, "measure", lambda: choice.forced("int4-fbgemm"))
     model = Llama.from_pretrained().model
-    assert model.kernel_choice.plan == "int4"
-    assert type(model.layers[0].attention.wqkv).__name__ == "Int4Linear"
+    assert model.kernel_choice.plan == "int4-fbgemm"  # the file's own Q4_1 codes, the output on fbgemm
+    assert type(model.layers[0].attention.wqkv).__name__ == "Int4Linear" and isinstance(model.output, DynInt8Linear)
     floats = Llama.from_pretrained(quantize=None).model  # the explicit way to float32
     assert floats.kernel_choice is None and floats.tok_embeddings.weight.dtype == torch.float32
     assert isinstance(floats.layers[0].attention.wqkv, torch.nn.Linear)
