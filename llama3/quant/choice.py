@@ -1,14 +1,15 @@
 """Which quantized CPU kernels a model loaded with `quantize="auto"` runs: measured once per machine.
 
-The candidates are those that keep the embedded SmolLM2's perplexity on Hamlet within 1% of float32's
-(docs/quantization.md, "Choosing the kernel"):
+The candidates are those that keep the embedded SmolLM2's perplexity on Hamlet within 1% of float32's 24.449
+(measured on a Xeon with AVX512-VNNI; benchmarks/results/perplexity-smollm2-kernels-*.md, docs/quantization.md):
 - "int4": the projections as 4-bit codes (a GGUF file's own Q4 codes) through `_weight_int4pack_mm_for_cpu`,
-  the output projection int8 through `_weight_int8pack_mm`, bfloat16 activations (+0.04%);
+  the output projection int8 through `_weight_int8pack_mm`, bfloat16 activations (24.458, +0.03%);
 - "int4-fbgemm": the same with the output projection on fbgemm's dynamic int8 kernel, only where the CPU has
-  AVX512-VNNI (8-bit activations: +0.4%; 7-bit ones, AVX2, cost 1.7%);
-- "int8": every projection int8 through `_weight_int8pack_mm` (+0.95%: the file's 4-bit weights re-rounded).
-fbgemm on every projection (`quantize="int8", kernel="fbgemm"`), the fastest, costs 2.8% with 8-bit activations
-and 7.7% with 7-bit ones, so it is a choice a user makes, never the default.
+  AVX512-VNNI, so that activations get 8 bits (24.521, +0.29%; 7-bit ones, emulated, cost 1.7%);
+- "int8": every projection int8 through `_weight_int8pack_mm` (24.682, +0.95%: the file's 4-bit weights
+  re-rounded per row).
+fbgemm on every projection (`kernel="fbgemm"`), the fastest per call, measured 25.272 (+3.4%) with 8-bit
+activations (7-bit ones, emulated: +7.7%), so it is a choice a user makes, never the default.
 
 Why a micro-benchmark and not a table: the kernels' speeds depend on the instruction set (AVX2 against AVX-512
 moved int4 from 47 to 180 us a call), on PyTorch's release and on the machine, and no table covers every CPU.
