@@ -616,3 +616,28 @@ def test_llama3_gguf_gives_the_hf_checkpoints_logits(llama3_gguf):
     ids = torch.randint(0, 128256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), model(ids).logits, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The header is parsed once per load
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_loading_a_model_parses_the_header_once(llama3_gguf):
+    """Config, tensors and tokenizer each open the file; the parsed header (128,256 tokens and their
+    merges here) is decoded once and shared."""
+    from llama3 import Llama
+    from llama3.weights import gguf
+
+    path, _ = llama3_gguf
+    gguf._parse.cache_clear()
+    Llama.from_pretrained(path, quantize=None, progress=False)
+    info = gguf._parse.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+def test_a_rewritten_file_is_parsed_again(tmp_path):
+    path = write_llama_gguf(tmp_path / "m.gguf", tiny_llama())
+    assert read_gguf_config(path).n_layers == 2
+    write_llama_gguf(path, tiny_llama(num_hidden_layers=3))  # same name, new contents
+    assert read_gguf_config(path).n_layers == 3

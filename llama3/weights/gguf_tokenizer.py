@@ -9,6 +9,7 @@ to tiktoken ranks follows `llama3.text.bpe`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from llama3.quant.ggml import GGUFError
@@ -72,7 +73,9 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if len(types) != len(tokens):
         raise GGUFError(f"{f.path}: {len(tokens)} tokens but {len(types)} token types")
 
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    alphabet = bytes_to_unicode()
+    to_latin1 = str.maketrans({char: byte for byte, char in alphabet.items()})  # a token's chars -> its bytes
+    outside_alphabet = re.compile("[^" + re.escape("".join(alphabet.values())) + "]")
     ranks: dict[bytes, int] = {}
     special: dict[str, int] = {}
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
@@ -83,8 +86,8 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             continue
         # Ordinary tokens are spelled in GPT-2's byte alphabet; a token that is not (a converter quirk)
         # stands for its own UTF-8 text, as in transformers' GGUF reader.
-        if all(c in byte_of for c in token):
-            token_bytes = bytes(byte_of[c] for c in token)
+        if not outside_alphabet.search(token):
+            token_bytes = token.translate(to_latin1).encode("latin-1")
         else:
             token_bytes = token.encode("utf-8")
         if token_bytes in ranks:

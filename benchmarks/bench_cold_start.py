@@ -1,0 +1,128 @@
+"""Cold start: a fresh `llama3 generate -n 16` process against `import torch` alone and against llama.cpp.
+
+    flock -x /tmp/bench.lock python benchmarks/bench_cold_start.py [--llama-cpp] [--repeats 5]
+
+Each row is a fresh process, timed from outside (fork to exit), the median of --repeats with its range:
+    import torch                     `python -c "import torch"`: the floor every PyTorch program pays
+    llama3 generate -n 16            the CLI on the embedded SmolLM2-135M-Instruct with its defaults, greedy
+    llama.cpp (llama-cpp-python)     (--llama-cpp) the same GGUF file, 16 greedy tokens, through the bindings
+For `llama3 generate` the CLI's own --json timings split the process: load (weights and tokenizer),
+first token, generation; the rest is Python start-up and imports. Results: benchmarks/results/cold-start.json
+and cold-start.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "The capital of France is"
+LLAMA_CPP = (
+    "import sys; from llama_cpp import Llama; "
+    "m = Llama(sys.argv[1], n_ctx=512, n_threads=os.cpu_count(), verbose=False); "
+    "m.create_completion(sys.argv[2], max_tokens=16, temperature=0)"
+)
+
+
+def cpu() -> dict:
+    fields = dict(
+        line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    )
+    flags = fields.get("Flags", "").split()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return {"model": fields.get("Model name", "?").strip(), "cpus": os.cpu_count(), "isa": isa}
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return time.perf_counter() - t0, out.stdout
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--llama-cpp", action="store_true", help="also time llama-cpp-python on the same GGUF file")
+    args = ap.parse_args()
+
+    from llama3.weights.gguf import find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    commands = {
+        "import torch": [sys.executable, "-c", "import torch"],
+        "llama3 generate -n 16": [sys.executable, "-m", "llama3", "generate", PROMPT, "-n", "16", "--json", "--quiet"],
+    }
+    if args.llama_cpp:
+        commands["llama.cpp (llama-cpp-python), 16 tokens"] = [
+            sys.executable,
+            "-c",
+            "import os; " + LLAMA_CPP,
+            str(gguf),
+            PROMPT,
+        ]
+    load = [float(Path("/proc/loadavg").read_text().split()[0])]
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    parts: dict[str, list[float]] = {"load_s": [], "time_to_first_token_s": [], "total_s": []}
+    for _ in range(args.repeats):  # the commands take turns, so a drift in the machine's speed hits each alike
+        for name, cmd in commands.items():
+            wall, stdout = timed(cmd)
+            walls[name].append(wall)
+            if name.startswith("llama3"):
+                timings = json.loads(stdout)["timings"]
+                for key in parts:
+                    parts[key].append(timings[key])
+        load.append(float(Path("/proc/loadavg").read_text().split()[0]))
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu(),
+        "python": platform.python_version(),
+        "torch": __import__("torch").__version__,
+        "model": f"embedded SmolLM2-135M-Instruct ({gguf.name}), the CLI's defaults",
+        "repeats": args.repeats,
+        "loadavg_1m": {"start": load[0], "max": max(load)},
+        "wall_s": {name: summary(v) for name, v in walls.items()},
+        "llama3_generate_parts_s": {key: summary(v) for key, v in parts.items()},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cold-start.json").write_text(json.dumps(info, indent=2) + "\n")
+    c = info["cpu"]
+    lines = [
+        f"# Cold start ({info['date']})",
+        "",
+        f"{c['model']}, {c['cpus']} CPUs ({', '.join(c['isa'])}); Python {info['python']}, torch {info['torch']}; "
+        f"{info['model']}. Fresh processes timed from outside, median (min-max) of {args.repeats}, the commands "
+        f"taking turns; 1-minute load average {load[0]:.2f} at the start, at most {max(load):.2f}.",
+        "",
+        "| process | wall (s) |",
+        "|---|---:|",
+    ]
+    for name, s in info["wall_s"].items():
+        lines.append(f"| {name} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) |")
+    p = info["llama3_generate_parts_s"]
+    lines += [
+        "",
+        f"Inside `llama3 generate` (its --json timings, medians): loading the weights and tokenizer "
+        f"{p['load_s']['median']:.2f} s, first token {p['time_to_first_token_s']['median']:.3f} s, all 16 tokens "
+        f"{p['total_s']['median']:.2f} s; the rest of the process is Python start-up and imports.",
+    ]
+    (RESULTS / "cold-start.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
