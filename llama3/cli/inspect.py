@@ -8,9 +8,9 @@ projection, at each position (`llama3.model.hooks.logit_lens`), coloured by its 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import re
+from importlib.util import find_spec
 
 from llama3.cli.common import _add_load_args, _add_threads_arg, load
 
@@ -50,7 +50,7 @@ def token_label(text: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("matplotlib") is None:
+    if find_spec("matplotlib") is None:
         raise ValueError("llama3 inspect draws with matplotlib, which is not installed (pip install 'llama3[plot]')")
     layer = head = None
     if args.attention is not None:
