@@ -90,11 +90,16 @@ def test_a_patched_residual_changes_exactly_the_positions_from_it_on(pair):
     delta = torch.randn(ours.args.dim, generator=torch.Generator().manual_seed(2))
     with ours.hooks({}):  # the same (reference) ops as the patched forward
         base = ours(tokens)
+        _, before = ours.run_with_cache(tokens, ["blocks.0.hook_resid_mid"])
     with ours.hooks({"blocks.0.hook_resid_mid": add(delta, pos=p)}):
         patched = ours(tokens)
+        _, after = ours.run_with_cache(tokens, ["blocks.0.hook_resid_mid"])  # nested: the cache holds the patch
     changed = (patched - base).abs().amax(dim=-1)  # (B, T)
     assert (changed[:, :p] == 0).all()
     assert (changed[:, p:] > 1e-4).all()
+    expected = before["blocks.0.hook_resid_mid"].clone()
+    expected[:, p] += delta
+    assert torch.equal(after["blocks.0.hook_resid_mid"], expected)
 
 
 @torch.no_grad()

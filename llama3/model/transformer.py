@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -280,7 +281,7 @@ class Transformer(nn.Module):
             x = x[torch.arange(B, device=tokens.device), logits_pos].unsqueeze(1)  # (B, 1, dim)
         return self.hook("ln_final.hook_normalized", self.norm(x))
 
-    def hooks(self, fns: dict[str, Callable]):
+    def hooks(self, fns: dict[str, Callable]) -> AbstractContextManager[Hooks]:
         """`with model.hooks({"blocks.0.attn.hook_z": fn, ...}):` calls fn(x, hook) at those hook points in
         every forward inside the block (generation too), each returning None or a replacement for x; the
         forward runs the reference ops. See `llama3.model.hooks` (`zero`, `add`, `replace`, `hook_names`)."""
