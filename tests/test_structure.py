@@ -40,6 +40,7 @@ DOCUMENTED = [
     ("llama3.train.finetune", "TrainConfig"),
     ("llama3.weights.save", "save_quantized"),
     ("llama3.guard", "classify"),
+    ("llama3.model.hooks", "logit_lens"),
 ]
 
 # the flat modules of 0.1 and a name each offered: kept as deprecated aliases for one release

@@ -1,6 +1,7 @@
 """The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal,
 `quantize` writes an int8/int4 checkpoint, `perplexity` scores a text, `guard` classifies conversations with
-Llama Guard (and `--guard SRC` screens what `chat` and `generate --chat` are asked and answer).
+Llama Guard (and `--guard SRC` screens what `chat` and `generate --chat` are asked and answer), `inspect` draws
+a layer's attention or the logit lens of a prompt.
 
 Parsing and checking the arguments needs no torch (`llama3 --help` answers at once); the model and
 torch are imported only when a command runs. Exit codes: 0 done, 1 bad input or a failed load (one
@@ -29,6 +30,7 @@ from llama3.cli.common import (
 from llama3.cli.finetune import _add_finetune_parser, cmd_finetune
 from llama3.cli.generate import cmd_generate
 from llama3.cli.guard import GUARD_HELP, cmd_guard
+from llama3.cli.inspect import _add_inspect_parser, check_inspect_args, cmd_inspect
 from llama3.cli.perplexity import cmd_perplexity
 from llama3.cli.quantize import cmd_quantize
 from llama3.cli.serve import _add_serve_parser, cmd_serve
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve}"
+        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve,inspect}"
     )
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     guard.set_defaults(parser=guard, max_seq_len=None)
     _add_finetune_parser(sub)
     _add_serve_parser(sub)
+    _add_inspect_parser(sub)
     return parser
 
 
@@ -136,6 +139,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         return
     if args.keep_output and args.quantize == "none":
         parser.error("argument --keep-output: needs a quantized model (--quantize int8 or int4), got --quantize none")
+    if args.command == "inspect":
+        check_inspect_args(parser, args)
+        return
     if args.command == "perplexity":
         if args.max_length < 2:
             parser.error(f"argument --max-length: must be >= 2, got {args.max_length}")
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
-    if args.command in ("generate", "chat", "perplexity", "guard"):
+    if args.command in ("generate", "chat", "perplexity", "guard", "inspect"):
         set_thread_defaults()
     world = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "guard": cmd_guard,
             "finetune": cmd_finetune,
             "serve": cmd_serve,
+            "inspect": cmd_inspect,
         }
         return commands[args.command](args)
     except ParamError as e:  # a setting the model refuses (e.g. longer than its context): named as its flag

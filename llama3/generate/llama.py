@@ -333,13 +333,13 @@ class Llama:
             }
 
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:
-        key = (batch_size, params)
+        # with hooks set (`model.hooks`) the step runs eagerly: a replayed CUDA graph would skip them
+        static = self.cuda_graphs and self.model.hooked is None
+        key = (batch_size, params, static)
         if key not in self._steps:
             # static: captured on CUDA; on a CPU (cuda_graphs=True), or if the capture fails (it warns), the same
             # graph-form step runs eagerly
-            self._steps[key] = DecodeStep(
-                self.model, batch_size, params, self._generator, self.cuda_graphs, self._run_block
-            )
+            self._steps[key] = DecodeStep(self.model, batch_size, params, self._generator, static, self._run_block)
         return self._steps[key]
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

@@ -2,7 +2,8 @@
 
 Read in this order: `config` (ModelArgs and the presets), `functional` (RoPE frequencies and rotation,
 grouped-query attention, SwiGLU), `transformer` (RMSNorm, KVCache, Attention, FeedForward, TransformerBlock,
-Transformer), `backends` (the faster forms of the same math, chosen in one place), `lora` (low-rank adapters
+Transformer), `hooks` (what the model's named hook points call: captured activations, patching, the logit lens),
+`backends` (the faster forms of the same math, chosen in one place), `lora` (low-rank adapters
 on the projections, in PEFT's file format).
 
 `from llama3.model import Transformer` keeps working (the names of the old `llama3.model` module load lazily).

@@ -6,12 +6,16 @@ same function may run instead (a projection, RoPE + the cache write, attention, 
 residual-fused norms) ask the backend, `ops`, chosen once by `llama3.model.backends.get_ops`; see that module.
 
 Shapes: B batch, T new tokens, S cache slots, H query heads, KVH key/value heads, D head_dim.
+
+`hook(name, x)` marks a named activation (TransformerLens's names: `blocks.{i}.hook_resid_pre`, ...): it returns
+`x` itself unless hooks are set, which read or replace it and run the reference ops (`llama3.model.hooks`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from llama3.model.backends import TorchOps, get_ops
 from llama3.model.config import ModelArgs
 from llama3.model.functional import rope_inv_freq, rope_tables
+from llama3.model.hooks import Hooks, no_hook, run_with_cache, set_hooks
 from llama3.weights.build import load_model
 from llama3.weights.hub import parse_device
 
@@ -120,12 +125,16 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
+        self.hook = no_hook  # this block's hook points; under hooks, attention's (q, k, v, pattern, z) are in `ops`
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None, ops: type[TorchOps]
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, ops)
-        return h + self.feed_forward(self.ffn_norm(h), ops)
+        x = self.hook("hook_resid_pre", x)
+        attn_out = self.hook("hook_attn_out", self.attention(self.attention_norm(x), cos, sin, mask, input_pos, ops))
+        h = self.hook("hook_resid_mid", x + attn_out)
+        mlp_out = self.hook("hook_mlp_out", self.feed_forward(self.ffn_norm(h), ops))
+        return self.hook("hook_resid_post", h + mlp_out)
 
 
 class Transformer(nn.Module):
@@ -146,6 +155,8 @@ class Transformer(nn.Module):
 
         self.ops: type[TorchOps] = TorchOps
         self.max_batch_size = self.max_seq_len = 0
+        self.hooked: Hooks | None = None  # the hooks set by `with model.hooks(...)`
+        self.hook = no_hook
 
     @classmethod
     def from_pretrained(
@@ -266,8 +277,20 @@ class Transformer(nn.Module):
 
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         run_block = run_block or self.ops.run_block
+        if self.hooked is not None:  # each block's own forward, with its hooked reference ops
+            run_block = self.hooked.run_block
         for layer in self.layers:
             x = run_block(layer, x, cos, sin, mask, positions if mask is not None else None, self.ops)
         if logits_pos is not None:
             x = x[torch.arange(B, device=tokens.device), logits_pos].unsqueeze(1)  # (B, 1, dim)
-        return self.norm(x)
+        return self.hook("ln_final.hook_normalized", self.norm(x))
+
+    def hooks(self, fns: dict[str, Callable]) -> AbstractContextManager[Hooks]:
+        """`with model.hooks({"blocks.0.attn.hook_z": fn, ...}):` calls fn(x, hook) at those hook points in
+        every forward inside the block (generation too), each returning None or a replacement for x; the
+        forward runs the reference ops. See `llama3.model.hooks` (`zero`, `add`, `replace`, `hook_names`)."""
+        return set_hooks(self, fns)
+
+    def run_with_cache(self, tokens: Tensor, names: list[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(logits, {name: activation}): one forward over `tokens`, capturing the hook points `names` (default: all)."""
+        return run_with_cache(self, tokens, names)
