@@ -16,13 +16,14 @@ from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
 )
 
 from llama3 import Llama
 from llama3.generate.params import SamplingParams
-from llama3.generate.sampling import sample, sampling_probs, seen_mask
+from llama3.generate.sampling import output_counts, sample, sampling_probs, seen_mask
 
 
 def transformers_probs(logits: torch.Tensor, input_ids: torch.Tensor, processors: list) -> torch.Tensor:
@@ -247,3 +248,116 @@ def test_cli_bad_knob_names_the_flag(tiny_llama3, capsys, monkeypatch, flag, val
     line = [line for line in err.splitlines() if "error:" in line][0]
     assert f"argument {flag}: must be" in line and "_" not in line  # the flag, not the Python name
     assert "Traceback" not in err
+
+
+# -- OpenAI's logit_bias, presence and frequency penalties (issue 24) ----------------------------------------------
+
+
+def openai_penalised(logits: torch.Tensor, generated: list[list[int]], presence: float, frequency: float):
+    """OpenAI's published formula, token by token: mu[j] - c[j] * frequency - float(c[j] > 0) * presence, with c[j]
+    how often token j was generated before this position (the prompt does not count)."""
+    out = logits.clone()
+    for b, row in enumerate(generated):
+        for j in set(row):
+            c = row.count(j)
+            out[b, j] -= c * frequency + float(c > 0) * presence
+    return out
+
+
+def test_logit_bias_equals_transformers_sequence_bias():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 64, generator=g) * 3
+    input_ids = torch.randint(0, 64, (5, 7), generator=g)
+    bias = {3: 5.0, 10: -100.0, 40: 2.5, 63: -0.5}
+    processors = [SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()}), TemperatureLogitsWarper(0.8)]
+    expected = transformers_probs(logits, input_ids, processors)
+    for given in (bias, {str(t): b for t, b in bias.items()}, list(bias.items())):  # a dict, JSON's keys, pairs
+        params = SamplingParams(0.8, 1.0, None, logit_bias=given)
+        torch.testing.assert_close(normalised(sampling_probs(logits, params)), expected, atol=1e-6, rtol=1e-5)
+    greedy = SamplingParams(0.0, 1.0, None, logit_bias=bias)
+    reference = SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()})(input_ids, logits.clone())
+    assert torch.equal(sample(logits, greedy), reference.argmax(dim=-1))
+    assert not torch.equal(reference.argmax(dim=-1), logits.argmax(dim=-1))  # the bias changed some choice
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.8, 0.0), (0.0, 1.3), (1.5, -0.7), (-2.0, 2.0)])
+def test_presence_and_frequency_penalties_are_openais_formula(presence, frequency):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 64, generator=g) * 2
+    generated = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (0, 3, 12, 30)]
+    params = SamplingParams(0.9, 1.0, None, presence_penalty=presence, frequency_penalty=frequency)
+    expected = (openai_penalised(logits, generated, presence, frequency) / 0.9).softmax(dim=-1)
+    ours = sampling_probs(logits, params, counts=output_counts(generated, 64))
+    torch.testing.assert_close(normalised(ours), expected, atol=1e-6, rtol=1e-5)
+
+
+def hf_openai_greedy(hf, prompt: list[int], n: int, presence: float, frequency: float, bias: dict) -> list[int]:
+    """Greedy decoding written out: transformers' logits for the whole history at each step (no cache), the bias
+    added, then OpenAI's penalties over the tokens generated so far."""
+    history, new = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = hf(torch.tensor([history])).logits[:, -1].float()
+            for t, b in bias.items():
+                logits[0, t] += b
+            token = int(openai_penalised(logits, [new], presence, frequency).argmax())
+            history.append(token)
+            new.append(token)
+    return new
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.6, 0.9)])
+def test_greedy_with_openai_penalties_equals_the_formula_on_transformers(small, presence, frequency):
+    """Batched rows of different lengths, the eager step and the graph-form step (the counts kept on the device)."""
+    llm, hf = small
+    bias = {7: 0.5, 100: -100.0}
+    expected = [hf_openai_greedy(hf, p, 12, presence, frequency, bias) for p in PROMPTS]
+    assert expected != [hf_openai_greedy(hf, p, 12, 0, 0, bias) for p in PROMPTS]  # the penalties matter here
+    kwargs = dict(temperature=0, stop_tokens=[], presence_penalty=presence, frequency_penalty=frequency)
+    assert llm.generate(PROMPTS, 12, logit_bias=bias, **kwargs) == expected
+    graph_form = Llama(llm.model, llm.tokenizer, cuda_graphs=True)
+    assert graph_form.generate(PROMPTS, 12, logit_bias=bias, **kwargs) == expected
+    assert graph_form.generate(PROMPTS[::-1], 12, logit_bias=bias, **kwargs) == expected[::-1]  # counts start afresh
+
+
+def test_cli_logit_bias_and_penalties_reach_the_sampler(tiny_llama3, llm, capsys, monkeypatch):
+    knobs = dict(presence_penalty=1.5, frequency_penalty=-0.5, logit_bias={791: 4, 13: -100})
+    flags = (
+        "--presence-penalty",
+        "1.5",
+        "--frequency-penalty",
+        "-0.5",
+        "--logit-bias",
+        "791=4",
+        "--logit-bias",
+        "13=-100",
+    )
+    prompt = llm.tokenizer.encode("The capital of France is", bos=True)
+    want = llm.generate([prompt], 12, temperature=0, stop_tokens=[], **knobs)[0]
+    assert want != llm.generate([prompt], 12, temperature=0, stop_tokens=[])[0]  # the knobs matter here
+    assert cli_tokens(monkeypatch, capsys, tiny_llama3[0], "-t", "0", *flags) == want
+
+
+@pytest.mark.parametrize(
+    "flag, value, problem",
+    [
+        ("--presence-penalty", "2.5", "must be a number in [-2, 2]"),
+        ("--frequency-penalty", "-3", "must be a number in [-2, 2]"),
+        ("--logit-bias", "12", "expected TOKEN_ID=BIAS"),
+        ("--logit-bias", "12=101", "biases must be numbers in [-100, 100]"),
+        ("--logit-bias", "5=nan", "biases must be numbers in [-100, 100]"),
+    ],
+)
+def test_cli_bad_penalty_or_bias_names_the_flag(tiny_llama3, capsys, monkeypatch, flag, value, problem):
+    code, _, err = run_main(monkeypatch, capsys, "generate", "Hi", "--model", str(tiny_llama3[0]), flag, value)
+    assert code == 2, err
+    line = [line for line in err.splitlines() if "error:" in line][0]
+    assert f"argument {flag}: {problem}" in line and "Traceback" not in err
+
+
+def test_library_refuses_a_bias_outside_the_vocabulary(small):
+    from llama3.checks import ParamError
+
+    with pytest.raises(ParamError) as e:
+        small[0].generate(PROMPTS, 2, temperature=0, stop_tokens=[], logit_bias={512: 1.0})
+    assert e.value.param == "logit_bias" and "[0, 512)" in str(e.value)

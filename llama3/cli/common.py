@@ -98,9 +98,11 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="the most tokens to generate; -1: until a stop or the context is full (default: %(default)s)",
     )
     for f in dataclasses.fields(SamplingParams):  # one flag per knob, as the knob describes it
-        help = f.metadata["help"] if f.default is None else f"{f.metadata['help']} (default: %(default)s)"
-        kind = int if f.type in ("int", "int | None") else float
-        p.add_argument(*f.metadata["flag"].split("/"), type=kind, default=f.default, help=help)
+        cli = dict(f.metadata["cli"])
+        default = cli.pop("default", f.default)
+        help = f.metadata["help"] if default in (None, ()) else f"{f.metadata['help']} (default: %(default)s)"
+        kind = _flag_type(cli.pop("type")) if "type" in cli else int if f.type in ("int", "int | None") else float
+        p.add_argument(*f.metadata["flag"].split("/"), type=kind, default=default, help=help, **cli)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument(
         "--stop",
@@ -140,6 +142,18 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="the checkpoint's own Jinja template (jinja), the hand-written Llama 3 / ChatML format (builtin), or "
         "auto: the hand-written one where it equals the checkpoint's template (default: %(default)s)",
     )
+
+
+def _flag_type(parse):
+    """A knob's own parser for argparse: its ValueError's message becomes argparse's (naming the flag)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:

@@ -263,7 +263,13 @@ class Llama:
         check_seed(seed)
         prompts = self._check_prompts(prompt_tokens, max_new_tokens)
         stops = self._check_stop_tokens(stop_tokens)
+        vocab = self.model.args.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted: the last id is the largest
+            raise ParamError("logit_bias", f"token ids must be in [0, {vocab}), got {params.logit_bias[-1][0]}")
         if draft is not None or prompt_lookup is not None:
+            for name in ("presence_penalty", "frequency_penalty"):  # counting the answer's tokens per guess: not yet
+                if getattr(params, name) != 0:
+                    raise ParamError(name, "is not supported with speculative decoding (a draft or prompt lookup)")
             from llama3.generate.speculative import speculate
 
             yield from speculate(self, prompts, max_new_tokens, params, stops, seed, draft, speculate_k, prompt_lookup)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -14,22 +16,57 @@ def seen_mask(rows: list[list[int]], vocab_size: int, device: torch.device | str
     return seen.to(device)
 
 
-def penalised(logits: Tensor, params: SamplingParams, seen: Tensor | None) -> Tensor:
-    """fp32 logits with transformers' `RepetitionPenaltyLogitsProcessor` applied to the `seen` tokens (B, V):
-    a positive logit divided by the penalty, a negative one multiplied (CTRL, Keskar et al. 2019)."""
+def output_counts(rows: list[list[int]], vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """(B, V) fp32: how often each row has generated each token so far, what the presence and frequency
+    penalties read (OpenAI's c[j]: the answer's tokens, not the prompt's)."""
+    counts = torch.zeros(len(rows), vocab_size)
+    for b, row in enumerate(rows):
+        counts[b].index_add_(0, torch.tensor(row, dtype=torch.long), torch.ones(len(row)))
+    return counts.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _bias_vector(bias: tuple[tuple[int, float], ...], vocab_size: int, device: torch.device) -> Tensor:
+    """logit_bias as a dense (V,) fp32 vector, made once per setting (not inside a captured CUDA graph's replay)."""
+    vector = torch.zeros(vocab_size)
+    ids = [t for t, _ in bias]
+    if ids and max(ids) >= vocab_size:
+        raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {max(ids)}")
+    vector[ids] = torch.tensor([b for _, b in bias])
+    return vector.to(device)
+
+
+def penalised(logits: Tensor, params: SamplingParams, seen: Tensor | None, counts: Tensor | None = None) -> Tensor:
+    """fp32 logits with the processors that come before the warpers, in this order:
+
+    - `logit_bias`: each listed token's bias added (OpenAI's definition; transformers' `SequenceBiasLogitsProcessor`
+      with one-token sequences);
+    - `repetition_penalty` over the `seen` tokens (B, V) bool: a positive logit divided by the penalty, a negative
+      one multiplied (transformers' `RepetitionPenaltyLogitsProcessor`; CTRL, Keskar et al. 2019);
+    - the frequency and presence penalties over `counts` (B, V), the tokens generated so far (None: none yet):
+      mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty, OpenAI's published formula.
+
+    The order is vLLM's (the bias with the logits processors, then repetition, frequency, presence).
+    """
     logits = logits.float()
-    if params.repetition_penalty == 1:
-        return logits
-    if seen is None:
-        raise ValueError("repetition_penalty needs the tokens seen so far (seen)")
-    r = params.repetition_penalty
-    return torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
+    if params.logit_bias:
+        logits = logits + _bias_vector(params.logit_bias, logits.shape[-1], logits.device)
+    if params.repetition_penalty != 1:
+        if seen is None:
+            raise ValueError("repetition_penalty needs the tokens seen so far (seen)")
+        r = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
+    if counts is not None and (params.frequency_penalty != 0 or params.presence_penalty != 0):
+        logits = logits - counts * params.frequency_penalty - (counts > 0).float() * params.presence_penalty
+    return logits
 
 
-def sampling_probs(logits: Tensor, params: SamplingParams, seen: Tensor | None = None) -> Tensor:
+def sampling_probs(
+    logits: Tensor, params: SamplingParams, seen: Tensor | None = None, counts: Tensor | None = None
+) -> Tensor:
     """logits (B, V) -> the distribution (B, V) fp32 that `sample` draws from, `params` applied in
-    transformers' order (`_get_logits_processor`): the repetition penalty (over `seen`, (B, V) bool: the
-    prompt and the tokens so far), then temperature, top-k, top-p, min-p.
+    transformers' order (`_get_logits_processor`): the processors of `penalised` (over `seen`, (B, V) bool: the
+    prompt and the tokens so far, and `counts`, the answer's tokens), then temperature, top-k, top-p, min-p.
 
     temperature 0 (greedy) is the one-hot of the argmax. top_k keeps the k most likely tokens; top_p keeps,
     in order of probability, every token whose preceding mass is at most p, as Meta's `sample_top_p` does
@@ -43,7 +80,7 @@ def sampling_probs(logits: Tensor, params: SamplingParams, seen: Tensor | None =
     it would round to 0, and 0 / 0 is NaN), which already leaves every other token exp(-huge) = 0.
     """
     temperature, top_p, top_k = params.temperature, params.top_p, params.top_k
-    logits = penalised(logits, params, seen)
+    logits = penalised(logits, params, seen, counts)
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
@@ -71,9 +108,11 @@ def draw(probs: Tensor, generator=None) -> Tensor:
     return (probs / race).argmax(dim=-1)
 
 
-def sample(logits: Tensor, params: SamplingParams, generator=None, seen: Tensor | None = None) -> Tensor:
+def sample(
+    logits: Tensor, params: SamplingParams, generator=None, seen: Tensor | None = None, counts: Tensor | None = None
+) -> Tensor:
     """logits (B, V) -> token ids (B,), on the device, with no host sync (so it can be graph-captured):
     a draw from `sampling_probs`; temperature 0 is greedy."""
     if params.temperature <= 0:  # the argmax of the penalised logits, as transformers' greedy search
-        return penalised(logits, params, seen).argmax(dim=-1)  # fp32: CPU argmax over bf16 is 2x slower
-    return draw(sampling_probs(logits, params, seen), generator)
+        return penalised(logits, params, seen, counts).argmax(dim=-1)  # fp32: CPU argmax over bf16 is 2x slower
+    return draw(sampling_probs(logits, params, seen, counts), generator)

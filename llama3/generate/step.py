@@ -73,6 +73,9 @@ class DecodeStep:
         penalty = params.repetition_penalty != 1
         vocab = model.args.vocab_size
         self.seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=model.inv_freq.device) if penalty else None
+        # the tokens each row has generated, counted (presence / frequency penalties), kept the same way
+        counting = params.presence_penalty != 0 or params.frequency_penalty != 0
+        self.counts = torch.zeros(batch_size, vocab, device=model.inv_freq.device) if counting else None
         if static:
             device = model.inv_freq.device
             tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -85,16 +88,20 @@ class DecodeStep:
         logits = self.model(tokens, input_pos, kv_len=kv_len, run_block=run_block)
         if self.seen is not None:
             self.seen.scatter_(1, tokens, True)
-        return sample(logits[:, -1], self.params, self.generator, self.seen)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=self.counts.dtype))
+        return sample(logits[:, -1], self.params, self.generator, self.seen, self.counts)
 
     def _static_body(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """What the graph captures: fixed input buffers, and every cache slot (masked) in attention."""
         return self._eager(tokens, input_pos, run_block=self.run_block)
 
     def start(self, seen: Tensor | None) -> None:
-        """A new generation: `seen` (B, V): each row's prompt tokens (for repetition_penalty)."""
+        """A new generation: `seen` (B, V): each row's prompt tokens (for repetition_penalty); no token generated."""
         if self.seen is not None:
             self.seen.copy_(seen)
+        if self.counts is not None:
+            self.counts.zero_()
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
         """Next tokens (B,) after `tokens` (B, 1) at slots `input_pos` (B, 1), all below `kv_len`."""

@@ -60,6 +60,8 @@ from llama3.serve.protocol import (
     now,
     parse_request,
 )
+from llama3.serve.scoring import best_choices, echo
+from llama3.serve.tokenize import tokenizer_routes
 
 log = logging.getLogger("llama3.serve")
 
@@ -152,6 +154,8 @@ class _Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     ttft: float = 0.0
+    prompt_logprobs: list | None = None  # with echo: the prompt's tokens' (engine.TokenLogprob)
+    cumulative_logprob: float = 0.0  # with best_of: the sum of the generated tokens' logprobs
 
 
 class _Server:
@@ -263,12 +267,17 @@ class _Server:
             params = SamplingParams(**{"temperature": 1.0, "top_p": 1.0, **sent})  # OpenAI's defaults
         except ValueError as e:
             raise RequestError(str(e), param=getattr(e, "param", None)) from None
-        if len(prompts) * req.n > self.engine.max_batch_size + self.engine.max_queue:
+        vocab = self.llm.model.args.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted: the last id is the largest
+            raise RequestError(f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias")
+        per, many = req.samples, "best_of" if req.samples > req.n else "n"
+        if len(prompts) * per > self.engine.max_batch_size + self.engine.max_queue:
             raise RequestError(
-                f"n: {len(prompts) * req.n} choices cannot fit this server's {self.engine.max_batch_size} rows "
+                f"{many}: {len(prompts) * per} choices cannot fit this server's {self.engine.max_batch_size} rows "
                 f"and {self.engine.max_queue} queue places",
-                param="n",
+                param=many,
             )
+        echo = getattr(req, "echo", False)  # with echo, the prompt's logprobs (also what max_tokens 0 asks for)
         loop = asyncio.get_running_loop()
         out = []
         for i, prompt in enumerate(prompts):
@@ -280,8 +289,9 @@ class _Server:
                     param=where if req.max_new_tokens is None else "max_tokens",
                     code="context_length_exceeded",
                 )
-            for j in range(req.n):
-                index = i * req.n + j
+            first = len(out)
+            for j in range(per):
+                index = i * per + j
 
                 def emit(o: Output, index: int = index) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, (index, o))
@@ -296,6 +306,9 @@ class _Server:
                         stop_tokens=stop_tokens,
                         stop=req.stop_strings,
                         logprobs=req.n_logprobs,
+                        prompt_logprobs=(req.n_logprobs or 0) if echo else None,
+                        score=per > req.n,
+                        copy_of=out[first] if j else None,  # one prefill per prompt, copied to its other choices
                     )
                 )
         return out
@@ -312,7 +325,7 @@ class _Server:
         except ValueError as e:
             raise RequestError(str(e), code="context_length_exceeded") from None
         choices = [
-            _Choice(i, len(prompts[i // req.n]), token_ids=[] if req.return_token_ids else None)
+            _Choice(i, len(prompts[i // req.samples]), token_ids=[] if req.return_token_ids else None)
             for i in range(len(gens))
         ]
         rid = new_id("chatcmpl" if chat else "cmpl")
@@ -347,8 +360,11 @@ class _Run:
         c.text += o.text
         if o.token is not None and c.token_ids is not None:
             c.token_ids.append(o.token)
+        if o.prompt_logprobs is not None:
+            c.prompt_logprobs = o.prompt_logprobs
         if o.finish_reason is not None:
             c.finish_reason, c.completion_tokens, c.ttft = o.finish_reason, o.completion_tokens, o.time_to_first_token_s
+            c.cumulative_logprob = o.cumulative_logprob
 
     def _check_error(self, o: Output) -> None:
         if o.error is not None:
@@ -409,13 +425,14 @@ class _Run:
                 model=self.server.model_name,
                 choices=[
                     CompletionChoice(
-                        index=c.index,
-                        text=c.text,
-                        logprobs=self._completion_logprobs(self.logprobs[c.index]),
+                        index=index,
+                        text=prompt + c.text,
+                        logprobs=self._completion_logprobs(self.logprobs[c.index], echoed, len(prompt)),
                         finish_reason=c.finish_reason,
                         token_ids=c.token_ids,
                     )
-                    for c in self.choices
+                    for index, c in best_choices(self.choices, len(self.prompts), self.req.samples, self.req.n)
+                    for prompt, echoed in [self._echo(c)]
                 ],
                 usage=usage,
             )
@@ -437,6 +454,9 @@ class _Run:
                     break
                 self._take(index, o)
                 pending -= o.finish_reason is not None
+                if o.prompt_logprobs is not None:  # echo: the prompt first
+                    text, echoed = self._echo(self.choices[index])
+                    yield self._event([CompletionChoice(index=index, text=text, logprobs=echoed)])
                 lp = [(o, o.text)] if o.token is not None and self.req.n_logprobs is not None else []
                 if not (o.text or lp or o.finish_reason):
                     continue
@@ -507,11 +527,19 @@ class _Run:
             content.append(TokenLogprob(token=text, logprob=o.logprob, bytes=raw, top_logprobs=top))
         return ChoiceLogprobs(content=content)
 
-    def _completion_logprobs(self, entries) -> CompletionLogprobs | None:
+    def _echo(self, c: _Choice) -> tuple[str, CompletionLogprobs | None]:
+        """With echo, choice c's prompt as text and (with logprobs) its tokens' logprobs; else ("", None)."""
+        i = c.index // self.req.samples  # a text prompt's bos is not in its echo
+        text_prompt = isinstance(self.req.prompts()[i], str)
+        return echo(self.server.llm.tokenizer, self.prompts[i], text_prompt, c.prompt_logprobs, self.req.n_logprobs)
+
+    def _completion_logprobs(
+        self, entries, echoed: CompletionLogprobs | None = None, offset: int = 0
+    ) -> CompletionLogprobs | None:
+        """The generated tokens' logprobs, after the echoed prompt's (whose text is `offset` characters)."""
         if self.req.n_logprobs is None:
             return None
-        lp = CompletionLogprobs()
-        offset = 0
+        lp = echoed.model_copy(deep=True) if echoed is not None else CompletionLogprobs()
         for o, text in entries:
             lp.tokens.append(self._token(o.token)[0])
             lp.token_logprobs.append(o.logprob)
@@ -621,6 +649,7 @@ def create_app(
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics_route, methods=["GET"]),
+            *tokenizer_routes(server),  # vLLM's /tokenize, /detokenize, /tokenizer_info
         ],
         exception_handlers={
             RequestError: on_request_error,

@@ -45,6 +45,7 @@ from llama3.generate.llama import Llama
 from llama3.generate.params import SamplingParams
 from llama3.generate.sampling import sample, seen_mask
 from llama3.generate.stream import TextStream
+from llama3.serve.scoring import TokenLogprob, prompt_logprobs
 
 log = logging.getLogger("llama3.engine")
 
@@ -70,6 +71,10 @@ class Output:
     error: str | None = None
     completion_tokens: int = 0  # in the final output: tokens generated, the stop token included
     time_to_first_token_s: float = 0.0
+    # once, before the first token (or in the final output when none is asked for): the prompt's tokens with
+    # their log-probabilities, when asked for (`GenerationRequest.prompt_logprobs`; the first token has none)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float = 0.0  # in the final output, with `score`: the sum of the tokens' logprobs
 
 
 @dataclass(eq=False)
@@ -84,6 +89,11 @@ class GenerationRequest:
     stop_tokens: Sequence[int] = ()
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    prompt_logprobs: int | None = None  # as `logprobs`, for each prompt token (echo); max_new_tokens may then be 0
+    score: bool = False  # sum the generated tokens' logprobs (the stop token's included): best_of's ranking
+    # another request of the same prompt submitted with this one (choices of one API request): its prefill is
+    # copied into this row instead of being computed again, if both are in the batch when it ends
+    copy_of: GenerationRequest | None = None
     cancelled: bool = False  # set by `Engine.cancel` (a client that went away)
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -100,6 +110,9 @@ class _Row:
     last_token: int = 0
     first_token_at: float | None = None
     seen: Tensor | None = None  # (1, V) the prompt and the tokens so far, for repetition_penalty
+    counts: Tensor | None = None  # (1, V) how often each token was generated, for the presence/frequency penalties
+    prompt_lp: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
 
     @property
     def decoding(self) -> bool:
@@ -144,6 +157,7 @@ class Engine:
         self._static_step: CapturedStep | None = None  # the decode step with static_decode
         self.steps = 0  # decode steps run
         self.tokens_generated = 0
+        self.prefill_tokens = 0  # prompt tokens run through the model (a prefill copied to another row: once)
 
     # -- the caller's side (any thread) --------------------------------------------------------------
 
@@ -167,7 +181,8 @@ class Engine:
     def submit(self, requests: Sequence[GenerationRequest]) -> None:
         """Queues the requests (all or none); QueueFull if the wait queue would pass its bound."""
         for r in requests:
-            if len(r.prompt) < 1 or r.max_new_tokens < 1 or len(r.prompt) + r.max_new_tokens > self.max_seq_len:
+            least = 0 if r.prompt_logprobs is not None else 1  # scoring a prompt alone needs no new token
+            if len(r.prompt) < 1 or r.max_new_tokens < least or len(r.prompt) + r.max_new_tokens > self.max_seq_len:
                 raise ValueError(
                     f"a request of {len(r.prompt)} prompt and {r.max_new_tokens} new tokens does not fit "
                     f"the {self.max_seq_len}-token context"
@@ -252,6 +267,8 @@ class Engine:
         ):
             if budget <= 0:
                 break
+            if self._source(row) is not None:
+                continue  # its prompt's prefill is under way in another row, and will be copied here
             end = min(len(row.req.prompt), row.prefilled + budget)
             chunks.append((row, row.prefilled, end))
             budget -= end - row.prefilled
@@ -268,15 +285,51 @@ class Engine:
                 tokens[b, : end - start] = torch.tensor(row.req.prompt[start:end])
                 input_pos[b, : end - start] = torch.arange(start, end)
             last = torch.tensor([end - start - 1 for _, start, end in group], device=self.device)
+            self.prefill_tokens += sum(end - start for _, start, end in group)
+            kv_len = max(e for *_, e in group)
             with self._cache_rows(group[0][0].index, n):
-                logits = self.model(
-                    tokens.to(self.device), input_pos.to(self.device), logits_pos=last, kv_len=max(e for *_, e in group)
-                )
-            for row, _, end in group:
+                if any(row.req.prompt_logprobs is not None for row, _, _ in group):  # every position's hidden state
+                    h = self.model.hidden(tokens.to(self.device), input_pos.to(self.device), kv_len=kv_len)
+                    logits = self.model.ops.linear(
+                        h[torch.arange(n, device=self.device), last][:, None], self.model.output
+                    )
+                else:
+                    logits = self.model(
+                        tokens.to(self.device), input_pos.to(self.device), logits_pos=last, kv_len=kv_len
+                    )
+            for b, (row, start, end) in enumerate(group):
+                if row.req.prompt_logprobs is not None:  # positions start..end-1 predict the prompt's tokens after
+                    targets = row.req.prompt[start + 1 : end + 1]
+                    row.prompt_lp += prompt_logprobs(self.model, h[b, : len(targets)], targets, row.req.prompt_logprobs)
                 row.prefilled = end
             done = [(b, row) for b, (row, _, _) in enumerate(group) if row.decoding]
+            done += [(b, copy) for b, row in done for copy in self._copy_prefill(row)]
+            for _, row in done:
+                if row.req.prompt_logprobs is not None:
+                    self._send(row.req, Output(prompt_logprobs=[TokenLogprob(None, None), *row.prompt_lp]))
+            for _, row in [d for d in done if d[1].req.max_new_tokens == 0]:
+                self._finish(row, "length")
+            done = [d for d in done if d[1].req.max_new_tokens > 0]
             if done:
                 self._sample([row for _, row in done], logits[:, -1], [b for b, _ in done])
+
+    def _source(self, row: _Row) -> _Row | None:
+        """The row whose prompt's prefill `row` waits for (`copy_of`, in the batch and still prefilling)."""
+        source = row.req.copy_of
+        if source is None or row.prefilled:
+            return None
+        return next((r for r in self._rows if r is not None and r.req is source and not r.decoding), None)
+
+    def _copy_prefill(self, row: _Row) -> list[_Row]:
+        """`row`'s prompt, just prefilled, copied into the cache rows of the requests waiting for it."""
+        copies = [r for r in self._rows if r is not None and r.req.copy_of is row.req and not r.prefilled]
+        P = len(row.req.prompt)
+        for r in copies:
+            for cache in self._full_caches:
+                cache.k[r.index, :, :P] = cache.k[row.index, :, :P]
+                cache.v[r.index, :, :P] = cache.v[row.index, :, :P]
+            r.prefilled, r.prompt_lp = P, row.prompt_lp
+        return copies
 
     @contextlib.contextmanager
     def _cache_rows(self, first: int, n: int):
@@ -321,7 +374,7 @@ class Engine:
         """logits (B, vocab), rows[i]'s at where[i]: each row's next token."""
         at = {r.index: w for r, w in zip(rows, where, strict=True)}
         picked: dict[int, Tensor] = {}
-        plain = [r for r in rows if r.req.params.repetition_penalty == 1]  # no per-row history to read
+        plain = [r for r in rows if r.req.params.stateless and not r.req.params.logit_bias]  # raw logits' argmax
         greedy = [r for r in plain if r.req.params.temperature <= 0]
         if greedy:
             idx = torch.tensor([at[r.index] for r in greedy], device=logits.device)
@@ -332,21 +385,26 @@ class Engine:
                 p, i = r.req.params, at[r.index]
                 if p.repetition_penalty != 1 and r.seen is None:
                     r.seen = seen_mask([r.req.prompt], logits.shape[-1], logits.device)
-                picked[r.index] = sample(logits[i : i + 1], p, r.generator, r.seen)[0]
+                if (p.presence_penalty != 0 or p.frequency_penalty != 0) and r.counts is None:
+                    r.counts = torch.zeros(1, logits.shape[-1], device=logits.device)  # nothing generated yet
+                picked[r.index] = sample(logits[i : i + 1], p, r.generator, r.seen, r.counts)[0]
                 if r.seen is not None:
                     r.seen[0, picked[r.index]] = True
-        want = [r for r in rows if r.req.logprobs is not None]
+                if r.counts is not None:
+                    r.counts[0, picked[r.index]] += 1
+        want = [r for r in rows if r.req.logprobs is not None or r.req.score]
         logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:
             idx = torch.tensor([at[r.index] for r in want], device=logits.device)
             chosen = torch.stack([picked[r.index] for r in want])
             lp = logits[idx].float().log_softmax(dim=-1)
-            k = max(r.req.logprobs for r in want)
+            k = max(r.req.logprobs or 0 for r in want)
             top = lp.topk(k, dim=-1) if k else None
             chosen_lp = lp.gather(1, chosen[:, None])[:, 0].tolist()
             top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([[]] * len(want),) * 2
             for j, r in enumerate(want):
-                n = r.req.logprobs
+                n = r.req.logprobs or 0
+                r.cumulative_logprob += chosen_lp[j]
                 logprobs[r.index] = (chosen_lp[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True)))
         ids = torch.stack([picked[r.index] for r in rows]).tolist()  # the one host sync of the step
         now = time.perf_counter()
@@ -372,6 +430,7 @@ class Engine:
         text = row.text.flush() if error is None else ""
         ttft = (row.first_token_at or time.perf_counter()) - row.req.submitted_at
         out = Output(text=text, finish_reason=reason, error=error, completion_tokens=row.generated)
+        out.cumulative_logprob = row.cumulative_logprob
         out.time_to_first_token_s = ttft
         self._send(row.req, out)
 

@@ -2,8 +2,9 @@
 
 Requests are checked here, field by field, so that a bad value becomes an OpenAI-style 400 body naming the
 field (`error_body`, `validation_error_body`) before anything reaches the model. Fields OpenAI defines that
-this server does not implement (tools, response_format, logit_bias, ...) are refused by name when set, rather
-than silently ignored. A field OpenAI does not define is refused too, as OpenAI's server refuses it
+this server does not implement (tools, response_format, ...) are refused by name when set, rather
+than silently ignored (`UNSUPPORTED`, unless the request's own schema has the field: `echo` and `best_of` are
+served on /v1/completions, not on chat). A field OpenAI does not define is refused too, as OpenAI's server refuses it
 ("Unrecognized request argument supplied"): a typo such as `max_token` must not run to the full context.
 Only the top level of a request is checked so; message objects may carry other fields (an assistant message
 sent back as the client received it has `refusal`, `tool_calls`, ...).
@@ -17,6 +18,7 @@ beyond OpenAI's (`top_k`, `min_p`, ...: the `SamplingParams` fields marked `exte
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import fields
@@ -70,13 +72,10 @@ UNSUPPORTED = {
     "functions": None,
     "function_call": None,
     "response_format": None,
-    "logit_bias": None,
     "audio": None,
     "prediction": None,
     "suffix": None,
     "best_of": 1,
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
     "echo": False,
     "modalities": ["text"],
     "reasoning_effort": None,
@@ -113,6 +112,10 @@ class SamplingRequest(OpenAIModel):
     # further extensions: each a `SamplingParams` field, checked there (a 400 naming the field)
     min_p: float | None = None
     repetition_penalty: float | None = None
+    # OpenAI's, checked by `SamplingParams` too (presence / frequency in [-2, 2], biases in [-100, 100])
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None  # {"token id": bias}; JSON keys are strings
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None  # checked by the library's own rule (`check_seed`), as the CLI's --seed is
@@ -124,7 +127,9 @@ class SamplingRequest(OpenAIModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignored(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if k not in IGNORED} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if k not in IGNORED or k in cls.model_fields}
 
     @field_validator("seed")
     @classmethod
@@ -160,6 +165,11 @@ class SamplingRequest(OpenAIModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def samples(self) -> int:
+        """Sequences generated per prompt (`best_of` of them for completions; `n` are returned)."""
+        return self.n
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -187,8 +197,21 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     # a string, a list of strings, a list of token ids, or a list of token-id lists: one choice set per prompt
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0 only with echo
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    # the prompt returned before the answer, with its tokens' logprobs when `logprobs` is set (the first: null)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # sample best_of, return the n likeliest
+
+    @model_validator(mode="after")
+    def _check_echo_and_best_of(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be >= 1 (0 only with echo: the prompt scored, nothing generated)")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of: must be >= n ({self.n}), got {self.best_of}")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of: cannot be used with stream (the best are known only at the end)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -214,6 +237,10 @@ class CompletionRequest(SamplingRequest):
     @property
     def n_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def samples(self) -> int:
+        return self.best_of or self.n
 
 
 def new_id(prefix: str) -> str:
@@ -290,11 +317,11 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions format: parallel lists, one entry per token."""
+    """The legacy completions format: parallel lists, one entry per token (an echoed prompt's first: null)."""
 
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
@@ -356,6 +383,8 @@ def validation_error_body(error: ValidationError) -> dict[str, Any]:
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     param = _param_name(tuple(first["loc"]))
     msg, code = first["msg"].removeprefix("Value error, "), "invalid_value"
+    if param is None and re.match(r"\w+: ", msg):  # a check across fields names the one at fault first
+        param, msg = msg.split(": ", 1)
     if first["type"] == "missing":
         msg = "is a required field"
     elif first["type"] == "extra_forbidden":
@@ -387,6 +416,8 @@ def parse_request(cls: type[SamplingRequest], raw: bytes) -> SamplingRequest:
     if not isinstance(data, dict):
         raise RequestError(f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     for key, default in UNSUPPORTED.items():
+        if key in cls.model_fields:  # served by this kind of request (echo, best_of: completions)
+            continue
         value = data.get(key)
         if value in (None, default, {}, []) or (key == "tool_choice" and value in ("none", "auto")):
             continue  # not set, or set to what this server does anyway (some clients always send these)
