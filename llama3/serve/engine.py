@@ -43,6 +43,7 @@ from torch import Tensor
 from llama3.generate.graphs import CapturedStep
 from llama3.generate.llama import Llama
 from llama3.generate.params import SamplingParams
+from llama3.generate.prefix_cache import PrefixCache, block_hashes
 from llama3.generate.sampling import sample, seen_mask
 from llama3.generate.stream import TextStream
 
@@ -69,6 +70,7 @@ class Output:
     finish_reason: str | None = None  # "stop" or "length"; "error" if the engine failed
     error: str | None = None
     completion_tokens: int = 0  # in the final output: tokens generated, the stop token included
+    cached_tokens: int = 0  # in the final output: prompt tokens copied from the prefix cache, not computed
     time_to_first_token_s: float = 0.0
 
 
@@ -100,6 +102,9 @@ class _Row:
     last_token: int = 0
     first_token_at: float | None = None
     seen: Tensor | None = None  # (1, V) the prompt and the tokens so far, for repetition_penalty
+    tokens: list[int] = field(default_factory=list)  # the tokens generated (for the prefix cache)
+    hashes: list[int] = field(default_factory=list)  # the prompt's `block_hashes` (with the prefix cache)
+    cached: int = 0  # prompt tokens copied from the prefix cache
 
     @property
     def decoding(self) -> bool:
@@ -125,6 +130,7 @@ class Engine:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         static_decode: bool | None = None,
+        prefix_cache_tokens: int | None = None,
     ):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
@@ -144,6 +150,11 @@ class Engine:
         self._static_step: CapturedStep | None = None  # the decode step with static_decode
         self.steps = 0  # decode steps run
         self.tokens_generated = 0
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (not copied from the prefix cache)
+        # the prefix cache (llama3.generate.prefix_cache): by default as many tokens as the batch's rows hold; 0: off
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = max_batch_size * self.max_seq_len
+        self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
 
     # -- the caller's side (any thread) --------------------------------------------------------------
 
@@ -234,6 +245,8 @@ class Engine:
             self._rows[index] = _Row(
                 req, index, TextStream(self.tokenizer, list(req.stop)), generator, frozenset(req.stop_tokens)
             )
+            if self.prefix_cache is not None:
+                self._rows[index].hashes = block_hashes(req.prompt, self.prefix_cache.block_size)
 
     def _drop_cancelled(self) -> None:
         for i, row in enumerate(self._rows):
@@ -247,14 +260,22 @@ class Engine:
         `Llama.generate` pads a ragged batch; padding goes to the scratch slot, as idle rows do in a decode step.
         """
         budget, chunks = self.prefill_chunk, []
+        coming: set[int] = set()  # blocks that older rows are computing (with the prefix cache)
         for row in sorted(
             (r for r in self._rows if r is not None and not r.decoding), key=lambda r: r.req.submitted_at
         ):
             if budget <= 0:
                 break
+            if self.prefix_cache is not None:
+                self._reuse(row)
+                k = row.prefilled // self.prefix_cache.block_size
+                if k < len(row.hashes) and row.hashes[k] in coming:
+                    continue  # an older row computes this block now: copy it from the cache next time
+                coming.update(row.hashes[k:])
             end = min(len(row.req.prompt), row.prefilled + budget)
             chunks.append((row, row.prefilled, end))
             budget -= end - row.prefilled
+            self.prompt_tokens_computed += end - row.prefilled
         chunks.sort(key=lambda c: c[0].index)
         while chunks:
             n = 1
@@ -274,9 +295,22 @@ class Engine:
                 )
             for row, _, end in group:
                 row.prefilled = end
+                if self.prefix_cache is not None:  # its blocks serve the rows that wait for them at once
+                    self.prefix_cache.store(self._full_caches, row.index, row.req.prompt[:end])
             done = [(b, row) for b, (row, _, _) in enumerate(group) if row.decoding]
             if done:
                 self._sample([row for _, row in done], logits[:, -1], [b for b, _ in done])
+
+    def _reuse(self, row: _Row) -> None:
+        """Copies the cached blocks that continue the row's prompt past what it holds into its row of the cache,
+        all but the prompt's last token (whose logits give the first new token)."""
+        cache, prompt = self.prefix_cache, row.req.prompt
+        slots = cache.lookup(prompt)
+        n = min(len(slots) * cache.block_size, len(prompt) - 1)
+        if n > row.prefilled:
+            cache.load(self._full_caches, row.index, slots, n, first=row.prefilled)
+            row.cached += n - row.prefilled
+            row.prefilled = n
 
     @contextlib.contextmanager
     def _cache_rows(self, first: int, n: int):
@@ -352,6 +386,7 @@ class Engine:
         now = time.perf_counter()
         for r, token in zip(rows, ids, strict=True):
             r.generated += 1
+            r.tokens.append(token)
             self.tokens_generated += 1
             if r.first_token_at is None:
                 r.first_token_at = now
@@ -368,10 +403,13 @@ class Engine:
                 self._finish(r, "length")
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if error is None and self.prefix_cache is not None:  # the prompt and every token fed (not the last one)
+            self.prefix_cache.store(self._full_caches, row.index, row.req.prompt + row.tokens[:-1])
         self._rows[row.index] = None
         text = row.text.flush() if error is None else ""
         ttft = (row.first_token_at or time.perf_counter()) - row.req.submitted_at
         out = Output(text=text, finish_reason=reason, error=error, completion_tokens=row.generated)
+        out.cached_tokens = row.cached
         out.time_to_first_token_s = ttft
         self._send(row.req, out)
 
