@@ -21,6 +21,12 @@ the context. Sampling draws from each request's own generator, seeded from the r
 as `Llama.generate` makes for that request alone, so a seeded request gets the same tokens whatever else
 runs beside it.
 
+With the prefix cache (`llama3.generate.prefix_cache`, on by default), a row first copies the cached blocks its
+prompt starts with into its slots and prefills only the rest; each prefill chunk stores its full blocks at once,
+and a row whose next block an older row is computing waits for it rather than computing it too, so
+requests that arrive together with the same system prompt compute it once. A finished row stores its prompt and
+answer for the next turn of its conversation.
+
 The decode step has a fixed shape on CUDA (every row of the batch, the whole cache attended, masked) and
 is captured once in a CUDA graph; elsewhere it runs eagerly over the rows up to the last one generating,
 attending only to the slots in use. Sampling runs eagerly after the step, per row.
