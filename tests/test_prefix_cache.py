@@ -110,6 +110,24 @@ def test_eviction_drops_the_least_recently_used_block_and_stays_exact(small):
     torch.testing.assert_close(logits, hf_logits(hf, b + [7, 8])[32:], atol=1e-5, rtol=0)
 
 
+def test_a_load_from_mid_block_copies_exactly_the_slots_asked(small):
+    model, _ = small
+    llm = llama(model, prefix_cache_tokens=256)
+    prompt = tokens(25, 48)
+    llm.generate([prompt + [1]], 1, temperature=0)  # stores 3 blocks from row 0
+    caches = [layer.attention.cache for layer in model.layers]
+    want = [(c.k[0, :, :48].clone(), c.v[0, :, :48].clone()) for c in caches]
+    with torch.inference_mode():  # the cache's tensors are inference tensors
+        for c in caches:  # the row emptied but for a marker
+            c.k[0].fill_(7.0)
+            c.v[0].fill_(7.0)
+        llm.prefix_cache.load(caches, 0, llm.prefix_cache.lookup(prompt), 40, first=21)  # a row holding 21 already
+    for c, (k, v) in zip(caches, want, strict=True):
+        for got, ref in ((c.k[0], k), (c.v[0], v)):
+            assert torch.equal(got[:, 21:40], ref[:, 21:40])
+            assert (got[:, :21] == 7).all() and (got[:, 40:] == 7).all()
+
+
 def test_changed_weights_empty_the_cache(small):
     model, hf = small
     llm = llama(model, prefix_cache_tokens=256)
@@ -167,8 +185,8 @@ def test_the_engine_shares_a_prefix_between_concurrent_requests(tiny_llama3):
     llm = Llama.from_pretrained(d, device="cpu", dtype=torch.float32, progress=False)
     engine = Engine(llm, max_batch_size=4, max_seq_len=160, prefill_chunk=64, prefix_cache_tokens=512).start()
     try:
-        shared = [128000] + tokens(40, 55)  # 3 full blocks and half of a fourth (ids below 512: plain bytes)
-        prompts = [shared + tokens(41, 6), shared + tokens(42, 9)]
+        shared = [128000] + tokens(40, 45)  # 2 full blocks and 14 tokens of a third (ids below 512: plain bytes)
+        prompts = [shared + tokens(41, 12), shared + tokens(42, 9)]
         out = run_engine(engine, prompts, 6, logprobs=0)
         for p, r in zip(prompts, out, strict=True):
             assert r["final"].finish_reason == "length"
@@ -177,12 +195,13 @@ def test_the_engine_shares_a_prefix_between_concurrent_requests(tiny_llama3):
             want = lp.gather(1, torch.tensor(r["tokens"])[:, None])[:, 0]
             torch.testing.assert_close(torch.tensor(r["logprobs"]), want, atol=1e-5, rtol=0)
         # the younger request waited for the older one's blocks rather than computing them too
-        assert [r["final"].cached_tokens for r in out] == [0, 48]
-        assert engine.prompt_tokens_computed == sum(map(len, prompts)) - 48
+        assert [r["final"].cached_tokens for r in out] == [0, 32]
+        assert engine.prompt_tokens_computed == sum(map(len, prompts)) - 32
         # the next turn: the first prompt, its answer and more; the answer's keys and values are reused too
-        follow = prompts[0] + out[0]["tokens"] + tokens(43, 4)  # 62 + 6 + 4 tokens
+        # 58 + 6 + 4 tokens: the prompt and all but the last new token are cached, 63 tokens, 3 full blocks
+        follow = prompts[0] + out[0]["tokens"] + tokens(43, 4)
         (r,) = run_engine(engine, [follow], 3)
-        assert r["final"].cached_tokens == (len(prompts[0]) + 5) // 16 * 16
+        assert r["final"].cached_tokens == 48
         assert r["tokens"] == hf_logits(hf, follow + r["tokens"])[len(follow) - 1 : -1].argmax(-1).tolist()
     finally:
         engine.stop()

@@ -7,7 +7,7 @@ of the KV cache and compute only the rest. The result is the same computation, e
 of matmuls of another shape (the tests check float32 logits to 1e-5 and greedy tokens equal).
 
 How it is stored: in blocks of `block_size` tokens (16), as vLLM's automatic prefix caching does, in a pool
-preallocated beside the model's KV cache: per layer, keys and values of shape (blocks, KVH, block_size, D).
+beside the model's KV cache (grown as it fills): per layer, keys and values of shape (blocks, KVH, block_size, D).
 A block is found by its parent block and its own tokens, `(parent id, tokens)`, a dict key compared exactly
 (no hash collision can give wrong keys and values), so the blocks form a tree of block-sized edges, like
 SGLang's radix tree. Blocks rather than a token-level radix tree because the model's cache is a static
@@ -52,7 +52,9 @@ class PrefixCache:
 
     def __init__(self, model, max_tokens: int, block_size: int = BLOCK_SIZE):
         if block_size < 1 or max_tokens < block_size:
-            raise ValueError(f"the prefix cache needs at least one block of {block_size} tokens, got {max_tokens}")
+            raise ValueError(
+                f"prefix_cache_tokens must be 0 (off) or at least {block_size} (one block), got {max_tokens}"
+            )
         self.model, self.block_size = model, block_size
         self.n_blocks = max_tokens // block_size
         self._blocks: collections.OrderedDict[tuple[int, tuple[int, ...]], _Block] = collections.OrderedDict()

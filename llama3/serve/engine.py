@@ -160,7 +160,7 @@ class Engine:
         # the prefix cache (llama3.generate.prefix_cache): by default as many tokens as the batch's rows hold; 0: off
         if prefix_cache_tokens is None:
             prefix_cache_tokens = max_batch_size * self.max_seq_len
-        self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens) if prefix_cache_tokens != 0 else None
 
     # -- the caller's side (any thread) --------------------------------------------------------------
 
