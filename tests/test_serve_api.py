@@ -194,9 +194,9 @@ def test_penalties_and_logit_bias_give_the_librarys_tokens(server, ref):
 
 def test_n_choices_share_one_prefill(server, ref):
     prompt = [128000] + [2000 + 7 * j for j in range(29)]  # 30 tokens: two prefill chunks
-    before = server.engine.prefill_tokens
+    before = server.engine.prompt_tokens_computed
     body = completion(server, prompt=prompt, max_tokens=6, n=3, seed=11, temperature=1.0, return_token_ids=True)
-    assert server.engine.prefill_tokens - before == len(prompt)  # once, not three times
+    assert server.engine.prompt_tokens_computed - before == len(prompt)  # once, not three times
     for j, choice in enumerate(body["choices"]):
         want = ref.generate([prompt], 6, temperature=1.0, top_p=1.0, seed=11 + j, stop_tokens=ref.tokenizer.stop_tokens)
         assert choice["token_ids"] == want[0]

@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(parser=gen)  # argument errors print the usage of the command at hand
     chat = sub.add_parser("chat", help="an interactive chat (/help lists its commands)")
     chat.add_argument("--system", help="system message")
+    chat.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        metavar="N",
+        help="keep the conversation's keys and values, up to N tokens, so each turn computes only its new tokens "
+        "(default: the context length; 0: off)",
+    )
     _add_model_args(chat, max_new_tokens=512)
     chat.add_argument("--guard", metavar="SRC", help=GUARD_HELP)
     chat.set_defaults(parser=chat)
@@ -122,6 +129,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not 0 <= args.lora_dropout < 1:
             parser.error(f"argument --lora-dropout: must be in [0, 1), got {args.lora_dropout}")
         return
+    if getattr(args, "prefix_cache_tokens", None) is not None and not (
+        args.prefix_cache_tokens == 0 or args.prefix_cache_tokens >= 16
+    ):
+        parser.error(f"argument --prefix-cache-tokens: must be 0 (off) or at least 16 (one block), got "
+                     f"{args.prefix_cache_tokens}")  # fmt: skip
     if args.command == "serve":
         _require_positive(parser, args, "max_batch_size", "prefill_chunk", "max_seq_len")
         if args.max_queue < 0:

@@ -39,6 +39,10 @@ def _chat_help() -> str:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     llm, log, _ = load(args)
+    if args.prefix_cache_tokens != 0:  # each turn's prompt starts with the previous turns: compute only what is new
+        from llama3.generate.prefix_cache import PrefixCache
+
+        llm.prefix_cache = PrefixCache(llm.model, args.prefix_cache_tokens or llm.context_length)
     spec = speculation(args, log)
     guard = load_guard(args, log) if args.guard else None
     system = [{"role": "system", "content": args.system}] if args.system is not None else []

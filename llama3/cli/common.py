@@ -316,6 +316,8 @@ def _report(llm, log, max_new_tokens: int, interrupted: bool = False) -> None:
         f"llama3: {s['decode_steps']} tokens, first after {s['time_to_first_token_s'] * 1000:.0f} ms, "
         f"{s['tokens_per_second']:.1f} tokens/s"
     )
+    if s.get("cached_prompt_tokens"):
+        log(f"llama3: {s['cached_prompt_tokens']} prompt tokens from the prefix cache")
     if s.get("drafted"):
         log(f"llama3: {s['accepted']} of {s['drafted']} guesses accepted ({s['acceptance_rate']:.0%})")
 

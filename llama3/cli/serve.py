@@ -27,6 +27,13 @@ def _add_serve_parser(sub) -> None:
     )
     sv.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before HTTP 429 (64)")
     sv.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="prompt tokens per step (512)")
+    sv.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        metavar="N",
+        help="keys and values of prompt prefixes kept for reuse, in tokens (default: the batch's rows x "
+        "--max-seq-len; 0: off)",
+    )
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env LLAMA3_API_KEY, else none)")
     sv.add_argument("--served-model-name", metavar="NAME", help="the model name clients send (default: from --model)")
     sv.add_argument("--guard", metavar="SRC", help="a Llama Guard checkpoint that screens each request's last message")
@@ -62,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             prefill_chunk=args.prefill_chunk,
             api_key=args.api_key,
             guard=guard,
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
         engine = app.state.engine
         host, port = sock.getsockname()[:2]

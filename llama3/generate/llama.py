@@ -20,6 +20,7 @@ from torch import Tensor
 
 from llama3.checks import ParamError
 from llama3.generate.params import SamplingParams, check_max_new_tokens, check_seed
+from llama3.generate.prefix_cache import PrefixCache
 from llama3.generate.sampling import sample, seen_mask
 from llama3.generate.step import DecodeStep, compiled_block
 from llama3.generate.stream import TextStream
@@ -66,6 +67,7 @@ class Llama:
         chat_format=None,
         chat_template: str = "auto",
         compile: bool = False,
+        prefix_cache_tokens: int = 0,
     ):
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}")
@@ -98,6 +100,8 @@ class Llama:
         self._steps: dict[tuple, DecodeStep] = {}
         self._generator = torch.Generator(device=self.device)
         self.last_stats: dict[str, float] = {}
+        # keys and values of prompts (and answers) computed before, reused by a prompt that starts with them
+        self.prefix_cache = PrefixCache(model, prefix_cache_tokens) if prefix_cache_tokens else None
 
     @classmethod
     def from_pretrained(
@@ -117,6 +121,7 @@ class Llama:
         keep_output: bool = False,
         compile: bool = False,
         kernel: str | None = None,
+        prefix_cache_tokens: int = 0,
     ) -> Llama:
         """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id; with no
         `src`, the embedded default model (`llama3.default_model()`), offline. `chat_template`: "auto"
@@ -129,7 +134,9 @@ class Llama:
         fastest on this machine among those within 1% of float32's perplexity, and loads anything else as
         None does (float); None keeps float weights, "int8" / "int4" quantizes as asked. `kernel` forces a
         CPU kernel ("int4", "int4-fbgemm", "int8", "fbgemm"; `llama3.quant.choice`); the model's
-        `kernel_choice` says which ran and why."""
+        `kernel_choice` says which ran and why.
+        `prefix_cache_tokens`: keep the keys and values of up to that many tokens of earlier prompts and answers,
+        and reuse them for a prompt that starts with them (a chat's earlier turns; `llama3.generate.prefix_cache`)."""
         if chat_template not in CHAT_TEMPLATE_CHOICES:  # before anything loads
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {chat_template!r}")
         if kernel not in (None, "auto"):
@@ -171,6 +178,7 @@ class Llama:
             cuda_graphs=cuda_graphs,
             chat_template=chat_template,
             compile=compile,
+            prefix_cache_tokens=prefix_cache_tokens,
         )
 
     @property
@@ -298,7 +306,10 @@ class Llama:
             tokens[row, : len(p)] = torch.tensor(p)
         tokens = tokens.to(self.device)
         pos = torch.tensor(lengths, device=self.device)  # slot of each row's next token
-        logits = self.model(tokens, torch.arange(L, device=self.device), logits_pos=pos - 1, kv_len=L)
+        start = self.prefix_cache.reuse(prompts) if self.prefix_cache is not None else 0  # slots 0..start-1 copied
+        logits = self.model(
+            tokens[:, start:], torch.arange(start, L, device=self.device), logits_pos=pos - 1 - start, kv_len=L
+        )
         seen = seen_mask(prompts, self.model.args.vocab_size, self.device) if params.repetition_penalty != 1 else None
         next_tok = sample(logits[:, -1], params, self._generator, seen)
         step.start(seen)
@@ -306,7 +317,8 @@ class Llama:
         pending: list[tuple[Tensor, Tensor]] = []
         finished = [False] * B
         first_token_at = None
-        i = 0
+        i = fed = 0  # fed: decode steps run, each feeding back the tokens sampled before it
+        sampled: list[list[int]] = []  # (step, row): the tokens read on the host
         try:
             for i in range(max_new_tokens):
                 stopped = torch.isin(next_tok, stop_ids) if stops else torch.zeros_like(done)
@@ -317,6 +329,7 @@ class Llama:
                     step_tokens = torch.stack([t for t, _ in pending]).tolist()  # the host sync
                     step_done = torch.stack([d for _, d in pending]).tolist()
                     pending.clear()
+                    sampled += step_tokens
                     for tok_row, done_row in zip(step_tokens, step_done, strict=True):
                         finished = [f or d for f, d in zip(finished, done_row, strict=True)]
                         if first_token_at is None:
@@ -326,9 +339,13 @@ class Llama:
                         break
                 next_tok = step(next_tok[:, None], pos[:, None], kv_len=L + i + 1)  # rows are at most at L + i
                 pos = pos + 1
+                fed += 1
         finally:  # also when the caller stops early (Ctrl-C in the CLI)
             elapsed = time.perf_counter() - t0
             ttft = (first_token_at or time.perf_counter()) - t0
+            if self.prefix_cache is not None:
+                fed_tokens = [[step_row[b] for step_row in sampled[:fed]] for b in range(B)]
+                self.prefix_cache.keep(prompts, fed_tokens, stops)
             n = i + 1
             self.last_stats = {
                 "time_to_first_token_s": ttft,
@@ -336,6 +353,7 @@ class Llama:
                 "seconds": elapsed,
                 "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
                 "finish_reasons": ["stop" if f else "length" for f in finished],  # a stop token, or max_new_tokens
+                "cached_prompt_tokens": start,  # per row, copied from the prefix cache
             }
 
     def _decode_step(self, batch_size: int, params: SamplingParams) -> DecodeStep:

@@ -138,6 +138,18 @@ class _Metrics:
         pc.Gauge("llama3_batch_rows_used", "rows of the batch in use", registry=r).set_function(lambda: engine.running)
         pc.Gauge("llama3_batch_rows", "rows of the batch", registry=r).set(engine.max_batch_size)
         pc.Gauge("llama3_decode_steps", "decode steps run", registry=r).set_function(lambda: engine.steps)
+        pc.Gauge("llama3_prefill_tokens_computed", "prompt tokens run through the model", registry=r).set_function(
+            lambda: engine.prompt_tokens_computed
+        )
+        cache = engine.prefix_cache
+        if cache is not None:  # see llama3.generate.prefix_cache
+            for name, what, value in (
+                ("hit_tokens", "prompt tokens copied from the prefix cache", lambda: cache.hit_tokens),
+                ("tokens", "tokens the prefix cache holds", lambda: cache.tokens),
+                ("max_tokens", "tokens the prefix cache may hold", lambda: cache.max_tokens),
+                ("evicted_blocks", "blocks evicted from the prefix cache (LRU)", lambda: cache.evicted_blocks),
+            ):
+                pc.Gauge(f"llama3_prefix_cache_{name}", what, registry=r).set_function(value)
 
     def render(self) -> Response:
         return Response(self.pc.generate_latest(self.registry), media_type=self.pc.CONTENT_TYPE_LATEST)
@@ -599,6 +611,7 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     static_decode: bool | None = None,
     guard: Llama | None = None,
+    prefix_cache_tokens: int | None = None,
 ) -> Starlette:
     """An ASGI app serving `llm` with the OpenAI API. The scheduler thread starts and stops with the app's
     lifespan (uvicorn runs it); `app.state.engine` is the `llama3.engine.Engine`.
@@ -608,10 +621,11 @@ def create_app(
     HTTP 429. `api_key` (default: the LLAMA3_API_KEY environment variable): Bearer auth on all but /health.
     `guard`: a Llama Guard model that screens each conversation's last message (and each text prompt); an unsafe
     one gets HTTP 400 with code `content_filter` (answers are not screened: they stream).
+    `prefix_cache_tokens`: the prefix cache's bound (default: as many tokens as the batch's rows; 0: off).
     """
     if max_seq_len is None:
         max_seq_len = llm.max_seq_len or min(llm.model.args.max_seq_len, 2048)
-    engine = Engine(llm, max_batch_size, max_queue, max_seq_len, prefill_chunk, static_decode)
+    engine = Engine(llm, max_batch_size, max_queue, max_seq_len, prefill_chunk, static_decode, prefix_cache_tokens)
     try:
         metrics = _Metrics(engine)
     except ImportError:

@@ -21,6 +21,12 @@ the context. Sampling draws from each request's own generator, seeded from the r
 as `Llama.generate` makes for that request alone, so a seeded request gets the same tokens whatever else
 runs beside it.
 
+With the prefix cache (`llama3.generate.prefix_cache`, on by default), a row first copies the cached blocks its
+prompt starts with into its slots and prefills only the rest; each prefill chunk stores its full blocks at once,
+and a row whose next block an older row is computing waits for it rather than computing it too, so
+requests that arrive together with the same system prompt compute it once. A finished row stores its prompt and
+answer for the next turn of its conversation.
+
 The decode step has a fixed shape on CUDA (every row of the batch, the whole cache attended, masked) and
 is captured once in a CUDA graph; elsewhere it runs eagerly over the rows up to the last one generating,
 attending only to the slots in use. Sampling runs eagerly after the step, per row.
@@ -43,6 +49,7 @@ from torch import Tensor
 from llama3.generate.graphs import CapturedStep
 from llama3.generate.llama import Llama
 from llama3.generate.params import SamplingParams
+from llama3.generate.prefix_cache import PrefixCache, block_hashes
 from llama3.generate.sampling import sample, seen_mask
 from llama3.generate.stream import TextStream
 from llama3.serve.scoring import TokenLogprob, prompt_logprobs
@@ -70,6 +77,7 @@ class Output:
     finish_reason: str | None = None  # "stop" or "length"; "error" if the engine failed
     error: str | None = None
     completion_tokens: int = 0  # in the final output: tokens generated, the stop token included
+    cached_tokens: int = 0  # in the final output: prompt tokens copied from the prefix cache, not computed
     time_to_first_token_s: float = 0.0
     # once, before the first token (or in the final output when none is asked for): the prompt's tokens with
     # their log-probabilities, when asked for (`GenerationRequest.prompt_logprobs`; the first token has none)
@@ -113,6 +121,9 @@ class _Row:
     counts: Tensor | None = None  # (1, V) how often each token was generated, for the presence/frequency penalties
     prompt_lp: list[TokenLogprob] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    tokens: list[int] = field(default_factory=list)  # the tokens generated (for the prefix cache)
+    hashes: list[int] = field(default_factory=list)  # the prompt's `block_hashes` (with the prefix cache)
+    cached: int = 0  # prompt tokens copied from the prefix cache
 
     @property
     def decoding(self) -> bool:
@@ -138,6 +149,7 @@ class Engine:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         static_decode: bool | None = None,
+        prefix_cache_tokens: int | None = None,
     ):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
@@ -157,7 +169,12 @@ class Engine:
         self._static_step: CapturedStep | None = None  # the decode step with static_decode
         self.steps = 0  # decode steps run
         self.tokens_generated = 0
-        self.prefill_tokens = 0  # prompt tokens run through the model (a prefill copied to another row: once)
+        # prompt tokens run through the model (not those copied from the prefix cache or from another choice's row)
+        self.prompt_tokens_computed = 0
+        # the prefix cache (llama3.generate.prefix_cache): by default as many tokens as the batch's rows hold; 0: off
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = max_batch_size * self.max_seq_len
+        self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens) if prefix_cache_tokens != 0 else None
 
     # -- the caller's side (any thread) --------------------------------------------------------------
 
@@ -249,6 +266,8 @@ class Engine:
             self._rows[index] = _Row(
                 req, index, TextStream(self.tokenizer, list(req.stop)), generator, frozenset(req.stop_tokens)
             )
+            if self.prefix_cache is not None:
+                self._rows[index].hashes = block_hashes(req.prompt, self.prefix_cache.block_size)
 
     def _drop_cancelled(self) -> None:
         for i, row in enumerate(self._rows):
@@ -262,6 +281,7 @@ class Engine:
         `Llama.generate` pads a ragged batch; padding goes to the scratch slot, as idle rows do in a decode step.
         """
         budget, chunks = self.prefill_chunk, []
+        coming: set[int] = set()  # blocks that older rows are computing (with the prefix cache)
         for row in sorted(
             (r for r in self._rows if r is not None and not r.decoding), key=lambda r: r.req.submitted_at
         ):
@@ -269,9 +289,16 @@ class Engine:
                 break
             if self._source(row) is not None:
                 continue  # its prompt's prefill is under way in another row, and will be copied here
+            if self.prefix_cache is not None and row.req.prompt_logprobs is None:  # echo scores every prompt token
+                self._reuse(row)
+                k = row.prefilled // self.prefix_cache.block_size
+                if k < len(row.hashes) and row.hashes[k] in coming:
+                    continue  # an older row computes this block now: copy it from the cache next time
+                coming.update(row.hashes[k:])
             end = min(len(row.req.prompt), row.prefilled + budget)
             chunks.append((row, row.prefilled, end))
             budget -= end - row.prefilled
+            self.prompt_tokens_computed += end - row.prefilled
         chunks.sort(key=lambda c: c[0].index)
         while chunks:
             n = 1
@@ -285,7 +312,6 @@ class Engine:
                 tokens[b, : end - start] = torch.tensor(row.req.prompt[start:end])
                 input_pos[b, : end - start] = torch.arange(start, end)
             last = torch.tensor([end - start - 1 for _, start, end in group], device=self.device)
-            self.prefill_tokens += sum(end - start for _, start, end in group)
             kv_len = max(e for *_, e in group)
             with self._cache_rows(group[0][0].index, n):
                 if any(row.req.prompt_logprobs is not None for row, _, _ in group):  # every position's hidden state
@@ -302,6 +328,8 @@ class Engine:
                     targets = row.req.prompt[start + 1 : end + 1]
                     row.prompt_lp += prompt_logprobs(self.model, h[b, : len(targets)], targets, row.req.prompt_logprobs)
                 row.prefilled = end
+                if self.prefix_cache is not None:  # its blocks serve the rows that wait for them at once
+                    self.prefix_cache.store(self._full_caches, row.index, row.req.prompt[:end])
             done = [(b, row) for b, (row, _, _) in enumerate(group) if row.decoding]
             done += [(b, copy) for b, row in done for copy in self._copy_prefill(row)]
             for _, row in done:
@@ -330,6 +358,17 @@ class Engine:
                 cache.v[r.index, :, :P] = cache.v[row.index, :, :P]
             r.prefilled, r.prompt_lp = P, row.prompt_lp
         return copies
+
+    def _reuse(self, row: _Row) -> None:
+        """Copies the cached blocks that continue the row's prompt past what it holds into its row of the cache,
+        all but the prompt's last token (whose logits give the first new token)."""
+        cache, prompt = self.prefix_cache, row.req.prompt
+        slots = cache.lookup(prompt)
+        n = min(len(slots) * cache.block_size, len(prompt) - 1)
+        if n > row.prefilled:
+            cache.load(self._full_caches, row.index, slots, n, first=row.prefilled)
+            row.cached += n - row.prefilled
+            row.prefilled = n
 
     @contextlib.contextmanager
     def _cache_rows(self, first: int, n: int):
@@ -410,6 +449,7 @@ class Engine:
         now = time.perf_counter()
         for r, token in zip(rows, ids, strict=True):
             r.generated += 1
+            r.tokens.append(token)
             self.tokens_generated += 1
             if r.first_token_at is None:
                 r.first_token_at = now
@@ -426,11 +466,14 @@ class Engine:
                 self._finish(r, "length")
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if error is None and self.prefix_cache is not None:  # the prompt and every token fed (not the last one)
+            self.prefix_cache.store(self._full_caches, row.index, row.req.prompt + row.tokens[:-1])
         self._rows[row.index] = None
         text = row.text.flush() if error is None else ""
         ttft = (row.first_token_at or time.perf_counter()) - row.req.submitted_at
         out = Output(text=text, finish_reason=reason, error=error, completion_tokens=row.generated)
         out.cumulative_logprob = row.cumulative_logprob
+        out.cached_tokens = row.cached
         out.time_to_first_token_s = ttft
         self._send(row.req, out)
 
