@@ -1,6 +1,7 @@
 """The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal,
 `quantize` writes an int8/int4 checkpoint, `perplexity` scores a text, `guard` classifies conversations with
-Llama Guard (and `--guard SRC` screens what `chat` and `generate --chat` are asked and answer).
+Llama Guard (and `--guard SRC` screens what `chat` and `generate --chat` are asked and answer), `bench` times
+prompt processing and generation, `eval` scores lm-evaluation-harness tasks.
 
 Parsing and checking the arguments needs no torch (`llama3 --help` answers at once); the model and
 torch are imported only when a command runs. Exit codes: 0 done, 1 bad input or a failed load (one
@@ -26,6 +27,8 @@ from llama3.cli.common import (
     param_message,
     set_thread_defaults,
 )
+from llama3.cli.bench import _add_bench_parser, check_bench_args, cmd_bench
+from llama3.cli.eval import _add_eval_parser, check_eval_args, cmd_eval
 from llama3.cli.finetune import _add_finetune_parser, cmd_finetune
 from llama3.cli.generate import cmd_generate
 from llama3.cli.guard import GUARD_HELP, cmd_guard
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve}"
+        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve,bench,eval}"
     )
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     guard.set_defaults(parser=guard, max_seq_len=None)
     _add_finetune_parser(sub)
     _add_serve_parser(sub)
+    _add_bench_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -111,6 +116,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Every option checked before the model loads, each error naming the flag the user typed."""
     if args.command == "quantize":
         return
+    if args.command == "bench":
+        return check_bench_args(parser, args)
+    if args.command == "eval":
+        return check_eval_args(parser, args)
     if args.command == "finetune":
         _require_positive(parser, args, "lora_rank", "batch_size", "grad_accum", "max_steps", "epochs",
                           "logging_steps", "eval_steps", "save_steps")  # fmt: skip
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
-    if args.command in ("generate", "chat", "perplexity", "guard"):
+    if args.command in ("generate", "chat", "perplexity", "guard", "bench", "eval"):
         set_thread_defaults()
     world = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
@@ -202,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             "guard": cmd_guard,
             "finetune": cmd_finetune,
             "serve": cmd_serve,
+            "bench": cmd_bench,
+            "eval": cmd_eval,
         }
         return commands[args.command](args)
     except ParamError as e:  # a setting the model refuses (e.g. longer than its context): named as its flag
