@@ -16,6 +16,7 @@ import sys
 
 from llama3 import __version__
 from llama3.checks import ParamError
+from llama3.cli.bench import _add_bench_parser, check_bench_args, cmd_bench
 from llama3.cli.chat import cmd_chat
 from llama3.cli.common import (
     GROUP_SIZES,
@@ -27,7 +28,6 @@ from llama3.cli.common import (
     param_message,
     set_thread_defaults,
 )
-from llama3.cli.bench import _add_bench_parser, check_bench_args, cmd_bench
 from llama3.cli.eval import _add_eval_parser, check_eval_args, cmd_eval
 from llama3.cli.finetune import _add_finetune_parser, cmd_finetune
 from llama3.cli.generate import cmd_generate
