@@ -42,10 +42,10 @@ def _add_bench_parser(sub) -> None:
         "warm-up, with its spread. Markdown on stdout, progress on stderr.",
     )
     p.add_argument("--model", "-m", help=DEFAULT_MODEL_HELP)
-    p.add_argument("-p", "--n-prompt", type=_int_list, default=[128], metavar="N[,N]",
-                   help="prompt lengths to time (ppN; 0: none; default: 128)")  # fmt: skip
-    p.add_argument("-n", "--n-gen", type=_int_list, default=[32], metavar="N[,N]",
-                   help="generation lengths to time (tgN; 0: none; default: 32)")  # fmt: skip
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], metavar="N[,N]",
+                   help="prompt lengths to time (ppN; 0: none; default: 512)")  # fmt: skip
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], metavar="N[,N]",
+                   help="generation lengths to time (tgN; 0: none; default: 128)")  # fmt: skip
     p.add_argument("-b", "--batch-size", type=_int_list, default=[1], metavar="N[,N]", help="rows (default: 1)")
     p.add_argument("-r", "--repetitions", type=int, default=3, metavar="N", help="timed runs per test (default: 3)")
     p.add_argument(

@@ -44,8 +44,8 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "
 class Grid:
     """What `llama3 bench` runs: every combination of these, each test `repetitions` times after a warm-up."""
 
-    prompt_lens: list[int] = field(default_factory=lambda: [128])
-    gen_lens: list[int] = field(default_factory=lambda: [32])
+    prompt_lens: list[int] = field(default_factory=lambda: [512])
+    gen_lens: list[int] = field(default_factory=lambda: [128])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     threads: list[int | None] = field(default_factory=lambda: [None])  # None: PyTorch's default
     repetitions: int = 3
