@@ -111,7 +111,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     folder = build_task(Path(a.task_dir), a.items)
-    manager = TaskManager(include_path=str(folder))
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
     gguf = find_smollm2_gguf()
     t = time.perf_counter()
     ours = Llama3LM(None, batch_size=a.batch_size, progress=False)  # the embedded model, float32 on the CPU
