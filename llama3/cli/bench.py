@@ -122,12 +122,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         quantizes = [quantize_mode(probe)]
     else:
         quantizes = [None if q == "none" else q for q in args.quantize]
-    configs = [
-        Config(dtype=dtype, quantize=q, backend=backend, compile=args.compile, group_size=args.group_size)
-        for q in quantizes
-        for dtype in (args.dtype or [None])
-        for backend in args.backend
-    ]
+    configs, skipped = [], []
+    for q in quantizes:
+        for dtype in args.dtype or [None]:
+            if q and dtype == "float32" and (args.device or "cpu").startswith("cpu"):
+                # PyTorch's CPU int4 kernel takes its scales in the activation dtype and refuses float32
+                skipped.append(f"--quantize {q} with --dtype float32: quantized weights run bfloat16 activations")
+                continue
+            for backend in args.backend:
+                configs.append(Config(dtype, q, backend, args.compile, args.group_size))
+    if not configs:
+        raise ValueError(f"nothing to time: {skipped[0]}")
     grid = Grid(
         prompt_lens=args.n_prompt,
         gen_lens=args.n_gen,
@@ -136,6 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repetitions=args.repetitions,
     )
     result = run_bench(src, configs, grid, device=args.device, compare=args.compare_list, log=log)
+    result["skipped"] = skipped + result["skipped"]
     print(markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
