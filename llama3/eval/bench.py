@@ -319,7 +319,8 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         who = r["model"] if r["system"] == "llama3" else r["system"]
         lines.append(
-            f"| {who} {r['system_weights']} | {_size(r['size_bytes'])} | {_params(r['params'])} | "
+            f"| {who} {r['system_weights']} | {_size(r['size_bytes']) if r['system'] == 'llama3' else '-'} | "
+            f"{_params(r['params'])} | "
             f"{r['backend'] if r['system'] == 'llama3' else r['system']} | {r['threads']} | {r['batch']} | "
             f"{r['test']} | {r['tokens_per_second']:.2f} ± {r['tokens_per_second_std']:.2f} | "
             f"{r['time_to_first_token_ms']:.0f} | {r['peak_host_rss_mib']:.0f} |"
