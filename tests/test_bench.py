@@ -18,11 +18,11 @@ ROW_FIELDS = {
 }  # fmt: skip
 
 
-def test_bench_writes_every_field_for_every_cell(tiny_hf, tmp_path, monkeypatch, capsys):
-    d, hf = tiny_hf("llama3-gqa")
+def test_bench_writes_every_field_for_every_cell(tiny_llama3, tmp_path, monkeypatch, capsys):
+    d, hf = tiny_llama3
     out = tmp_path / "bench.json"
     code, stdout, err = run_main(
-        monkeypatch, capsys, "bench", "-m", str(d), "-p", "8,16", "-n", "4", "-b", "1,2", "-r", "3",
+        monkeypatch, capsys, "bench", "-m", str(d), "-p", "8", "-n", "4", "-b", "1,2", "-r", "3",
         "--dtype", "float32", "--compare", "transformers,llama.cpp", "--json", str(out),
     )  # fmt: skip
     assert code == 0, err
@@ -33,7 +33,7 @@ def test_bench_writes_every_field_for_every_cell(tiny_hf, tmp_path, monkeypatch,
     assert {"llama3", "torch", "python", "transformers"} <= header["versions"].keys()
     rows = result["rows"]
     cells = {(r["system"], r["batch"], r["test"]) for r in rows}
-    grid = {(s, b, t) for s in ("llama3", "transformers") for b in (1, 2) for t in ("pp8", "pp16", "tg4")}
+    grid = {(s, b, t) for s in ("llama3", "transformers") for b in (1, 2) for t in ("pp8", "tg4")}
     assert cells == grid and len(rows) == len(grid)
     for r in rows:
         assert set(r) == ROW_FIELDS
@@ -68,7 +68,7 @@ def test_bench_bad_arguments_name_the_flag(args, flag, monkeypatch, capsys):
     assert code == 2 and flag in err.splitlines()[-1]
 
 
-def test_bench_refuses_tests_longer_than_the_context(tiny_hf, monkeypatch, capsys):
-    d, _ = tiny_hf("llama3-gqa")  # max_position_embeddings 256
+def test_bench_refuses_tests_longer_than_the_context(tiny_llama3, monkeypatch, capsys):
+    d, _ = tiny_llama3  # max_position_embeddings 256
     code, _, err = run_main(monkeypatch, capsys, "bench", "-m", str(d), "-p", "300", "-n", "4", "-q")
     assert code == 1 and "context is 256" in err and len(err.strip().splitlines()) == 1
