@@ -48,7 +48,7 @@ def test_bench_writes_every_field_for_every_cell(tiny_llama3, tmp_path, monkeypa
     assert any(s.startswith("llama.cpp:") for s in result["skipped"]) and "Skipped: llama.cpp" in stdout
     # the markdown: llama-bench's columns, a line per row, the ratios to transformers
     assert "| model | size | params | backend | threads | batch | test | t/s |" in stdout
-    assert sum(line.startswith("| ") for line in stdout.splitlines()) == 1 + len(rows)
+    assert sum(line.startswith("| ") for line in stdout.splitlines()) == 2 + len(rows)  # + the header and rule
     assert "llama3 (float32) / transformers (float32), tokens/s: pp8 b1" in stdout
 
 
