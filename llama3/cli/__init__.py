@@ -1,7 +1,8 @@
 """The `llama3` command: `generate` streams a completion, `chat` holds a conversation in the terminal,
 `quantize` writes an int8/int4 checkpoint, `perplexity` scores a text, `guard` classifies conversations with
 Llama Guard (and `--guard SRC` screens what `chat` and `generate --chat` are asked and answer), `inspect` draws
-a layer's attention or the logit lens of a prompt.
+a layer's attention or the logit lens of a prompt, `bench` times prompt processing and generation, `eval`
+scores lm-evaluation-harness tasks.
 
 Parsing and checking the arguments needs no torch (`llama3 --help` answers at once); the model and
 torch are imported only when a command runs. Exit codes: 0 done, 1 bad input or a failed load (one
@@ -16,6 +17,7 @@ import sys
 
 from llama3 import __version__
 from llama3.checks import ParamError
+from llama3.cli.bench import _add_bench_parser, check_bench_args, cmd_bench
 from llama3.cli.chat import cmd_chat
 from llama3.cli.common import (
     GROUP_SIZES,
@@ -27,6 +29,7 @@ from llama3.cli.common import (
     param_message,
     set_thread_defaults,
 )
+from llama3.cli.eval import _add_eval_parser, check_eval_args, cmd_eval
 from llama3.cli.finetune import _add_finetune_parser, cmd_finetune
 from llama3.cli.generate import cmd_generate
 from llama3.cli.guard import GUARD_HELP, cmd_guard
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve,inspect}"
+        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve,inspect,bench,eval}"
     )
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_parser(sub)
     _add_serve_parser(sub)
     _add_inspect_parser(sub)
+    _add_bench_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -121,6 +126,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Every option checked before the model loads, each error naming the flag the user typed."""
     if args.command == "quantize":
         return
+    if args.command == "bench":
+        return check_bench_args(parser, args)
+    if args.command == "eval":
+        return check_eval_args(parser, args)
     if args.command == "finetune":
         _require_positive(parser, args, "lora_rank", "batch_size", "grad_accum", "max_steps", "epochs",
                           "logging_steps", "eval_steps", "save_steps")  # fmt: skip
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
-    if args.command in ("generate", "chat", "perplexity", "guard", "inspect"):
+    if args.command in ("generate", "chat", "perplexity", "guard", "inspect", "bench", "eval"):
         set_thread_defaults()
     world = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
@@ -221,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": cmd_finetune,
             "serve": cmd_serve,
             "inspect": cmd_inspect,
+            "bench": cmd_bench,
+            "eval": cmd_eval,
         }
         return commands[args.command](args)
     except ParamError as e:  # a setting the model refuses (e.g. longer than its context): named as its flag

@@ -1,0 +1,74 @@
+"""`llama3 bench` (llama3/eval/bench.py, bench_systems.py, cli/bench.py): on a tiny checkpoint it times every
+cell of the grid for ours and transformers, writes the JSON with every field, and its numbers hang together."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROW_FIELDS = {
+    "model", "model_source", "weights", "size_bytes", "params", "backend", "device", "config", "load_seconds",
+    "system", "system_weights", "threads", "batch", "test", "n_tokens", "tokens_per_second",
+    "tokens_per_second_std", "samples_tokens_per_second", "time_to_first_token_ms", "peak_host_rss_mib",
+    "peak_cuda_mib", "repetitions",
+}  # fmt: skip
+
+
+def test_bench_writes_every_field_for_every_cell(tiny_llama3, tmp_path, monkeypatch, capsys):
+    d, hf = tiny_llama3
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_main(
+        monkeypatch, capsys, "bench", "-m", str(d), "-p", "8", "-n", "4", "-b", "1,2", "-r", "3",
+        "--dtype", "float32", "--compare", "transformers,llama.cpp", "--json", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    header = result["header"]
+    assert {"date", "machine", "versions", "load_average_1min"} <= header.keys()
+    assert {"cpu", "isa", "torch_cpu_capability", "cores", "gpu"} <= header["machine"].keys()
+    assert {"llama3", "torch", "python", "transformers"} <= header["versions"].keys()
+    rows = result["rows"]
+    cells = {(r["system"], r["batch"], r["test"]) for r in rows}
+    grid = {(s, b, t) for s in ("llama3", "transformers") for b in (1, 2) for t in ("pp8", "tg4")}
+    assert cells == grid and len(rows) == len(grid)
+    for r in rows:
+        assert set(r) == ROW_FIELDS
+        assert len(r["samples_tokens_per_second"]) == 3 and r["tokens_per_second"] > 0
+        assert r["params"] == sum(p.numel() for p in hf.parameters())  # transformers' own count of the model
+        assert r["weights"] == "float32" and r["system_weights"] == "float32"
+        if r["test"].startswith("pp"):  # tokens/s is the prefill's tokens over its time (median of 3: the same run)
+            assert r["tokens_per_second"] == pytest.approx(
+                r["batch"] * r["n_tokens"] / r["time_to_first_token_ms"] * 1e3
+            )
+    # llama.cpp reads GGUF only: skipped, said so, and no row
+    assert any(s.startswith("llama.cpp:") for s in result["skipped"]) and "Skipped: llama.cpp" in stdout
+    # the markdown: llama-bench's columns, a line per row, the ratios to transformers
+    assert "| model | size | params | backend | threads | batch | test | t/s |" in stdout
+    assert sum(line.startswith("| ") for line in stdout.splitlines()) == 2 + len(rows)  # + the header and rule
+    assert "llama3 (float32) / transformers (float32), tokens/s: pp8 b1" in stdout
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["-p", "8,x"], "-p/--n-prompt"),
+        (["-p", "0", "-n", "0"], "-p/-n"),
+        (["-b", "0"], "-b/--batch-size"),
+        (["--compare", "vllm"], "--compare"),
+        (["--dtype", "float64"], "--dtype"),
+        (["-r", "0"], "-r/--repetitions"),
+    ],
+)
+def test_bench_bad_arguments_name_the_flag(args, flag, monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "bench", *args)
+    assert code == 2 and flag in err.splitlines()[-1]
+
+
+def test_bench_refuses_tests_longer_than_the_context(tiny_llama3, monkeypatch, capsys):
+    d, _ = tiny_llama3  # max_position_embeddings 256
+    code, _, err = run_main(monkeypatch, capsys, "bench", "-m", str(d), "-p", "300", "-n", "4", "-q")
+    assert code == 1 and "context is 256" in err and len(err.strip().splitlines()) == 1
