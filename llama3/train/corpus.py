@@ -157,10 +157,14 @@ def write_byte_tokenizer(output: Path) -> dict[str, int]:
 
 
 def encode_documents(tokenizer, documents: list[str]) -> Tensor:
-    """One int64 stream: each document as bos + its tokens (no eos: the next bos marks the boundary)."""
+    """One int64 stream: each document as bos + its tokens (no eos: the next bos marks the boundary), or, with a
+    vocabulary that has no bos, the documents' tokens separated by eos."""
     ids: list[int] = []
     for doc in documents:
-        ids += tokenizer.encode(doc, bos=True)
+        if tokenizer.bos_id >= 0:
+            ids += tokenizer.encode(doc, bos=True)
+        else:
+            ids += tokenizer.encode(doc) + [tokenizer.eos_id]
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -51,7 +51,7 @@ from llama3.train.corpus import (
 )
 from llama3.train.finetune import DivergedError, cosine_with_warmup
 from llama3.train.hf_export import save_pretrained, write_tokenizer
-from llama3.weights.save import atomic_write, write_text
+from llama3.weights.save import atomic_write, check_output, write_text
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -204,8 +204,10 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Trains a model from scratch as `config` says and writes it (see the module docstring); returns a summary."""
     config.check()
     log, output = config.log, Path(config.output)
-    if config.data is not None and Path(config.data).resolve() in {output.resolve() / n for n in (TRAIN_LOG,)}:
-        raise ValueError(f"--data {config.data} would be overwritten by the output written to {output} (--output)")
+    if config.data is not None:  # a run never writes where it reads
+        check_output(output, config.data, "the data file")
+    if config.tokenizer not in ("byte", "model") and Path(config.tokenizer).exists():
+        check_output(output, config.tokenizer, "the tokenizer's checkpoint")
     ckpt = output / CHECKPOINT
     if config.resume and not ckpt.is_file():
         raise FileNotFoundError(f"nothing to resume: {ckpt} not found (--resume)")
@@ -223,8 +225,9 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     val_stream = encode_documents(tokenizer, corpus.validation)
     if len(train_stream) <= seq_len + 1:
         raise CorpusError(f"{corpus.source}: {len(train_stream)} training tokens, too few for one window of {seq_len}")
+    separator = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id  # one a document (encode_documents)
     val_chars = sum(len(d) for d in corpus.validation)
-    tokens_per_char = (len(val_stream) - len(corpus.validation)) / max(val_chars, 1)  # the bos tokens are no text
+    tokens_per_char = (len(val_stream) - len(corpus.validation)) / max(val_chars, 1)  # separators are no text
     val_windows = validation_windows(val_stream, seq_len)
     device = _device(config.device)
 
@@ -312,7 +315,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             done = step == config.max_steps or (config.max_time is not None and train_seconds >= config.max_time)
             if step % config.eval_interval == 0 or done:
                 eval_tokens = None if done else config.eval_tokens
-                val_loss = evaluate(model, val_windows, config.batch_size, device, eval_tokens, tokenizer.bos_id)
+                val_loss = evaluate(model, val_windows, config.batch_size, device, eval_tokens, separator)
                 last_val = {
                     "step": step,
                     "train_seconds": train_seconds,
@@ -389,7 +392,8 @@ def sample(model: Transformer, tokenizer: Any, n_tokens: int, device: torch.devi
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([[tokenizer.bos_id]], device=device)
+    start = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+    ids = torch.tensor([[start]], device=device)
     context = model.args.max_seq_len
     for _ in range(n_tokens):
         logits = model(ids[:, -context:])[:, -1].float()
