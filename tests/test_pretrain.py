@@ -48,7 +48,8 @@ def test_pretrain_writes_a_checkpoint_transformers_loads_with_equal_logits(train
         p.name for p in out.iterdir()
     }
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ours = Transformer.from_pretrained(out, dtype=torch.float32, progress=False)
+    ours = Transformer(ModelArgs.from_hf_config(out / "config.json"))  # the trained weights, as training left them
+    ours.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
     tokens = torch.randint(0, 258, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
@@ -134,21 +135,24 @@ def test_weight_decay_applies_to_matrices_only():
 
 
 def test_nope_variant_trains_with_the_same_command_and_ignores_order(trained, tmp_path):
-    """position_embedding=none: no position signal, so the last position's logits do not depend on the order of
-    the tokens before it (causal attention sees a set); with RoPE they do. Trained by `llama3 pretrain --set`."""
+    """position_embedding=none: no position signal, so in one layer the last position's logits do not depend on the
+    order of the tokens before it (its attention sees a set of keys and values, each made from one token); with
+    RoPE they do. Trained by `llama3 pretrain --set`."""
     data, _ = trained
     out = tmp_path / "nope"
-    argv = ["pretrain", "--data", str(data), "--output", str(out), *TINY, "--set", "position_embedding=none",
-            "--batch-size", "2", "--max-steps", "2", "--eval-tokens", "64", "--sample-tokens", "2",
-            "--quiet"]  # fmt: skip
+    argv = ["pretrain", "--data", str(data), "--output", str(out), *TINY, "--set", "n_layers=1",
+            "--set", "position_embedding=none", "--batch-size", "2", "--max-steps", "2", "--eval-tokens", "64",
+            "--sample-tokens", "2", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads((out / "config.json").read_text())["position_embedding"] == "none"
     nope = Transformer.from_pretrained(out, dtype=torch.float32, progress=False)
     assert nope.args.position_embedding == "none"
-    rope = pt.build_model(ModelArgs(vocab_size=258, **TINY_ARGS), 0.02, seed=0, device=torch.device("cpu"))
+    rope = pt.build_model(
+        ModelArgs(vocab_size=258, **(TINY_ARGS | {"n_layers": 1})), 0.02, seed=0, device=torch.device("cpu")
+    )
     rope.load_state_dict(nope.state_dict())
     tokens = torch.tensor([[256, 10, 20, 30, 40, 50]])
-    shuffled = torch.tensor([[256, 40, 20, 50, 10, 30]])
+    shuffled = torch.tensor([[256, 40, 20, 30, 10, 50]])  # the last token kept
     with torch.no_grad():
         torch.testing.assert_close(nope(tokens)[:, -1], nope(shuffled)[:, -1], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(rope(tokens)[:, -1], rope(shuffled)[:, -1], atol=1e-3)

@@ -100,7 +100,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight is listed once
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": weight_decay},
     ]
 
 
@@ -325,7 +325,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                 }
                 curve.append(last_val)
                 write(last_val)
-                bar.write(f"step {step}: validation {last_val['val_bpc']:.4f} bits/char\n{last_val['sample']}\n")
+                message = f"step {step}: validation {last_val['val_bpc']:.4f} bits/char\n{last_val['sample']}\n"
+                bar.write(message, file=sys.stderr) if config.progress else log(message)
             if done or step % (config.save_interval or config.eval_interval) == 0:
                 state = {
                     "step": step,
