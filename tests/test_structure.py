@@ -38,6 +38,7 @@ DOCUMENTED = [
     ("llama3.eval.perplexity", "perplexity"),
     ("llama3.model.lora", "load_adapter"),
     ("llama3.train.finetune", "TrainConfig"),
+    ("llama3.train.pretrain", "PretrainConfig"),
     ("llama3.weights.save", "save_quantized"),
     ("llama3.guard", "classify"),
     ("llama3.model.hooks", "logit_lens"),

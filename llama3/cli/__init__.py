@@ -35,6 +35,7 @@ from llama3.cli.generate import cmd_generate
 from llama3.cli.guard import GUARD_HELP, cmd_guard
 from llama3.cli.inspect import _add_inspect_parser, check_inspect_args, cmd_inspect
 from llama3.cli.perplexity import cmd_perplexity
+from llama3.cli.pretrain import _add_pretrain_parser, cmd_pretrain
 from llama3.cli.quantize import cmd_quantize
 from llama3.cli.serve import _add_serve_parser, cmd_serve
 from llama3.generate.params import KNOBS, SamplingParams, check_seed
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,serve,inspect,bench,eval}"
+        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,pretrain,serve,inspect,bench,eval}"
     )
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_arg(guard)
     guard.set_defaults(parser=guard, max_seq_len=None)
     _add_finetune_parser(sub)
+    _add_pretrain_parser(sub)
     _add_serve_parser(sub)
     _add_inspect_parser(sub)
     _add_bench_parser(sub)
@@ -138,6 +140,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not 0 <= args.lora_dropout < 1:
             parser.error(f"argument --lora-dropout: must be in [0, 1), got {args.lora_dropout}")
         return
+    if args.command == "pretrain":
+        return  # PretrainConfig.check names each flag
     if getattr(args, "prefix_cache_tokens", None) is not None and not (
         args.prefix_cache_tokens == 0 or args.prefix_cache_tokens >= 16
     ):
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "perplexity": cmd_perplexity,
             "guard": cmd_guard,
             "finetune": cmd_finetune,
+            "pretrain": cmd_pretrain,
             "serve": cmd_serve,
             "inspect": cmd_inspect,
             "bench": cmd_bench,

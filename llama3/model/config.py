@@ -34,6 +34,9 @@ class ModelArgs:
     max_seq_len: int = 8192  # the model's context length
     tie_embeddings: bool = False
     head_dim: int | None = None  # dim // n_heads unless a config says otherwise
+    # "rope", or "none": no position signal at all (NoPE, Kazemnejad et al. 2023), an architecture variant for
+    # pretraining experiments (docs/pretraining.md); transformers' Llama knows only RoPE
+    position_embedding: str = "rope"
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -54,6 +57,10 @@ class ModelArgs:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ConfigError(
+                f"position_embedding must be one of {', '.join(POSITION_EMBEDDINGS)}, got {self.position_embedding!r}"
+            )
 
     @classmethod
     def from_name(cls, name: str) -> ModelArgs:
@@ -119,6 +126,7 @@ class ModelArgs:
             max_seq_len=config.get("max_position_embeddings", 8192),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            position_embedding=config.get("position_embedding", "rope"),
         )
 
     @classmethod
@@ -190,9 +198,11 @@ class ModelArgs:
         return shapes
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The transformers `LlamaConfig` keyword arguments for this model (the inverse of `from_hf_config`)."""
+        """The transformers `LlamaConfig` keyword arguments for this model (the inverse of `from_hf_config`).
+        A variant's `position_embedding` is written only when it is not RoPE (transformers ignores the key)."""
         s = self.rope_scaling
-        return dict(
+        variant = {} if self.position_embedding == "rope" else {"position_embedding": self.position_embedding}
+        return variant | dict(
             model_type="llama",
             architectures=["LlamaForCausalLM"],
             vocab_size=self.vocab_size,
@@ -217,6 +227,9 @@ class ModelArgs:
         per_layer = attn + ffn + 2 * self.dim
         emb = self.vocab_size * self.dim
         return self.n_layers * per_layer + self.dim + emb * (1 if self.tie_embeddings else 2)
+
+
+POSITION_EMBEDDINGS = ("rope", "none")
 
 
 def _rope_scaling(scaling: Any, source: str) -> RopeScaling | None:

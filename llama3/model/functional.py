@@ -14,6 +14,8 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
     bit, then moved to `device` (on the meta device these ops would also import torch._dynamo: seconds).
     """
     D = args.head_dim
+    if args.position_embedding == "none":  # NoPE: every angle 0, so RoPE's rotation is the identity
+        return torch.zeros(D // 2, device=device)
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))
     s = args.rope_scaling
     if s is None:
