@@ -7,8 +7,8 @@ Two loads of ours: the library's default (`Llama.from_pretrained()`, no options)
 (`llama3 generate`'s defaults, through the CLI's own `load`). For each: batch-1 greedy decode tokens/s (64 new
 tokens after a 32-token prompt, the systems taking turns, medians), its ratio to llama.cpp's, the aten ops per
 layer of one decode step (torch.profiler: the top-level aten ops inside the blocks), and time to first token
-for 32, 256 and 1024-token prompts (the best of two). Every row names the CPU, PyTorch's kernel level (`ATEN_CPU_CAPABILITY`
-picks it; fbgemm and oneDNN choose their own) and the load average when it was measured.
+for 32, 256 and 1024-token prompts (the best of two). Every row names the CPU, PyTorch's kernel level
+(`ATEN_CPU_CAPABILITY` picks it; fbgemm and oneDNN choose their own) and the load average when it was measured.
 
 Results: benchmarks/results/generate-cpu-defaults-<level>.json and .md; once both levels have run,
 generate-cpu-defaults.md puts them side by side.
@@ -169,8 +169,8 @@ def markdown(runs: list[dict]) -> str:
     lines = [
         f"The embedded {first['model']} loaded the default ways against llama.cpp on the same file: batch-1 greedy "
         f"decode of {first['new_tokens']} tokens after a 32-token prompt (median of {first['repeats']} runs, the "
-        f"systems taking turns) and time to first token (best of two). {first['cpu']}, {first['threads']} threads, flags "
-        f"{', '.join(first['cpu_flags'])}; torch {first['torch']}, {first['date']}.",
+        f"systems taking turns) and time to first token (best of two). {first['cpu']}, {first['threads']} threads, "
+        f"flags {', '.join(first['cpu_flags'])}; torch {first['torch']}, {first['date']}.",
         "",
     ]
     for run in runs:
@@ -179,7 +179,7 @@ def markdown(runs: list[dict]) -> str:
             f"after {run['load_average_after']}; llama.cpp extra buffer types (AMX repack) "
             f"{'on' if run['llama_cpp_extra_buffers'] else 'off'}.",
             "",
-            "| system | weights | decode tok/s | x llama.cpp | aten ops / layer | TTFT 32 / 256 / 1024 (ms) | load avg |",
+            "| system | weights | decode tok/s | x llama.cpp | aten ops / layer | TTFT 32 / 256 / 1024 ms | load avg |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in run["rows"]:
