@@ -36,6 +36,7 @@ from bench_generate import machine  # noqa: E402
 
 from llama3 import Llama  # noqa: E402
 from llama3.eval.perplexity import perplexity  # noqa: E402
+from llama3.quant.isa import describe  # noqa: E402
 from llama3.weights.gguf import find_smollm2_gguf  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,7 +89,8 @@ def main() -> None:
     p.add_argument(
         "--modes",
         default="float32,bfloat16,int8,int4",
-        help="comma-separated; int8/int4: bf16 activations",
+        help="comma-separated; int8/int4: bf16 activations; int4-fbgemm, fbgemm, auto: the CPU kernel plans "
+        "(llama3.quant.choice)",
     )
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32 keeps the GGUF file's own codes)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers float32 check")
@@ -103,9 +105,14 @@ def main() -> None:
     rows: list[dict] = []
     tokens: list[int] = []
     for mode in a.modes.split(","):
-        quantize = mode[:4] if mode.startswith("int") else None
-        dtype = torch.bfloat16 if quantize else getattr(torch, mode)
-        llm = Llama.from_pretrained(dtype=dtype, device="cpu", quantize=quantize, group_size=a.group_size)
+        if mode in ("int4-fbgemm", "fbgemm", "auto"):  # the CPU kernel plans (llama3.quant.choice)
+            kernel = None if mode == "auto" else mode
+            llm = Llama.from_pretrained(device="cpu", quantize="auto", kernel=kernel, group_size=a.group_size)
+            mode = f"{mode} ({llm.model.kernel_choice.plan})" if mode == "auto" else mode
+        else:
+            quantize = mode[:4] if mode.startswith("int") else None
+            dtype = torch.bfloat16 if quantize else getattr(torch, mode)
+            llm = Llama.from_pretrained(dtype=dtype, device="cpu", quantize=quantize, group_size=a.group_size)
         tokens = llm.tokenizer.encode(text)
         t = time.perf_counter()
         r = perplexity(llm.model, tokens, a.max_length, a.stride, progress=True)
@@ -122,6 +129,7 @@ def main() -> None:
         "benchmark": "perplexity",
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
+        "cpu": describe(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "model": gguf.name,
@@ -141,7 +149,7 @@ def main() -> None:
     lines = [
         f"Perplexity, {result['model']}, on the first {len(text):,} characters of Hamlet ({result['text']}; "
         f"{len(tokens):,} tokens, no bos); windows of {a.max_length} tokens every {a.stride}, each scoring the tokens "
-        f"the previous one did not reach. {result['machine']}, torch {result['torch']}, {result['date']}.",
+        f"the previous one did not reach. {result['machine']} ({result['cpu']}), {result['date']}.",
         "",
         "| system | mode | perplexity | nll / token | scored tokens | windows | seconds |",
         "|---|---|---|---|---|---|---|",
@@ -155,7 +163,9 @@ def main() -> None:
         "",
         "float32 / bfloat16: the file's weights dequantized. int8 / int4: weight-only, bfloat16 activations; int4 "
         f"group {a.group_size} (at 32 the file's own Q4_1 codes) with the output projection at int8 (it is tied to "
-        "the embedding, stored Q8_0 in the file; a 4-bit output measured 26.26 here). Seconds: one run each.",
+        "the embedding, stored Q8_0 in the file; a 4-bit output measured 26.26 here). int4-fbgemm: the same with "
+        "the output projection on fbgemm's dynamic int8 kernel (activations quantized per row, 8 bits with "
+        "AVX512-VNNI, else 7); fbgemm: every projection on it, float32 activations. Seconds: one run each.",
         f"The whole benchmark took {result['wall_seconds']:.0f} s (1-minute load average "
         f"{load_before:.1f} at the start, {result['load_average_1min'][1]:.1f} at the end).",
     ]

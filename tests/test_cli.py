@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -453,10 +454,15 @@ def test_a_draft_with_a_shorter_context_is_named_by_its_flag(cli, checkpoint, tm
 
 
 def test_default_model_is_the_embedded_smollm2():
-    r = run_cli("generate", "The capital of France is", "--temperature", "0", "-n", "6")
+    r = run_cli("generate", "The capital of France is", "--temperature", "0", "-n", "6", "-v")
     assert r.returncode == 0, r.stderr
     assert "SmolLM2-135M-Instruct" in r.stderr and "int4 weights" in r.stderr  # its own Q4_1 codes, on the CPU
     assert "Paris" in r.stdout
+    # -v: the kernel plan measured for this machine (llama3.quant.choice), and why
+    assert re.search(
+        r"llama3: kernel (int4|int4-fbgemm|int8): .* \(per call, 1 row: int4 projection [\d.]+ us", r.stderr
+    )
+    assert "; CPU " in r.stderr and "ATen dispatch" in r.stderr
 
 
 def test_quantize_flags(cli, checkpoint):

@@ -17,6 +17,9 @@ DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: 
 GROUP_SIZES = (32, 64, 128, 256)  # llama3.quantize.GROUP_SIZES, not imported: it would import torch for --help
 
 
+KERNELS = ("int4", "int4-fbgemm", "int8", "fbgemm")  # llama3.quant.choice.KERNELS, not imported (torch)
+
+
 # The library's parameter names (ParamError.param) and the flags that set them: an error names what was typed.
 PARAM_FLAGS = {
     **{f.name: f.metadata["flag"] for f in dataclasses.fields(SamplingParams)},
@@ -45,13 +48,22 @@ def _add_load_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_H
     )
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4", "none"],
+        choices=["auto", "int8", "int4", "none"],
         help="store the projections as int8 (per channel) or int4 (per group) weights, run with bfloat16 "
-        "activations (CPU); default: int4 for the embedded model on the CPU (its own 4-bit codes), else none",
+        "activations (CPU); auto (the default without --dtype): a GGUF file on the CPU runs the quantized kernels "
+        "measured fastest on this CPU among those within 1%% of float32's perplexity, anything else stays float",
+    )
+    p.add_argument(
+        "--kernel",
+        choices=["auto", *KERNELS],
+        help="force the CPU's quantized kernels: int4 (4-bit projections, int8 output), int4-fbgemm (the output "
+        "on fbgemm's dynamic int8), int8, fbgemm (every projection on fbgemm, float32 activations: fastest, "
+        "perplexity +2.8%%); default: auto, measured once per machine",
     )
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
     p.add_argument("--keep-output", action="store_true", help="with --quantize: leave the output projection float")
     p.add_argument("--quiet", "-q", action="store_true", help="no model/progress/speed messages on stderr")
+    p.add_argument("--verbose", "-v", action="store_true", help="also say which kernels run and why (CPU, timings)")
 
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
@@ -162,10 +174,13 @@ def resolve_model_source(model: str | None) -> str | Path:
     return default_model()
 
 
-def quantize_mode(args: argparse.Namespace) -> str | None:
-    """--quantize, or for the embedded model on the CPU (its projections are Q4_1) int4 with the file's codes."""
+def quantize_mode(args: argparse.Namespace, auto: bool = False) -> str | None:
+    """--quantize; by default "auto" where `auto` (the library then quantizes a GGUF file on the CPU and leaves
+    anything else float), else (fine-tuning) int4 with the file's codes for the embedded model on the CPU."""
     if args.quantize is not None:
         return None if args.quantize == "none" else args.quantize
+    if auto:
+        return "auto" if args.dtype is None or getattr(args, "kernel", None) not in (None, "auto") else None
     if args.model is None and args.dtype is None:
         from llama3.weights.hub import parse_device
 
@@ -191,7 +206,7 @@ def load(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     src = resolve_model_source(args.model)
-    quantize = quantize_mode(args)
+    quantize = quantize_mode(args, auto=True)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"llama3: model {src}")
     t0 = time.perf_counter()
@@ -208,6 +223,7 @@ def load(args: argparse.Namespace):
         chat_template=getattr(args, "chat_template", "auto"),
         adapter=getattr(args, "adapter", None),
         compile=getattr(args, "compile", False),
+        kernel=getattr(args, "kernel", None),
     )
     m = llm.model
     load_s = time.perf_counter() - t0
@@ -216,6 +232,8 @@ def load(args: argparse.Namespace):
         f"{m.tok_embeddings.weight.dtype}{weights_note(m)}, "
         f"{m.tok_embeddings.weight.device}, backend {m.ops.name})"
     )
+    if getattr(args, "verbose", False):
+        log(kernel_note(m))
     if getattr(args, "compile", False):
         log("llama3: --compile: the first decode step compiles the block (seconds; inductor caches it on disk)")
     return llm, log, load_s
@@ -225,7 +243,20 @@ def weights_note(model) -> str:
     """ ", int4 weights" when the projections are quantized (asked for, or as the checkpoint stores them)."""
     w2 = model.layers[0].feed_forward.w2
     kind = type(getattr(w2, "base", w2)).__name__  # under a LoRA adapter (--adapter), its frozen base
-    return {"Int8Linear": ", int8 weights", "Int4Linear": ", int4 weights"}.get(kind, "")
+    note = {"Int8Linear": ", int8 weights", "Int4Linear": ", int4 weights", "DynInt8Linear": ", int8 weights"}
+    choice = getattr(model, "kernel_choice", None)
+    return note.get(kind, "") + (f", kernel {choice.plan}" if choice else "")
+
+
+def kernel_note(model) -> str:
+    """-v: the CPU, its instruction sets, and which kernels run and why (the measured times per call)."""
+    from llama3.quant import isa
+
+    choice = getattr(model, "kernel_choice", None)
+    if choice is None:
+        what = "quantized as asked" if weights_note(model) else "float weights (no quantized kernel)"
+        return f"llama3: {what}; CPU {isa.describe()}"
+    return f"llama3: {choice.describe()}; CPU {isa.describe()}"
 
 
 def _budget(llm, n_prompt: int, max_new_tokens: int) -> int:

@@ -106,7 +106,7 @@ class Llama:
         device=None,
         dtype=None,
         backend: str = "auto",
-        quantize: str | None = None,
+        quantize: str | None = "auto",
         max_seq_len: int | None = None,
         max_batch_size: int | None = None,
         progress: bool = True,
@@ -116,6 +116,7 @@ class Llama:
         adapter: str | os.PathLike | None = None,
         keep_output: bool = False,
         compile: bool = False,
+        kernel: str | None = None,
     ) -> Llama:
         """Model and tokenizer from a local directory, a .gguf file or a Hugging Face repo id; with no
         `src`, the embedded default model (`llama3.default_model()`), offline. `chat_template`: "auto"
@@ -123,9 +124,18 @@ class Llama:
         template), "builtin" or "jinja". `adapter`: a LoRA adapter directory (`llama3 finetune`'s or PEFT's
         adapter_model.safetensors + adapter_config.json), applied to the model without merging. `compile`:
         decode on the CPU through a torch.compile'd block (`compiled_block`): about 2x the tokens/s of a
-        quantized model, after a compile of seconds on the first step (and whenever the cache grows)."""
+        quantized model, after a compile of seconds on the first step (and whenever the cache grows).
+        `quantize`: "auto" (the default) runs a GGUF file on the CPU through the quantized kernels measured
+        fastest on this machine among those within 1% of float32's perplexity, and loads anything else as
+        None does (float); None keeps float weights, "int8" / "int4" quantizes as asked. `kernel` forces a
+        CPU kernel ("int4", "int4-fbgemm", "int8", "fbgemm"; `llama3.quant.choice`); the model's
+        `kernel_choice` says which ran and why."""
         if chat_template not in CHAT_TEMPLATE_CHOICES:  # before anything loads
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {chat_template!r}")
+        if kernel not in (None, "auto"):
+            from llama3.quant.choice import forced
+
+            forced(kernel, quantize)  # refused before anything loads
         from llama3.parallel.tp import TensorParallel, local_device
         from llama3.weights.build import gguf_file
         from llama3.weights.hub import default_model, parse_device, resolve
@@ -140,7 +150,7 @@ class Llama:
             device = local_device(parse_device(device))
         path = resolve(default_model() if src is None else src)
         model = Transformer.from_pretrained(
-            path, device, dtype, backend, quantize, progress, group_size, keep_output, shard
+            path, device, dtype, backend, quantize, progress, group_size, keep_output, shard, kernel
         )
         if adapter is not None:
             from llama3.model.lora import load_adapter

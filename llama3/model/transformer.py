@@ -159,14 +159,18 @@ class Transformer(nn.Module):
         group_size: int = 32,
         keep_output: bool = False,
         shard: Any = None,
+        kernel: str | None = None,
     ) -> Transformer:
         """Loads a checkpoint: a local directory or file, or a Hugging Face repo id (`llama3.weights`).
 
         `quantize` "int8" or "int4" (with int4's `group_size`) stores the projections quantized, all but
         the output projection with `keep_output`. `shard`: this rank's part under tensor parallelism
-        (`llama3.parallel.tp.TensorParallel`)."""
+        (`llama3.parallel.tp.TensorParallel`). `quantize="auto"` and `kernel`: the quantized CPU kernels, chosen
+        per machine or forced (`llama3.weights.build.load_model`)."""
         ops = get_ops(backend, parse_device(device))  # an unknown or unusable backend is refused before loading
-        model = load_model(src, device, dtype, quantize, progress, group_size, keep_output, shard, model_cls=cls)
+        model = load_model(
+            src, device, dtype, quantize, progress, group_size, keep_output, shard, model_cls=cls, kernel=kernel
+        )
         model.set_ops(ops)
         return model
 

@@ -172,9 +172,23 @@ def layout_for(device: torch.device | str) -> str:
 
 
 def check_settings(
-    mode: str, group_size: int, device: torch.device, dtype: torch.dtype, layout: str | None = None
+    mode: str,
+    group_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    layout: str | None = None,
+    kernel: str = "torch",
 ) -> None:
-    """Everything about a quantized load that can be refused before a checkpoint is read."""
+    """Everything about a quantized load that can be refused before a checkpoint is read. `kernel`: what runs
+    the int8 layers on the CPU, "torch" (`_weight_int8pack_mm`) or "fbgemm" (`llama3.quant.dynamic`)."""
+    if kernel not in ("torch", "fbgemm"):
+        raise QuantizeError(f"unknown kernel {kernel!r}; choose torch or fbgemm")
+    if kernel == "fbgemm" and torch.device(device).type != "cpu":
+        raise QuantizeError(f"the fbgemm int8 kernel runs on the CPU, not {device}")
+    if kernel == "fbgemm" and mode == "int8":  # fbgemm takes float32 activations: every projection runs it
+        if dtype != torch.float32:
+            raise QuantizeError(f"the fbgemm int8 kernel takes float32 activations, got {dtype}")
+        return
     if mode not in MODES:
         raise QuantizeError(f"unknown quantize={mode!r}; choose None or one of {', '.join(MODES)}")
     if mode == "int4" and group_size not in GROUP_SIZES:

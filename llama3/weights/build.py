@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 from llama3.checks import CheckpointError, read_json_object
 from llama3.model.config import ModelArgs
 from llama3.model.functional import rope_inv_freq
+from llama3.quant.dynamic import make_linear
 from llama3.quant.weight_only import (
     DEFAULT_GROUP_SIZE,
     QuantizedWeight,
     QuantizeError,
     is_quantized_layer,
     mode_for,
-    quantized_linear,
 )
 from llama3.quant.weight_only import check_settings as check_quantize_settings
 from llama3.quant.weight_only import quantize as quantize_weight
@@ -49,6 +49,7 @@ def load_model(
     shard: Any = None,
     *,
     model_cls: Callable[[ModelArgs], nn.Module],
+    kernel: str | None = None,
 ) -> nn.Module:
     """Builds a `model_cls` (`llama3.Transformer`) from a checkpoint; `Transformer.from_pretrained` calls this.
 
@@ -59,10 +60,26 @@ def load_model(
     bfloat16 by default. `keep_output` leaves the output projection float (tied: the embedding itself).
     `shard` (a `llama3.parallel.tp.TensorParallel`): this rank's part of a tensor-parallel model, read slice
     by slice.
+
+    `quantize="auto"`: a GGUF file on the CPU, with no dtype asked for, loads into the quantized CPU kernels
+    measured fastest on this machine among those that keep its perplexity within 1% of float32's
+    (`llama3.quant.choice`); anything else loads as with None. `kernel` ("int4", "int4-fbgemm", "int8",
+    "fbgemm"; `llama3.quant.choice.KERNELS`) forces one of those plans, and with it the quantization. The plan
+    that ran is the model's `kernel_choice` (None for a float model).
     """
     device = parse_device(device)
+    choice = None
+    if kernel not in (None, "auto"):
+        from llama3.quant.choice import forced
+
+        choice = forced(kernel, quantize)  # an unknown name, or one at odds with quantize, is refused here
+        quantize = choice.quantize
+    auto, quantize = quantize == "auto", None if quantize == "auto" else quantize
+    int8_kernel = choice.kernel if choice else "torch"
     if quantize is not None:  # refused before anything is downloaded or read
-        check_quantize_settings(quantize, group_size, device, _parse_dtype(dtype))
+        check_quantize_settings(
+            quantize, group_size, device, _default_dtype(dtype, quantize, int8_kernel), None, int8_kernel
+        )
     path = resolve(src)
     stored = stored_quantization(path)
     if stored is not None:  # a checkpoint written by save_quantized: its scheme, read as it is
@@ -71,12 +88,17 @@ def load_model(
         quantize, group_size = stored["mode"], stored.get("group_size") or DEFAULT_GROUP_SIZE
         keep_output = stored.get("keep_output") is True
         check_quantize_settings(quantize, group_size, device, _parse_dtype(dtype))
+    if auto and stored is None and dtype is None and device.type == "cpu" and shard is None and gguf_file(path):
+        from llama3.quant.choice import choose
+
+        choice = choose()
+        quantize, int8_kernel = choice.quantize, choice.kernel
     if dtype is None and gguf_file(path) is not None and quantize is None:
         dtype = torch.float32
-    dtype = _parse_dtype(dtype)
+    dtype = _default_dtype(dtype, quantize, int8_kernel)
     int4_native = quantize == "int4" and group_size == 32
     args, tensors, count = open_checkpoint(path, progress, int4_native, mapped=shard is not None)
-    return build_model(
+    model = build_model(
         args,
         tensors,
         count,
@@ -89,7 +111,17 @@ def load_model(
         keep_output,
         shard,
         model_cls=model_cls,
+        kernel=int8_kernel,
     )
+    model.kernel_choice = choice
+    return model
+
+
+def _default_dtype(dtype: torch.dtype | str | None, quantize: str | None, kernel: str) -> torch.dtype:
+    """The activations' dtype: as asked, else float32 where fbgemm runs every projection, else bfloat16."""
+    if dtype is None and quantize == "int8" and kernel == "fbgemm":
+        return torch.float32
+    return _parse_dtype(dtype)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -274,6 +306,7 @@ def build_model(
     shard: Any = None,
     *,
     model_cls: Callable[[ModelArgs], nn.Module],
+    kernel: str = "torch",
 ) -> nn.Module:
     """Materialises a meta-device `model_cls` (`llama3.Transformer`) from HF-named tensors, checking names and shapes.
 
@@ -281,7 +314,10 @@ def build_model(
     over weights already quantized, `QuantizedWeight`), so no float copy of the model is ever held.
     With `shard` (tensor parallelism, `llama3.parallel.tp`), the world size is checked before any tensor is read,
     and each tensor is cut to this rank's rows or columns before it is copied or quantized.
+    `kernel`: what runs the int8 layers on the CPU ("torch" or "fbgemm", `llama3.quant.dynamic.make_linear`).
     """
+    if shard is not None and kernel != "torch":
+        raise QuantizeError("tensor parallelism runs PyTorch's quantized kernels; the fbgemm kernel is not supported")
     if shard is not None:
         shard.check(args, quantize, group_size)
     expected = args.hf_shapes()
@@ -322,14 +358,14 @@ def build_model(
         output_mode = quantize and args.tie_embeddings and mode_for("output", quantize, keep_output)
         if output_mode and ours == "tok_embeddings.weight":  # the output projection's own copy
             q = _quantize(t, output_mode, group_size, f"{source}: {name}")
-            quantized["output"] = quantized_linear(q, dtype, device)
+            quantized["output"] = make_linear(q, dtype, device, kernel=kernel)
         if len(parts[ours]) == n_slots:  # fuse as soon as complete, so no second copy piles up
             done = parts.pop(ours)
             p = [done.pop(i) for i in range(n_slots)]
             if isinstance(p[0], QuantizedWeight):  # packed for its kernel at once: unpacked codes take 2x int4
                 q = QuantizedWeight.cat(p) if n_slots > 1 else p[0]
                 del p  # the parts' codes go before the packing allocates
-                quantized[ours.removesuffix(".weight")] = quantized_linear(q, dtype, device)
+                quantized[ours.removesuffix(".weight")] = make_linear(q, dtype, device, kernel=kernel)
             else:
                 state[ours] = torch.cat(p) if n_slots > 1 else p[0]
             del done

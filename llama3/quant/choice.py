@@ -1,0 +1,160 @@
+"""Which quantized CPU kernels a model loaded with `quantize="auto"` runs: measured once per machine.
+
+The candidates are those that keep the embedded SmolLM2's perplexity on Hamlet within 1% of float32's
+(docs/quantization.md, "Choosing the kernel"):
+- "int4": the projections as 4-bit codes (a GGUF file's own Q4 codes) through `_weight_int4pack_mm_for_cpu`,
+  the output projection int8 through `_weight_int8pack_mm`, bfloat16 activations (+0.04%);
+- "int4-fbgemm": the same with the output projection on fbgemm's dynamic int8 kernel, only where the CPU has
+  AVX512-VNNI (8-bit activations: +0.4%; 7-bit ones, AVX2, cost 1.7%);
+- "int8": every projection int8 through `_weight_int8pack_mm` (+0.95%: the file's 4-bit weights re-rounded).
+fbgemm on every projection (`quantize="int8", kernel="fbgemm"`), the fastest, costs 2.8% with 8-bit activations
+and 7.7% with 7-bit ones, so it is a choice a user makes, never the default.
+
+Why a micro-benchmark and not a table: the kernels' speeds depend on the instruction set (AVX2 against AVX-512
+moved int4 from 47 to 180 us a call), on PyTorch's release and on the machine, and no table covers every CPU.
+A few calls of each on one decode-sized shape take well under a second; the answer is cached per machine
+(CPU model, instruction sets, ATen's dispatch, torch version) in ~/.cache/llama3/kernels.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llama3.quant import isa
+from llama3.quant.weight_only import QuantizeError
+
+PLANS = ("int4", "int4-fbgemm", "int8")  # what "auto" chooses among
+KERNELS = (*PLANS, "fbgemm")  # what `kernel=` / `--kernel` can force: "fbgemm" is every projection on fbgemm
+
+# int4 keeps a GGUF file's own codes (perplexity +0.04% against +0.95% for int8): int8 must be clearly faster to win
+INT8_MARGIN = 1.25
+
+# decode-sized shapes (1 row): a projection and a stand-in for the output projection
+BODY_SHAPE, OUTPUT_SHAPE = (1536, 576), (8192, 576)
+
+
+@dataclass
+class KernelChoice:
+    """A plan, the quantization and kernel it loads with, and why it was chosen (for `llama3 generate -v`)."""
+
+    plan: str
+    quantize: str  # the weights' scheme: "int4" or "int8"
+    kernel: str  # what runs the int8 layers: "torch" or "fbgemm"
+    reason: str
+    times_us: dict[str, float]
+
+    def describe(self) -> str:
+        times = ", ".join(f"{k} {v:.0f} us" for k, v in self.times_us.items())
+        return f"kernel {self.plan}: {self.reason}" + (f" (per call, 1 row: {times})" if times else "")
+
+
+def plan_settings(plan: str) -> tuple[str, str]:
+    """(quantize, the kernel of its int8 layers) for a plan name (`KERNELS`)."""
+    settings = {"int4": ("int4", "torch"), "int4-fbgemm": ("int4", "fbgemm"), "int8": ("int8", "torch"),
+                "fbgemm": ("int8", "fbgemm")}  # fmt: skip
+    if plan not in settings:
+        raise QuantizeError(f"unknown kernel {plan!r}; choose one of auto, {', '.join(KERNELS)}")
+    return settings[plan]
+
+
+def forced(plan: str, quantize: str | None = None) -> KernelChoice:
+    """The choice a user forced (`kernel=`, `--kernel`), checked against the `quantize` also asked for."""
+    mode, kernel = plan_settings(plan)
+    if quantize not in (None, "auto", mode):
+        raise QuantizeError(f"kernel={plan!r} runs {mode} weights; it cannot load them as {quantize}")
+    return KernelChoice(plan, mode, kernel, "asked for", {})
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llama3" / "kernels.json"
+
+
+def machine_key() -> str:
+    flags = ",".join(name for name, ok in isa.isa().items() if ok)
+    return f"{isa.cpu_model()}|{flags}|{isa.aten_capability()}|torch {torch.__version__}"
+
+
+def choose(use_cache: bool = True) -> KernelChoice:
+    """The plan for this machine: from the cache, or measured (and cached)."""
+    key, path = machine_key(), cache_path()
+    if use_cache:
+        try:
+            entry = json.loads(path.read_text()).get(key)
+            if entry:
+                return KernelChoice(**entry)
+        except (OSError, ValueError, TypeError):
+            pass  # no cache yet, or an unreadable one: measure
+    choice = measure()
+    if use_cache:
+        try:
+            cache = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            cache = {}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**cache, key: asdict(choice)}, indent=1) + "\n")
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return choice
+
+
+def _time_us(fn, calls: int = 30) -> float:
+    """The fastest of a few calls: a busy machine only ever slows a call down (a thread of a parallel region
+    that loses its core holds the call up by a whole time slice, milliseconds)."""
+    fn()
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e6
+
+
+def measure() -> KernelChoice:
+    """Times the candidates on random weights of decode shapes (1 row) and picks the plan."""
+    threads = torch.get_num_threads()
+    # one thread: the kernels' own speed. With two, a call on a busy machine waits for whichever thread lost
+    # its core (measured here: 8 ms a call at load average 2, whatever the kernel), which says nothing of them
+    torch.set_num_threads(1)
+    try:
+        times = _measure()
+    finally:
+        torch.set_num_threads(threads)
+    cpu = f"{isa.aten_capability()} dispatch"
+    if times["int8 projection"] * INT8_MARGIN < times["int4 projection"]:
+        plan, reason = "int8", f"int8 projections {INT8_MARGIN}x faster than int4 or more on {cpu}"
+    else:
+        plan, reason = "int4", f"int4 projections (the file's own codes) within {INT8_MARGIN}x of int8 on {cpu}"
+        if "fbgemm output" in times and times["fbgemm output"] < times["int8 output"]:
+            plan, reason = "int4-fbgemm", reason + "; AVX512-VNNI: fbgemm's 8-bit output projection is faster"
+    quantize_mode, kernel = plan_settings(plan)
+    return KernelChoice(plan, quantize_mode, kernel, reason, {k: round(v, 1) for k, v in times.items()})
+
+
+def _measure() -> dict[str, float]:
+    from llama3.quant.dynamic import DynInt8Linear
+    from llama3.quant.weight_only import Int4Linear, Int8Linear, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    body, out = (torch.randn(shape, generator=gen) for shape in (BODY_SHAPE, OUTPUT_SHAPE))
+    x_body, x_out = torch.randn(1, body.shape[1], generator=gen), torch.randn(1, out.shape[1], generator=gen)
+    q8_out = quantize(out, "int8")
+    int4 = Int4Linear(quantize(body, "int4"), torch.bfloat16)
+    int8_body, int8_out = Int8Linear(quantize(body, "int8"), torch.bfloat16), Int8Linear(q8_out, torch.bfloat16)
+    x_body16, x_out16 = x_body.bfloat16(), x_out.bfloat16()
+    times = {}
+    with torch.inference_mode():
+        times["int4 projection"] = _time_us(lambda: int4(x_body16))
+        times["int8 projection"] = _time_us(lambda: int8_body(x_body16))
+        times["int8 output"] = _time_us(lambda: int8_out(x_out16))
+        if isa.isa()["avx512_vnni"] and "fbgemm" in torch.backends.quantized.supported_engines:
+            fbgemm = DynInt8Linear(q8_out)
+            times["fbgemm output"] = _time_us(lambda: fbgemm(x_out))
+    return times
