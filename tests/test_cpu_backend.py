@@ -85,10 +85,27 @@ def aten_ops_per_layer(model: Transformer) -> float:
     return len(ops) / model.args.n_layers
 
 
+@pytest.mark.parametrize("quantize", [None, "int4"])
 @torch.inference_mode()
-def test_decode_step_is_at_most_40_aten_ops_per_layer(tiny_hf):
+def test_lean_bfloat16_decode_step_equals_the_reference(tiny_hf, quantize):
+    """16-bit activations (the CPU's int4 default): RoPE and the cache in fp32, rounded where the reference rounds;
+    the int4 kernel called without the module's reshapes."""
     d, _ = tiny_hf("llama3-gqa")
-    model = Transformer.from_pretrained(d, dtype=torch.float32, backend="cpu")
+    model = Transformer.from_pretrained(d, dtype=torch.bfloat16, backend="torch", quantize=quantize)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
+    expected = decode(model, tokens, [4, 8], 5)
+    model.set_ops(CpuOps)
+    got = decode(model, tokens, [4, 8], 5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_decode_step_is_at_most_40_aten_ops_per_layer(tiny_hf, dtype):
+    d, _ = tiny_hf("llama3-gqa")
+    model = Transformer.from_pretrained(
+        d, dtype=dtype, backend="cpu", quantize="int4" if dtype == torch.bfloat16 else None
+    )
     lean = aten_ops_per_layer(model)
     model.set_ops(TorchOps)
     reference = aten_ops_per_layer(model)

@@ -168,42 +168,65 @@ class _DecodeStep:
 
 
 class CpuOps(TorchOps):
-    """The PyTorch backend with a lean float32 decode step: `run_block` computes one new token per row
-    (T = 1, with a cache) in about 25 aten ops per layer instead of the reference's ~50 (counted by
-    tests/test_backends.py), with the same products in the same order, so its logits equal the
-    reference's to the bit. Everything else (prefill, a cache-free forward, 16-bit activations, a block
-    with hooks) is the reference. The default on the CPU."""
+    """The PyTorch backend with a lean decode step: `run_block` computes one new token per row (T = 1, with a
+    cache) in about 25 aten ops per layer in float32 and 31 with bfloat16 activations, against the reference's
+    ~50 (profiled by tests/test_cpu_backend.py), with the same products in the same order and the reference's
+    roundings, so its logits equal the reference's. Everything else (prefill, a cache-free forward, a block with
+    hooks) is the reference. The default on the CPU."""
 
     name = "cpu"
 
     @staticmethod
     def run_block(layer: nn.Module, x: Tensor, cos, sin, mask, input_pos, ops) -> Tensor:
         B, T, dim = x.shape
-        if T != 1 or mask is None or x.dtype != torch.float32 or _hooked(layer):
+        if T != 1 or mask is None or x.dtype not in (torch.float32, torch.bfloat16) or _hooked(layer):
             return layer(x, cos, sin, mask, input_pos, ops)
         step = _DecodeStep.of(cos, mask, input_pos)
-        attn, norm = layer.attention, layer.attention_norm
+        x = x.view(B, dim)  # rows: the int4 kernel takes 2-d activations
+        attn, cache = layer.attention, layer.attention.cache
         H, KVH, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        # F.rms_norm with the weight: weight * (x * rsqrt(mean(x^2) + eps)), RMSNorm.forward's products
-        h = F.rms_norm(x, (dim,), norm.weight, norm.eps)
-        qk, v = ops.linear(h, attn.wqkv).view(B, 1, H + 2 * KVH, D).split([H + KVH, KVH], dim=2)
+        qkv = ops.linear(_rms_norm(x, layer.attention_norm), attn.wqkv).view(B, 1, H + 2 * KVH, D)
+        if qkv.dtype != cache.k.dtype:  # 16-bit activations: RoPE in fp32 (apply_rope), the cache in fp32
+            qkv = qkv.to(cache.k.dtype)
+        qk, v = qkv.split([H + KVH, KVH], dim=2)
         # apply_rope on q and k together, cos and sin (B, 1, 1, D) broadcast over their heads; (a * b).add_(c * d)
         # rounds as a * b + c * d does (addcmul fuses the last multiply-add: 1 ulp away)
         qk = (qk * cos).add_(qk.roll(D // 2, dims=-1).mul_(sin))
+        if x.dtype != qk.dtype:  # apply_rope returns x's dtype: the reference's rounding, then the cache's dtype
+            qk = qk.to(x.dtype).to(qk.dtype)
         q, k = qk.split([H, KVH], dim=2)
         # KVCache.update: cache[rows, :, pos] = k (B, 1, KVH, D), without the per-layer index tensor, and
         # through aten's index_put_, which takes the open dimension as None (Python's [] adds a view)
-        cache, kv_len = attn.cache, mask.shape[-1]
         index = (step.rows, None, step.pos)
         torch.ops.aten.index_put_(cache.k, index, k)
         torch.ops.aten.index_put_(cache.v, index, v)
+        kv_len = mask.shape[-1]
         keys, values = cache.k[:B, :, :kv_len], cache.v[:B, :, :kv_len]
         # TorchOps.attention's decode form: the H/KVH query heads of a key/value head as its queries
         out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), keys, values, attn_mask=step.mask)
-        x = x + ops.linear(out.view(B, 1, H * D), attn.wo)
-        h = F.rms_norm(x, (dim,), layer.ffn_norm.weight, layer.ffn_norm.eps)
+        x = x + ops.linear(out.view(B, H * D).to(x.dtype), attn.wo)
         ffn = layer.feed_forward
-        return x + ops.linear(ops.swiglu(ops.linear(h, ffn.w13)), ffn.w2)
+        return (x + ops.linear(ops.swiglu(ops.linear(_rms_norm(x, layer.ffn_norm), ffn.w13)), ffn.w2)).view(B, 1, dim)
+
+    @staticmethod
+    def linear(x: Tensor, layer: nn.Module) -> Tensor:
+        """TorchOps.linear, taking the lean step's rows (B, dim) as TorchOps takes (B, 1, dim): a few rows of
+        float32 as weight @ x.T, the same product. An int4 layer packed for the CPU whose rows need no padding
+        runs its kernel here, without the module's reshapes and slice (Int4Linear.forward, the same call)."""
+        if x.dim() == 2:
+            if type(layer) is Int4Linear and layer.layout == "cpu" and layer.out_features % 16 == 0:
+                return torch._weight_int4pack_mm_for_cpu(x, layer.packed, layer.group_size, layer.scales_and_zeros)
+            if type(layer) is nn.Linear and layer.weight.dtype == torch.float32 and 1 < x.shape[0] <= 64:
+                return torch.mm(layer.weight, x.t()).t()
+        return TorchOps.linear(x, layer)
+
+
+def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """RMSNorm.forward: in float32 with the weight inside F.rms_norm (the same products, one op); in 16 bits
+    as RMSNorm rounds, normalized then scaled."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.eps)
 
 
 class TritonOps(TorchOps):
