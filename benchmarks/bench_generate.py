@@ -5,6 +5,9 @@
                                                               # 2048-token prefill, peak memory
     python benchmarks/bench_generate.py --model path.gguf     # a real checkpoint (e.g. the embedded SmolLM2)
     python benchmarks/bench_generate.py --dtypes int4 --compile   # + the compiled CPU decode step beside eager
+    python benchmarks/bench_generate.py --llama-cpp           # CPU: the embedded SmolLM2 loaded the library's and
+                                                              # the CLI's default ways against llama.cpp, decode and
+                                                              # time to first token (benchmarks/cpu_defaults.py)
     python benchmarks/bench_generate.py --model path.gguf --dtypes float32,int4 --compile --llama-cpp
                                                               # + llama.cpp on the same file (see below)
     python benchmarks/bench_generate.py --device cuda --gpt-fast third_party/gpt-fast   # + gpt-fast, batch 1
@@ -70,6 +73,14 @@ def machine() -> str:
         return torch.cuda.get_device_name()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def cpu_flags() -> set[str]:
+    return next((set(ln.split(":", 1)[1].split()) for ln in open("/proc/cpuinfo") if ln.startswith("flags")), set())
+
+
+def amx() -> bool:
+    return "amx_int8" in cpu_flags()
 
 
 def sync(device: torch.device) -> None:
@@ -300,17 +311,35 @@ class LlamaCpp:
     """llama.cpp on the same GGUF file through llama-cpp-python: greedy, exactly `new_tokens` (its `generate` is
     an endless token generator with no EOS check of its own), measured as `Ours` is, inside one call."""
 
-    def __init__(self, gguf: str, prompt_len: int, new_tokens: int, n_threads: int):
-        from llama_cpp import Llama as LlamaCppModel  # noqa: PLC0415  (optional: checked in main)
+    def __init__(self, gguf: str, prompt_len: int, new_tokens: int, n_threads: int, n_ctx: int | None = None):
+        import llama_cpp  # noqa: PLC0415  (optional: checked in main)
+        from llama_cpp import llama_cpp as bindings  # noqa: PLC0415  (the ctypes functions `Llama` calls)
 
-        self.llm = LlamaCppModel(
-            gguf,
-            n_ctx=prompt_len + new_tokens,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            seed=0,
-            verbose=False,
-        )
+        self.extra_buffers = not amx()
+        if not self.extra_buffers:
+            # ggml's AMX weight buffers (an "extra buffer type") run tile instructions before configuring the
+            # tiles here and die with an invalid opcode (llama-cpp-python 0.3.36 on a Xeon with AMX, in a VM);
+            # without extra buffers it runs its AVX-512 kernels. llama-cpp-python offers no argument for it.
+            defaults = bindings.llama_model_default_params
+
+            def no_extra_buffers():
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            bindings.llama_model_default_params = no_extra_buffers
+        try:
+            self.llm = llama_cpp.Llama(
+                gguf,
+                n_ctx=n_ctx or prompt_len + new_tokens,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                seed=0,
+                verbose=False,
+            )
+        finally:
+            if not self.extra_buffers:
+                bindings.llama_model_default_params = defaults
         self.prompt, self.new_tokens = prompts_for(1, prompt_len)[0], new_tokens
         if max(self.prompt) >= self.llm.n_vocab():
             raise SystemExit(f"prompt ids up to {max(self.prompt)} are outside {gguf}'s {self.llm.n_vocab()} tokens")
@@ -456,10 +485,16 @@ def main() -> None:
     p.add_argument(
         "--llama-cpp",
         action="store_true",
-        help="CPU, with --model X.gguf: also time llama.cpp (llama-cpp-python) on the same file, batch 1",
+        help="CPU, with --model X.gguf: also time llama.cpp (llama-cpp-python) on the same file, batch 1; "
+        "without --model: the embedded SmolLM2 loaded the default ways against llama.cpp (cpu_defaults.py)",
     )
     p.add_argument("--out", default=None, help="results file stem (default: benchmarks/results/generate-<device>)")
     a = p.parse_args()
+    if a.llama_cpp and not a.model and a.device == "cpu":  # the defaults against llama.cpp: cpu_defaults.py
+        import cpu_defaults  # noqa: PLC0415
+
+        cpu_defaults.main(a.new_tokens or 64, a.repeats, a.out)
+        return
 
     device = torch.device(a.device)
     cuda = device.type == "cuda"

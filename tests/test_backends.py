@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import fill_cache_with_garbage
 
 from llama3 import Llama, Transformer
-from llama3.model.backends import TorchOps, TritonOps, get_ops
+from llama3.model.backends import CpuOps, TorchOps, TritonOps, get_ops
 from llama3.model.config import ModelArgs
 from llama3.model.functional import apply_rope, attention, rope_tables
 from llama3.model.transformer import KVCache, RMSNorm, TransformerBlock
@@ -83,7 +83,7 @@ def test_graph_form_decode_step_matches_torch_backend(tiny_hf):
 
 
 def test_backend_choice():
-    assert get_ops("auto", "cpu") is TorchOps
+    assert get_ops("auto", "cpu") is CpuOps  # the lean decode step: tests/test_cpu_backend.py
     assert get_ops("torch", "cpu") is TorchOps
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         get_ops("cuda", "cpu")

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama3.checks import CheckpointError, ConfigError
-from llama3.model.backends import TorchOps
+from llama3.model.backends import CpuOps
 from llama3.model.config import ModelArgs
 from llama3.model.transformer import Transformer
 
@@ -80,7 +80,7 @@ def test_defaults_are_cpu_and_bfloat16_without_a_gpu(tiny_hf, monkeypatch):
     assert {p.device.type for p in weights} == {"cpu"}
     assert {p.dtype for p in weights} == {torch.bfloat16}
     assert model.inv_freq.dtype == torch.float32
-    assert model.ops is TorchOps
+    assert model.ops is CpuOps
     assert not model.training
 
 

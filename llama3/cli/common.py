@@ -42,7 +42,7 @@ def _add_load_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_H
     )
     p.add_argument(
         "--backend",
-        choices=["auto", "torch", "triton"],
+        choices=["auto", "torch", "cpu", "triton"],
         default="auto",
         help="kernel implementation (default: %(default)s)",
     )

@@ -1,0 +1,130 @@
+"""The CPU backend's lean decode step (`CpuOps.run_block`) computes what the reference block computes
+(`TransformerBlock.forward` under `TorchOps`), in at most 40 aten ops per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import profile, record_function
+
+from llama3 import Llama, Transformer
+from llama3.model.backends import CpuOps, TorchOps, get_ops
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class TokenIds:
+    n_words, stop_tokens = 512, []
+
+
+def decode(model: Transformer, tokens: torch.Tensor, prompt_lens: list[int], steps: int) -> torch.Tensor:
+    """Prefill each row's prompt (right-padded), then `steps` one-token steps at each row's own slot, feeding
+    tokens[:, len + i]: the logits (B, steps, vocab) of the decode steps."""
+    B = tokens.shape[0]
+    L = max(prompt_lens)
+    model.setup_cache(B, 64)
+    pos = torch.tensor(prompt_lens)[:, None]
+    model(tokens[:, :L], torch.arange(L), kv_len=L)
+    out = []
+    for i in range(steps):
+        out.append(model(tokens.gather(1, pos), pos, kv_len=L + i + 1))
+        pos = pos + 1
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("variant", "prompt_lens"), [("llama3-gqa", [5]), ("llama3-gqa", [3, 9, 6]), ("llama3.1-scaled", [7, 2])]
+)
+@torch.inference_mode()
+def test_lean_decode_step_equals_the_reference(tiny_hf, variant, prompt_lens):
+    """Batch 1 and ragged batches (rows at different slots in one step), GQA, rope scaling; the cache slots past
+    each row's position hold another row's (or a longer prompt's) values, which the mask must hide."""
+    d, _ = tiny_hf(variant)
+    model = Transformer.from_pretrained(d, dtype=torch.float32, backend="torch")
+    tokens = torch.randint(0, 512, (len(prompt_lens), 20), generator=torch.Generator().manual_seed(0))
+    expected = decode(model, tokens, prompt_lens, 6)
+    model.set_ops(CpuOps)
+    got = decode(model, tokens, prompt_lens, 6)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_greedy_tokens_equal_the_reference(tiny_hf):
+    d, _ = tiny_hf("mqa")
+    load = lambda backend: Transformer.from_pretrained(d, dtype=torch.float32, backend=backend)  # noqa: E731
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    reference = Llama(load("torch"), TokenIds(), cuda_graphs=False).generate(prompts, 10, temperature=0)
+    lean = Llama(load("cpu"), TokenIds(), cuda_graphs=False)
+    assert lean.model.ops is CpuOps
+    assert lean.generate(prompts, 10, temperature=0) == reference
+
+
+def aten_ops_per_layer(model: Transformer) -> float:
+    """Top-level aten ops (those no other aten op called) inside the blocks of one batch-1 decode step,
+    per layer, as torch.profiler records them."""
+    model.setup_cache(1, 64)
+    model(torch.arange(8)[None], torch.arange(8), kv_len=8)
+
+    def block(layer, *args):
+        with record_function("block"):
+            return model.ops.run_block(layer, *args)
+
+    with profile() as prof:
+        model(torch.tensor([[3]]), torch.tensor([[8]]), kv_len=9, run_block=block)
+
+    def in_block(e) -> bool:
+        while e.cpu_parent is not None:
+            e = e.cpu_parent
+            if e.name.startswith("aten::"):
+                return False
+            if e.name == "block":
+                return True
+        return False
+
+    ops = [e for e in prof.events() if e.name.startswith("aten::") and in_block(e)]
+    return len(ops) / model.args.n_layers
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+@torch.inference_mode()
+def test_lean_bfloat16_decode_step_equals_the_reference(tiny_hf, quantize):
+    """16-bit activations (the CPU's int4 default): RoPE and the cache in fp32, rounded where the reference rounds;
+    the int4 kernel called without the module's reshapes."""
+    d, _ = tiny_hf("llama3-gqa")
+    model = Transformer.from_pretrained(d, dtype=torch.bfloat16, backend="torch", quantize=quantize)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
+    expected = decode(model, tokens, [4, 8], 5)
+    model.set_ops(CpuOps)
+    got = decode(model, tokens, [4, 8], 5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_decode_step_is_at_most_40_aten_ops_per_layer(tiny_hf, dtype):
+    d, _ = tiny_hf("llama3-gqa")
+    model = Transformer.from_pretrained(
+        d, dtype=dtype, backend="cpu", quantize="int4" if dtype == torch.bfloat16 else None
+    )
+    lean = aten_ops_per_layer(model)
+    model.set_ops(TorchOps)
+    reference = aten_ops_per_layer(model)
+    assert lean <= 40 < reference, (lean, reference)  # the reference's count: the profile sees the ops
+
+
+@torch.inference_mode()
+def test_a_hooked_block_runs_the_reference(tiny_hf):
+    """Tensor parallelism's all-reduces are forward hooks on Attention and FeedForward: the lean step, which
+    calls neither module, hands such a block to the reference so that the hooks run."""
+    d, _ = tiny_hf("llama3-gqa")
+    model = Transformer.from_pretrained(d, dtype=torch.float32, backend="cpu")
+    calls = []
+    model.layers[1].feed_forward.register_forward_hook(lambda *_: calls.append(1))
+    decode(model, torch.arange(12)[None], [6], 2)
+    assert len(calls) == 3  # the prefill and both decode steps
+
+
+def test_the_cpu_backend_is_the_default_on_the_cpu():
+    assert get_ops("auto", "cpu") is CpuOps
+    with pytest.raises(RuntimeError, match="backend='cpu' runs on the CPU, not cuda"):
+        get_ops("cpu", "cuda")
