@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,22 @@ class ParamError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing files, missing/unexpected tensors, wrong shapes."""
+
+
+def token_ids(ids: Sequence, vocab: int, what: str) -> list[int]:
+    """`ids` as a list of ints (numpy and 0-d tensor integers too), each checked to be in the vocabulary."""
+
+    def as_int(t) -> int | None:
+        try:
+            return None if isinstance(t, bool) else operator.index(t)
+        except TypeError:
+            return None
+
+    out = [as_int(t) for t in ids]
+    not_ints = [t for t, i in zip(ids, out, strict=True) if i is None]
+    if not_ints:
+        raise ValueError(f"{what} has token ids that are not integers: {not_ints[:5]}")
+    outside = [t for t in out if not 0 <= t < vocab]
+    if outside:
+        raise ValueError(f"{what} has token ids outside [0, {vocab}): {outside[:5]}")
+    return out

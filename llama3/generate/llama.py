@@ -9,7 +9,6 @@ captured once in a CUDA graph and replayed per token.
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llama3.checks import ParamError
+from llama3.checks import ParamError, token_ids
 from llama3.generate.params import SamplingParams, check_max_new_tokens, check_seed
 from llama3.generate.prefix_cache import PrefixCache
 from llama3.generate.sampling import sample, seen_mask
@@ -32,25 +31,6 @@ Message = dict[str, str]
 
 
 Dialog = list[Message]
-
-
-def _token_ids(ids: Sequence, vocab: int, what: str) -> list[int]:
-    """`ids` as a list of ints (numpy and 0-d tensor integers too), each checked to be in the vocabulary."""
-
-    def as_int(t) -> int | None:
-        try:
-            return None if isinstance(t, bool) else operator.index(t)
-        except TypeError:
-            return None
-
-    out = [as_int(t) for t in ids]
-    not_ints = [t for t, i in zip(ids, out, strict=True) if i is None]
-    if not_ints:
-        raise ValueError(f"{what} has token ids that are not integers: {not_ints[:5]}")
-    outside = [t for t in out if not 0 <= t < vocab]
-    if outside:
-        raise ValueError(f"{what} has token ids outside [0, {vocab}): {outside[:5]}")
-    return out
 
 
 class Llama:
@@ -379,7 +359,7 @@ class Llama:
                 raise TypeError(f"prompt {row} must be a list of token ids, got {type(p).__name__}")
             if len(p) == 0:
                 raise ValueError(f"prompt {row} is empty; a prompt needs at least one token (e.g. BOS)")
-            prompts.append(_token_ids(p, vocab, f"prompt {row}"))
+            prompts.append(token_ids(p, vocab, f"prompt {row}"))
         need = max(len(p) for p in prompts) + max_new_tokens
         limit = self.context_length
         if need > limit:
@@ -396,7 +376,7 @@ class Llama:
             return list(self.tokenizer.stop_tokens)
         if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Sequence):
             raise TypeError(f"stop_tokens must be a list of token ids (or None), got {type(stop_tokens).__name__}")
-        return _token_ids(stop_tokens, self.model.args.vocab_size, "stop_tokens")
+        return token_ids(stop_tokens, self.model.args.vocab_size, "stop_tokens")
 
     def _ensure_cache(self, batch_size: int, seq_len: int) -> None:
         m = self.model

@@ -36,6 +36,7 @@ from starlette.routing import Route
 from llama3.generate.llama import Llama
 from llama3.generate.params import KNOBS, SamplingParams
 from llama3.serve.engine import Engine, GenerationRequest, Output, QueueFull
+from llama3.serve.metrics import Metrics
 from llama3.serve.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -83,7 +84,7 @@ class _Gate:
     """ASGI middleware in front of every route: the API key (constant-time compare; /health is open), the
     declared body size, and the request counter of /metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: _Metrics | None):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics | None):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
         self.api_key = api_key.encode() if api_key else None
 
@@ -117,44 +118,6 @@ class _Gate:
             self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
 
 
-class _Metrics:
-    """Prometheus metrics in their own registry (several apps can live in one process: the tests)."""
-
-    def __init__(self, engine: Engine):
-        import prometheus_client as pc
-
-        self.pc = pc
-        self.registry = r = pc.CollectorRegistry()
-        self.requests = pc.Counter("llama3_requests", "HTTP requests to /v1/", ["path", "status"], registry=r)
-        self.prompt_tokens = pc.Counter("llama3_prompt_tokens", "prompt tokens of finished choices", registry=r)
-        self.generation_tokens = pc.Counter("llama3_generation_tokens", "tokens generated", registry=r)
-        self.ttft = pc.Histogram(
-            "llama3_time_to_first_token_seconds",
-            "from arrival to the first token, per choice",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
-        pc.Gauge("llama3_queue_length", "requests waiting for a row", registry=r).set_function(lambda: engine.waiting)
-        pc.Gauge("llama3_batch_rows_used", "rows of the batch in use", registry=r).set_function(lambda: engine.running)
-        pc.Gauge("llama3_batch_rows", "rows of the batch", registry=r).set(engine.max_batch_size)
-        pc.Gauge("llama3_decode_steps", "decode steps run", registry=r).set_function(lambda: engine.steps)
-        pc.Gauge("llama3_prefill_tokens_computed", "prompt tokens run through the model", registry=r).set_function(
-            lambda: engine.prompt_tokens_computed
-        )
-        cache = engine.prefix_cache
-        if cache is not None:  # see llama3.generate.prefix_cache
-            for name, what, value in (
-                ("hit_tokens", "prompt tokens copied from the prefix cache", lambda: cache.hit_tokens),
-                ("tokens", "tokens the prefix cache holds", lambda: cache.tokens),
-                ("max_tokens", "tokens the prefix cache may hold", lambda: cache.max_tokens),
-                ("evicted_blocks", "blocks evicted from the prefix cache (LRU)", lambda: cache.evicted_blocks),
-            ):
-                pc.Gauge(f"llama3_prefix_cache_{name}", what, registry=r).set_function(value)
-
-    def render(self) -> Response:
-        return Response(self.pc.generate_latest(self.registry), media_type=self.pc.CONTENT_TYPE_LATEST)
-
-
 @dataclass
 class _Choice:
     """What one choice has produced so far."""
@@ -174,7 +137,7 @@ class _Server:
     """The endpoints of one app over one model and its engine."""
 
     def __init__(
-        self, llm: Llama, engine: Engine, model_name: str, max_body_bytes: int, metrics: _Metrics | None, guard
+        self, llm: Llama, engine: Engine, model_name: str, max_body_bytes: int, metrics: Metrics | None, guard
     ):
         self.llm, self.engine, self.model_name = llm, engine, model_name
         self.max_body_bytes, self.metrics = max_body_bytes, metrics
@@ -627,7 +590,7 @@ def create_app(
         max_seq_len = llm.max_seq_len or min(llm.model.args.max_seq_len, 2048)
     engine = Engine(llm, max_batch_size, max_queue, max_seq_len, prefill_chunk, static_decode, prefix_cache_tokens)
     try:
-        metrics = _Metrics(engine)
+        metrics = Metrics(engine)
     except ImportError:
         metrics = None
     name = model_name or "llama3"
