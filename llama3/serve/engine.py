@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from llama3.generate.grammar import Constraint
 from llama3.generate.graphs import CapturedStep
 from llama3.generate.llama import Llama
 from llama3.generate.params import SamplingParams
@@ -84,6 +85,7 @@ class GenerationRequest:
     stop_tokens: Sequence[int] = ()
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    constraint: Constraint | None = None  # a grammar the answer must follow (structured output, forced tool calls)
     cancelled: bool = False  # set by `Engine.cancel` (a client that went away)
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -320,6 +322,12 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: Tensor, where: list[int]) -> None:
         """logits (B, vocab), rows[i]'s at where[i]: each row's next token."""
         at = {r.index: w for r, w in zip(rows, where, strict=True)}
+        raw = logits  # logprobs are the model's own, before a grammar's mask (as vLLM reports them)
+        if any(r.req.constraint is not None for r in rows):
+            logits = logits.float().clone()
+            for r in rows:
+                if r.req.constraint is not None:
+                    r.req.constraint.mask_(logits[at[r.index]])
         picked: dict[int, Tensor] = {}
         plain = [r for r in rows if r.req.params.repetition_penalty == 1]  # no per-row history to read
         greedy = [r for r in plain if r.req.params.temperature <= 0]
@@ -340,7 +348,7 @@ class Engine:
         if want:
             idx = torch.tensor([at[r.index] for r in want], device=logits.device)
             chosen = torch.stack([picked[r.index] for r in want])
-            lp = logits[idx].float().log_softmax(dim=-1)
+            lp = raw[idx].float().log_softmax(dim=-1)
             k = max(r.req.logprobs for r in want)
             top = lp.topk(k, dim=-1) if k else None
             chosen_lp = lp.gather(1, chosen[:, None])[:, 0].tolist()
@@ -355,6 +363,8 @@ class Engine:
             self.tokens_generated += 1
             if r.first_token_at is None:
                 r.first_token_at = now
+            if r.req.constraint is not None:
+                r.req.constraint.accept(token)
             if token in r.stop_ids:
                 self._finish(r, "stop")
                 continue
