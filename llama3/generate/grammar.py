@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llama3.checks import ParamError
@@ -177,4 +178,56 @@ def mask_logits(logits: Tensor, constraints: Sequence[Constraint | None]) -> Ten
     return logits
 
 
-__all__ = ["ANY_OBJECT", "Constraint", "Grammars", "check_json_schema", "grammars_for", "mask_logits"]
+def constrained_stream(
+    llm, prompts: list[list[int]], max_new_tokens: int, params, stops: list[int], seed: int | None, json_schema
+) -> Iterator[list[int | None]]:
+    """`Llama.generate_stream`'s steps with every row held to `json_schema`: an eager prefill and decode loop
+    (each step's mask is known only after the last token is read on the host), sampling as `sample` does."""
+    import torch
+
+    from llama3.generate.sampling import sample, seen_mask
+
+    grammar = grammars_for(llm.tokenizer, llm.model.args.vocab_size).json(json_schema)
+    constraints = [Constraint(grammar, stops) for _ in prompts]
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    finished = [False] * B
+    t0, first, n = time.perf_counter(), None, 0
+    try:
+        if max_new_tokens == 0:
+            return
+        L = max(lengths)
+        llm._ensure_cache(B, L + max_new_tokens)
+        llm._generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+        tokens = torch.zeros(B, L, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            tokens[row, : len(p)] = torch.tensor(p)
+        pos = torch.tensor(lengths, device=llm.device)
+        logits = llm.model(tokens.to(llm.device), torch.arange(L, device=llm.device), logits_pos=pos - 1, kv_len=L)
+        vocab = llm.model.args.vocab_size
+        seen = seen_mask(prompts, vocab, llm.device) if params.repetition_penalty != 1 else None
+        for n in range(1, max_new_tokens + 1):
+            next_tok = sample(mask_logits(logits[:, -1], constraints), params, llm._generator, seen)
+            out: list[int | None] = []
+            for b, token in enumerate(next_tok.tolist()):
+                if not finished[b] and token not in stops:
+                    constraints[b].accept(token)
+                finished[b] = finished[b] or token in stops
+                out.append(None if finished[b] else token)
+            first = first or time.perf_counter()
+            yield out
+            if all(finished) or n == max_new_tokens:
+                break
+            if seen is not None:
+                seen.scatter_(1, next_tok[:, None], True)
+            logits = llm.model(next_tok[:, None], pos[:, None], kv_len=L + n)
+            pos = pos + 1
+    finally:
+        elapsed = time.perf_counter() - t0
+        ttft = (first or time.perf_counter()) - t0
+        llm.last_stats = {
+            "time_to_first_token_s": ttft,
+            "decode_steps": n,
+            "seconds": elapsed,
+            "tokens_per_second": (n - 1) / max(elapsed - ttft, 1e-9) if n > 1 else 0.0,
+            "finish_reasons": ["stop" if f else "length" for f in finished],
+        }
