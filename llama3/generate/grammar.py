@@ -61,7 +61,7 @@ class Grammars:
         text = check_json_schema(ANY_OBJECT if schema is None else schema)
         with self._lock:
             try:
-                return self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=False)
+                return self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
             except (RuntimeError, ValueError) as e:
                 raise ParamError("json_schema", f"cannot be compiled into a grammar: {_first_line(e)}") from None
 
@@ -75,7 +75,7 @@ class Grammars:
             pieces = [
                 xgr.Grammar.from_ebnf(f"root ::= {json.dumps(p)}")
                 if isinstance(p, str)
-                else xgr.Grammar.from_json_schema(check_json_schema(p), any_whitespace=False, strict_mode=False)
+                else xgr.Grammar.from_json_schema(check_json_schema(p), any_whitespace=False, strict_mode=True)
                 for p in seq
                 if p != ""
             ]
@@ -155,9 +155,13 @@ class Constraint:
     def mask_(self, logits: Tensor) -> Tensor:
         """Sets, in place, the logits (V,) of the tokens the grammar does not allow next to -inf."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        row = logits.view(1, -1)
+        # xgrammar's kernels read the logits as contiguous memory: a strided row (the CPU's column-major output
+        # projection gives one) is masked through a contiguous copy
+        row = logits.view(1, -1) if logits.is_contiguous() else logits.reshape(1, -1).contiguous()
         bitmask = self.bitmask.to(logits.device, non_blocking=True)
         self._xgr.apply_token_bitmask_inplace(row, bitmask, vocab_size=min(self.vocab_size, row.shape[-1]))
+        if row.data_ptr() != logits.data_ptr():
+            logits.copy_(row[0])
         return logits
 
     def accept(self, token: int) -> None:
@@ -171,7 +175,9 @@ class Constraint:
 
 def mask_logits(logits: Tensor, constraints: Sequence[Constraint | None]) -> Tensor:
     """logits (B, V) as float32, each row with a constraint masked (a copy: the model's output is not touched)."""
-    logits = logits.float().clone()
+    import torch
+
+    logits = logits.float().clone(memory_format=torch.contiguous_format)
     for b, c in enumerate(constraints):
         if c is not None:
             c.mask_(logits[b])

@@ -324,7 +324,7 @@ class Engine:
         at = {r.index: w for r, w in zip(rows, where, strict=True)}
         raw = logits  # logprobs are the model's own, before a grammar's mask (as vLLM reports them)
         if any(r.req.constraint is not None for r in rows):
-            logits = logits.float().clone()
+            logits = logits.float().clone(memory_format=torch.contiguous_format)
             for r in rows:
                 if r.req.constraint is not None:
                     r.req.constraint.mask_(logits[at[r.index]])

@@ -101,7 +101,7 @@ class JsonSchemaFormat(OpenAIModel):
 
 class ResponseFormat(OpenAIModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    json_schema: JsonSchemaFormat | None = Field(default=None, validate_default=True)
 
     @field_validator("json_schema")
     @classmethod
@@ -435,6 +435,8 @@ def _param_name(loc: tuple) -> str | None:
         if isinstance(part, int):
             name += f"[{part}]"
         elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "function-after"):
+            continue
+        elif part == "NamedToolChoice" or str(part).startswith("literal["):  # tool_choice's union branches
             continue
         elif not name:
             name = str(part)
