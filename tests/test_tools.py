@@ -2,11 +2,10 @@
 `openai` client), `json_schema` in the library and `--json-schema` in the CLI.
 
 References: transformers' `apply_chat_template(messages, tools=...)` for the prompt's token ids; PyPI `jsonschema`
-for every structured answer; OpenAI's response shapes as the `openai` client parses them. The chat template is
-the one transformers ships for Llama 4 (`transformers.models.llama4.processing_llama4.chat_template`: Meta's
-Llama 3.1 / 3.2 template for JSON tool calls, with Llama 4's header tokens); no installed package ships the
-Llama 3.1 or 3.2 template text itself. The server's model is the tiny random Llama with the real 128,256-token
-vocabulary, with that template's header tokens renamed to Llama 3's (`<|start_header_id|>` ...).
+for every structured answer; OpenAI's response shapes as the `openai` client parses them. Templates: the official
+Llama 3.1 Instruct template (tests/test_chat_template.py writes it out from meta-llama/Llama-3.1-8B-Instruct's
+tokenizer_config.json) and the Llama 4 template transformers ships (`transformers.models.llama4.processing_llama4`).
+The server's model is the tiny random Llama with the real 128,256-token vocabulary and the Llama 3.1 template.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from conftest import hf_llama3_tokenizer  # noqa: E402
+from test_chat_template import LLAMA31_TEMPLATE  # noqa: E402
 from test_serve import API_KEY, NAME, Server, load  # noqa: E402
 
 from llama3.serve.app import create_app  # noqa: E402
@@ -30,14 +30,6 @@ from llama3.text.template import JinjaChatFormat  # noqa: E402
 from llama3.text.tool_calls import parse_tool_calls  # noqa: E402
 
 LLAMA4_TEMPLATE = pytest.importorskip("transformers.models.llama4.processing_llama4").chat_template
-# Llama 4's template with Llama 3's tokens: the shape of Meta's Llama 3.1 / 3.2 templates for custom tools
-LLAMA3_TOOLS_TEMPLATE = (
-    LLAMA4_TEMPLATE.replace("<|header_start|>", "<|start_header_id|>")
-    .replace("<|header_end|>", "<|end_header_id|>")
-    .replace("<|eot|>", "<|eot_id|>")
-    .replace("{{- '<|python_start|>' }}", "")
-    .replace("{{- '<|python_end|>' }}", "")
-)
 
 WEATHER = {
     "type": "function",
@@ -73,7 +65,7 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def tools_model(tiny_llama3, tmp_path_factory):
-    """The tiny Llama 3 checkpoint with the tool-taking chat template and a 1024-token context (its weights
+    """The tiny Llama 3 checkpoint with the Llama 3.1 chat template and a 1024-token context (its weights
     linked, not copied)."""
     src, _ = tiny_llama3
     d = tmp_path_factory.mktemp("tiny-llama3-tools")
@@ -82,7 +74,7 @@ def tools_model(tiny_llama3, tmp_path_factory):
             os.symlink(f, d / f.name)
     config = json.loads((src / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))  # room for the tools
-    (d / "chat_template.jinja").write_text(LLAMA3_TOOLS_TEMPLATE)
+    (d / "chat_template.jinja").write_text(LLAMA31_TEMPLATE)
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
     return d
 
@@ -139,7 +131,7 @@ def as_template_sees_it(messages):
     return out
 
 
-@pytest.mark.parametrize("template", [LLAMA4_TEMPLATE, LLAMA3_TOOLS_TEMPLATE], ids=["llama4", "llama3-tokens"])
+@pytest.mark.parametrize("template", [LLAMA31_TEMPLATE, LLAMA4_TEMPLATE], ids=["llama3.1", "llama4"])
 def test_tools_render_as_transformers_renders_them(tools_model, hf_tok, template):
     from llama3.text.tokenizer import Tokenizer
 
@@ -154,7 +146,7 @@ def test_server_prompt_with_tools_and_tool_results_is_transformers(server, hf_to
     r = server.client().chat.completions.create(
         model=NAME, messages=messages, tools=TOOLS, max_tokens=1, temperature=0, extra_body={"return_token_ids": True}
     )
-    want = hf_ids(hf_tok, LLAMA3_TOOLS_TEMPLATE, as_template_sees_it(messages), TOOLS)
+    want = hf_ids(hf_tok, LLAMA31_TEMPLATE, as_template_sees_it(messages), TOOLS)
     assert r.model_extra["prompt_token_ids"] == want
 
 
