@@ -6,12 +6,14 @@ sampled JSON answers checked against their schema.
    valid instance, as the tokenizer encodes it) walked through each engine's matcher; per token, the time to fill
    the bitmask of allowed tokens (and to accept the token), after compiling once. Also the one-off costs: reading
    the vocabulary, compiling the schema.
-2. Decode overhead: the embedded SmolLM2 (135M, int8 as `llama3` loads it by default) answering with and without
-   `json_schema` (`Llama.generate`), tokens per second of each.
+2. Decode overhead: the embedded SmolLM2-135M-Instruct (as `Llama.from_pretrained()` loads it) answering with and
+   without `json_schema` (`Llama.generate`, temperature 1), tokens per second of each after the first token.
 3. Validity: 100 answers sampled at temperature 1 from the embedded SmolLM2 with `json_schema`; each is parsed and
    validated with PyPI `jsonschema`.
 
-    python benchmarks/bench_structured.py                 # all three; results in benchmarks/results/
+    python benchmarks/bench_structured.py --part mask       # 1 (each part adds to benchmarks/results/structured-cpu.*)
+    python benchmarks/bench_structured.py --part speed      # 2
+    python benchmarks/bench_structured.py --part valid      # 3
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def bench_xgrammar(tok, vocab_size: int, ids: list[int]) -> dict:
 
     t0 = time.perf_counter()
     stops = list(tok.stop_tokens)
-    info = xgr.TokenizerInfo(vocab_bytes(tok, vocab_size), xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops)
+    info = xgr.TokenizerInfo(
+        vocab_bytes(tok, vocab_size), xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops
+    )
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     t1 = time.perf_counter()
     compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, strict_mode=True)
@@ -96,8 +100,12 @@ def bench_xgrammar(tok, vocab_size: int, ids: list[int]) -> dict:
             m.fill_next_token_bitmask(bitmask)
             assert m.accept_token(t), "the instance does not follow the grammar"
             times.append(time.perf_counter() - s)
-    return {"vocab_s": t1 - t0, "compile_s": t2 - t1, "per_token_us": 1e6 * statistics.median(times),
-            "per_token_p95_us": 1e6 * sorted(times)[int(0.95 * len(times))]}
+    return {
+        "vocab_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "per_token_us": 1e6 * statistics.median(times),
+        "per_token_p95_us": 1e6 * sorted(times)[int(0.95 * len(times))],
+    }
 
 
 def bench_llguidance(tok, vocab_size: int, ids: list[int]) -> dict:
@@ -132,8 +140,12 @@ def bench_llguidance(tok, vocab_size: int, ids: list[int]) -> dict:
             llt.fill_next_token_bitmask(m, bitmask, 0)
             assert m.consume_token(t), m.get_error()
             times.append(time.perf_counter() - s)
-    return {"vocab_s": t1 - t0, "compile_s": t2 - t1, "per_token_us": 1e6 * statistics.median(times),
-            "per_token_p95_us": 1e6 * sorted(times)[int(0.95 * len(times))]}
+    return {
+        "vocab_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "per_token_us": 1e6 * statistics.median(times),
+        "per_token_p95_us": 1e6 * sorted(times)[int(0.95 * len(times))],
+    }
 
 
 def mask_costs() -> list[dict]:
@@ -148,24 +160,33 @@ def mask_costs() -> list[dict]:
     return rows
 
 
-def decode(n_valid: int, max_new_tokens: int) -> dict:
-    import jsonschema
-
+def smol():
     from llama3 import Llama
 
     llm = Llama.from_pretrained(progress=False)
     prompt = llm.chat_format.encode_dialog_prompt([{"role": "user", "content": PROMPT}])
-    stops = llm.chat_stop_tokens
+    return llm, prompt, llm.chat_stop_tokens
+
+
+def speed() -> dict:
+    llm, prompt, stops = smol()
     llm.generate([prompt], 8, temperature=0, stop_tokens=stops, json_schema=SCHEMA)  # compile, warm up
-    speed = {}
-    for label, extra in (("unconstrained", {}), ("json_schema", {"json_schema": SCHEMA})):
-        tps = []
-        for seed in range(3):
-            out = llm.generate([prompt], 64, temperature=1, seed=seed, stop_tokens=[], **extra)
+    tps = {}
+    for label, extra in (("unconstrained", {"stop_tokens": []}), ("json_schema", {"json_schema": SCHEMA})):
+        runs = []
+        for seed in range(5):
+            out = llm.generate([prompt], 64, temperature=1, seed=seed, **{"stop_tokens": stops, **extra})
             s = llm.last_stats
-            tps.append((len(out[0]) - 1) / max(s["seconds"] - s["time_to_first_token_s"], 1e-9))
-        speed[label] = statistics.median(tps)
-        print(label, speed[label], flush=True)
+            runs.append((len(out[0]) - 1) / max(s["seconds"] - s["time_to_first_token_s"], 1e-9))
+        tps[label] = statistics.median(runs)
+        print(label, tps[label], flush=True)
+    return {"tokens_per_s": tps, "overhead_ms_per_token": 1000 * (1 / tps["json_schema"] - 1 / tps["unconstrained"])}
+
+
+def validity(n_valid: int, max_new_tokens: int) -> dict:
+    import jsonschema
+
+    llm, prompt, stops = smol()
     valid, finish, lengths, examples = 0, {}, [], []
     for seed in range(n_valid):
         out = llm.generate([prompt], max_new_tokens, temperature=1, seed=seed, stop_tokens=stops, json_schema=SCHEMA)
@@ -181,8 +202,6 @@ def decode(n_valid: int, max_new_tokens: int) -> dict:
         if seed < 3:
             examples.append(text)
     return {
-        "tokens_per_s": speed,
-        "overhead_ms_per_token": 1000 * (1 / speed["json_schema"] - 1 / speed["unconstrained"]),
         "valid": valid,
         "sampled": n_valid,
         "finish_reasons": finish,
@@ -194,54 +213,82 @@ def decode(n_valid: int, max_new_tokens: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["mask", "speed", "valid"], required=True)
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
-    result = {
+    out = ROOT / "benchmarks" / "results"
+    path = out / "structured-cpu.json"
+    result = json.loads(path.read_text()) if path.exists() else {"schema": SCHEMA}
+    before = os.getloadavg()
+    t0 = time.perf_counter()
+    part = {"mask": mask_costs, "speed": speed, "valid": lambda: validity(args.samples, args.max_new_tokens)}[
+        args.part
+    ]()
+    result[args.part] = {
+        **({"rows": part} if isinstance(part, list) else part),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
-        "load_average_before": os.getloadavg(),
-        "schema": SCHEMA,
-        "mask": mask_costs(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_average_before": before,
+        "load_average_after": os.getloadavg(),
     }
-    if not args.skip_decode:
-        result["decode"] = decode(args.samples, args.max_new_tokens)
-    result["load_average_after"] = os.getloadavg()
-    out = ROOT / "benchmarks" / "results"
-    (out / "structured-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    (out / "structured-cpu.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def _when(r: dict) -> str:
+    before, after = r["load_average_before"][0], r["load_average_after"][0]
+    return f"{r['machine']}, {r['date']}, load average {before:.2f} before, {after:.2f} after"
+
+
+def markdown(result: dict) -> str:
     lines = [
         "# Structured output: grammar mask cost and validity",
         "",
-        f"{result['machine']}, {result['date']}, load average {result['load_average_before'][0]:.2f} before, "
-        f"{result['load_average_after'][0]:.2f} after. `python benchmarks/bench_structured.py`.",
+        "`python benchmarks/bench_structured.py --part mask|speed|valid`; the schema is in `structured-cpu.json`.",
         "",
-        "| vocabulary | engine | fill mask + accept, median per token (us) | p95 (us) | vocabulary setup (s) | schema compile (s) |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in result["mask"]:
-        lines.append(
-            f"| {r['vocabulary']} | {r['engine']} | {r['per_token_us']:.0f} | {r['per_token_p95_us']:.0f} | "
-            f"{r['vocab_s']:.2f} | {r['compile_s']:.3f} |"
-        )
-    if "decode" in result:
-        d = result["decode"]
+    if "mask" in result:
+        r = result["mask"]
         lines += [
+            f"Mask cost ({_when(r)}): the same schema and valid instance ({r['rows'][0]['tokens']} / "
+            f"{r['rows'][-1]['tokens']} tokens); per token, the bitmask of allowed tokens filled and the token "
+            "accepted; over 5 walks.",
             "",
-            "Embedded SmolLM2-135M-Instruct (as `Llama.from_pretrained()` loads it), 64 tokens at temperature 1:",
+            "| vocabulary | engine | per token, median (us) | p95 (us) | vocabulary setup (s) | schema compile (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for x in r["rows"]:
+            lines.append(
+                f"| {x['vocabulary']} | {x['engine']} | {x['per_token_us']:.0f} | {x['per_token_p95_us']:.0f} | "
+                f"{x['vocab_s']:.2f} | {x['compile_s']:.3f} |"
+            )
+        lines.append("")
+    if "speed" in result:
+        r = result["speed"]
+        lines += [
+            f"Decode ({_when(r)}): the embedded SmolLM2-135M-Instruct, up to 64 tokens at temperature 1, median of 5:",
             "",
             "| decode | tokens/s |",
             "|---|---|",
-            f"| unconstrained | {d['tokens_per_s']['unconstrained']:.1f} |",
-            f"| json_schema (xgrammar) | {d['tokens_per_s']['json_schema']:.1f} |",
+            f"| unconstrained | {r['tokens_per_s']['unconstrained']:.1f} |",
+            f"| json_schema (xgrammar) | {r['tokens_per_s']['json_schema']:.1f} |",
             "",
-            f"Overhead of the mask: {d['overhead_ms_per_token']:.2f} ms per token. Valid answers: **{d['valid']} of "
-            f"{d['sampled']}** sampled at temperature 1 (finish reasons {d['finish_reasons']}, answer length median "
-            f"{d['answer_tokens_median']} tokens, max {d['answer_tokens_max']}).",
+            f"Overhead: {r['overhead_ms_per_token']:.2f} ms per token.",
+            "",
         ]
-    (out / "structured-cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if "valid" in result:
+        r = result["valid"]
+        lines += [
+            f"Validity ({_when(r)}): **{r['valid']} of {r['sampled']}** answers of the embedded SmolLM2-135M-Instruct, "
+            f"sampled at temperature 1 (seeds 0-{r['sampled'] - 1}) with `json_schema`, parse and validate with "
+            f"`jsonschema` (finish reasons {r['finish_reasons']}; answer length median {r['answer_tokens_median']} "
+            f"tokens, max {r['answer_tokens_max']}).",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
