@@ -21,8 +21,7 @@ jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import hf_llama3_tokenizer  # noqa: E402
-from test_chat_template import LLAMA31_TEMPLATE  # noqa: E402
+from test_chat_template import LLAMA31_TEMPLATE, hf_llama3_reference  # noqa: E402
 from test_serve import API_KEY, NAME, Server, load  # noqa: E402
 
 from llama3.serve.app import create_app  # noqa: E402
@@ -80,8 +79,8 @@ def tools_model(tiny_llama3, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_tok(llama3_tokenizer_path):
-    return hf_llama3_tokenizer(llama3_tokenizer_path)
+def hf_tok():
+    return hf_llama3_reference()  # converted once per session (test_chat_template, test_guard share it)
 
 
 @pytest.fixture(scope="module")
