@@ -201,6 +201,7 @@ def validity(n_valid: int, max_new_tokens: int) -> dict:
             pass
         if seed < 3:
             examples.append(text)
+        print(f"sample {seed}: {reason}, {len(out[0])} tokens, valid so far {valid} of {seed + 1}", flush=True)
     return {
         "valid": valid,
         "sampled": n_valid,
