@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -124,6 +125,12 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         metavar="N",
         help="speculative decoding without a draft: guesses copied from where the last N (down to 1) tokens "
         "occurred in the prompt or the answer so far (editing, summarising, code)",
+    )
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="structured output: the answer is JSON valid against this JSON Schema (grammar-constrained decoding; "
+        "needs the json extra), cut only by --max-new-tokens",
     )
     p.add_argument(
         "--speculate-k", type=int, default=4, metavar="K", help="guesses per step with --draft or --prompt-lookup (4)"
@@ -296,7 +303,18 @@ def _check_draft(spec: dict[str, Any], n_prompt: int, n: int) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(**{k: getattr(args, k) for k in KNOBS}, seed=args.seed, stop=args.stop)
+    schema = {"json_schema": read_json_schema(args.json_schema)} if getattr(args, "json_schema", None) else {}
+    return dict(**{k: getattr(args, k) for k in KNOBS}, seed=args.seed, stop=args.stop, **schema)
+
+
+def read_json_schema(file: str) -> dict[str, Any]:
+    """--json-schema FILE's schema, checked; ValueError names the file and what is wrong with it."""
+    from llama3.generate.grammar import check_json_schema
+
+    try:
+        return json.loads(check_json_schema(read_text(file)))
+    except ParamError as e:
+        raise ValueError(f"--json-schema {file}: {e.problem.removeprefix('json_schema ')}") from None
 
 
 def _report(llm, log, max_new_tokens: int, interrupted: bool = False) -> None:

@@ -187,6 +187,7 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         **sampling: Any,
     ) -> list[list[int]]:
         """The new tokens of each prompt, up to (not including) its first stop token.
@@ -195,11 +196,13 @@ class Llama:
         model with the same vocabulary) or `prompt_lookup` (the longest n-gram to look up in the prompt and
         the text so far) turns on speculative decoding, `speculate_k` guesses per step: the same tokens
         when greedy, the same distribution when sampling (see `llama3.speculative`); one prompt at a time.
-        `sampling`: the other fields of `SamplingParams` (`min_p`, `repetition_penalty`, ...).
+        `json_schema` (a JSON Schema, a dict or its JSON text; the `json` extra): each answer is JSON valid against
+        it (the tokens that cannot continue one are masked, `llama3.generate.grammar`), then a stop token, unless
+        `max_new_tokens` cuts it first. `sampling`: the other fields of `SamplingParams` (`min_p`, ...).
         """
         params = SamplingParams(temperature, top_p, top_k, **sampling)
         out: list[list[int]] = [[] for _ in prompt_tokens]
-        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup, json_schema=json_schema)
         for step in self._generate_stream(prompt_tokens, max_new_tokens, params, stop_tokens, seed, 8, **speculation):
             for row, token in enumerate(step):
                 if token is not None:
@@ -220,6 +223,7 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         **sampling: Any,
     ) -> Iterator[list[int | None]]:
         """Yields, per decode step, each row's new token (None once the row has stopped).
@@ -229,7 +233,7 @@ class Llama:
         speculative round, which syncs once per round. `sampling`: as in `generate`.
         """
         params = SamplingParams(temperature, top_p, top_k, **sampling)
-        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup, json_schema=json_schema)
         yield from self._generate_stream(
             prompt_tokens, max_new_tokens, params, stop_tokens, seed, sync_every, **speculation
         )
@@ -247,6 +251,7 @@ class Llama:
         draft: Llama | None,
         speculate_k: int,
         prompt_lookup: int | None,
+        json_schema: Mapping[str, Any] | str | None = None,
     ) -> Iterator[list[int | None]]:
         check_seed(seed)
         prompts = self._check_prompts(prompt_tokens, max_new_tokens)
@@ -254,6 +259,13 @@ class Llama:
         vocab = self.model.args.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted: the last id is the largest
             raise ParamError("logit_bias", f"token ids must be in [0, {vocab}), got {params.logit_bias[-1][0]}")
+        if json_schema is not None:  # an eager loop that masks each step's logits (llama3.generate.grammar)
+            from llama3.generate.grammar import constrained_stream
+
+            if draft is not None or prompt_lookup is not None:
+                raise ValueError("json_schema does not combine with speculative decoding (draft, prompt_lookup)")
+            yield from constrained_stream(self, prompts, max_new_tokens, params, stops, seed, json_schema)
+            return
         if draft is not None or prompt_lookup is not None:
             for name in ("presence_penalty", "frequency_penalty"):  # counting the answer's tokens per guess: not yet
                 if getattr(params, name) != 0:
@@ -409,6 +421,7 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         **sampling: Any,
     ) -> list[str]:
         """Continues each prompt (encoded with BOS); returns the new text only, cut before any `stop` string.
@@ -421,7 +434,7 @@ class Llama:
         ):
             raise TypeError("text_completion takes a list of prompt strings, e.g. ['The capital of France is']")
         tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup, json_schema=json_schema)
         return self._complete(tokens, max_new_tokens, stop, params, stop_tokens, seed, **speculation)
 
     def chat_completion(
@@ -437,6 +450,7 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         **sampling: Any,
     ) -> list[Message]:
         """The assistant's reply to each dialog, as {"role": "assistant", "content": ...}; `draft`,
@@ -449,7 +463,7 @@ class Llama:
         ):
             raise TypeError("chat_completion takes a list of dialogs, each a list of messages: [[{'role': ..., ...}]]")
         tokens = [self.chat_format.encode_dialog_prompt(d) for d in dialogs]
-        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup, json_schema=json_schema)
         texts = self._complete(tokens, max_new_tokens, stop, params, self.chat_stop_tokens, seed, **speculation)
         return [{"role": "assistant", "content": text} for text in texts]
 
@@ -464,6 +478,7 @@ class Llama:
         draft: Llama | None = None,
         speculate_k: int = 4,
         prompt_lookup: int | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         **sampling: Any,
     ) -> Iterator[tuple[int | None, str]]:
         """Yields each new token of one prompt with the text it completes (often "" while a UTF-8 character
@@ -471,7 +486,7 @@ class Llama:
         `generate`'s options and `stop`; afterwards `last_stats["finish_reasons"][0]` is "stop" (a stop
         token or string) or "length"."""
         params = SamplingParams(**sampling)
-        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        speculation = dict(draft=draft, speculate_k=speculate_k, prompt_lookup=prompt_lookup, json_schema=json_schema)
         rows = self._stream_rows([prompt_tokens], max_new_tokens, stop, params, stop_tokens, seed, 1, **speculation)
         for _, token, text in rows:
             if token is not None or text:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -63,6 +63,7 @@ from llama3.serve.protocol import (
 )
 from llama3.serve.scoring import best_choices, echo
 from llama3.serve.tokenize import tokenizer_routes
+from llama3.serve.tools import ChatPlan
 
 log = logging.getLogger("llama3.serve")
 
@@ -162,12 +163,13 @@ class _Server:
         req = parse_request(ChatCompletionRequest, await self._body(request))
         self._check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        plan = await asyncio.to_thread(ChatPlan.of, self.llm, req)  # tools, tool_choice, response_format
         try:
-            prompt = await asyncio.to_thread(self.llm.chat_format.encode_dialog_prompt, messages)
+            prompt = await asyncio.to_thread(plan.encode)
         except ValueError as e:
             raise RequestError(f"messages: {e}", param="messages") from None
         await self._screen([m for m in messages if m["role"] in ("user", "assistant")], "messages")
-        return await self._generate(request, req, [prompt], self.llm.chat_stop_tokens, chat=True)
+        return await self._generate(request, req, [prompt], self.llm.chat_stop_tokens, chat=True, plan=plan)
 
     async def completions(self, request: Request) -> Response:
         req = parse_request(CompletionRequest, await self._body(request))
@@ -232,7 +234,7 @@ class _Server:
             )
 
     def _requests(
-        self, req: SamplingRequest, prompts: list[list[int]], stop_tokens: list[int], queue: asyncio.Queue
+        self, req: SamplingRequest, prompts: list[list[int]], stop_tokens: list[int], queue: asyncio.Queue, plan=None
     ) -> list[GenerationRequest]:
         """One GenerationRequest per choice: prompt i's j-th choice is choice i * n + j, seeded seed + j."""
         context = self.engine.max_seq_len
@@ -284,15 +286,22 @@ class _Server:
                         prompt_logprobs=(req.n_logprobs or 0) if echo else None,
                         score=per > req.n,
                         copy_of=out[first] if j else None,  # one prefill per prompt, copied to its other choices
+                        constraint=plan.constraint(stop_tokens) if plan is not None else None,
                     )
                 )
         return out
 
     async def _generate(
-        self, request: Request, req: SamplingRequest, prompts: list[list[int]], stop_tokens: list[int], chat: bool
+        self,
+        request: Request,
+        req: SamplingRequest,
+        prompts: list[list[int]],
+        stop_tokens: list[int],
+        chat: bool,
+        plan: ChatPlan | None = None,
     ) -> Response:
         queue: asyncio.Queue = asyncio.Queue()
-        gens = self._requests(req, prompts, stop_tokens, queue)
+        gens = self._requests(req, prompts, stop_tokens, queue, plan)
         try:
             self.engine.submit(gens)
         except QueueFull as e:
@@ -305,6 +314,7 @@ class _Server:
         ]
         rid = new_id("chatcmpl" if chat else "cmpl")
         run = _Run(self, request, req, gens, choices, queue, rid, chat, prompts)
+        run.plan = plan
         if req.stream:
             return StreamingResponse(
                 run.stream(),
@@ -323,6 +333,7 @@ class _Run:
         self.created, self.started = now(), time.perf_counter()
         self.logprobs: list[list[tuple[Output, str]]] = [[] for _ in choices]
         self.first_token_s: float | None = None
+        self.plan: ChatPlan | None = None  # a chat request's tools and response format
 
     def _cancel(self) -> None:
         for g in self.gens:
@@ -376,6 +387,7 @@ class _Run:
         usage = self._usage()
         ids = self._prompt_ids()
         if self.chat:
+            answers = [self.plan.message(c) for c in self.choices]
             body = ChatCompletionResponse(
                 id=self.rid,
                 created=self.created,
@@ -383,12 +395,12 @@ class _Run:
                 choices=[
                     ChatChoice(
                         index=c.index,
-                        message={"role": "assistant", "content": c.text},
+                        message=message,  # the text, or the tool calls read from it
                         logprobs=self._chat_logprobs(c.index),
-                        finish_reason=c.finish_reason,
+                        finish_reason=finish_reason,
                         token_ids=c.token_ids,
                     )
-                    for c in self.choices
+                    for c, (message, finish_reason) in zip(self.choices, answers, strict=True)
                 ],
                 usage=usage,
                 prompt_token_ids=ids,
@@ -433,6 +445,11 @@ class _Run:
                     text, echoed = self._echo(self.choices[index])
                     yield self._event([CompletionChoice(index=index, text=text, logprobs=echoed)])
                 lp = [(o, o.text)] if o.token is not None and self.req.n_logprobs is not None else []
+                if self.plan is not None:  # text that may be a tool call is held back until it parses
+                    text, calls, reason = self.plan.stream(index, o.text, o.finish_reason)
+                    o = replace(o, text=text, finish_reason=reason)
+                    for call in calls:
+                        yield self._event([ChatChunkChoice(index=index, delta=Delta(tool_calls=[call]))])
                 if not (o.text or lp or o.finish_reason):
                     continue
                 ids = [o.token] if o.token is not None and self.req.return_token_ids else None

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from llama3.generate.grammar import Constraint
 from llama3.generate.graphs import CapturedStep
 from llama3.generate.llama import Llama
 from llama3.generate.params import SamplingParams
@@ -102,6 +103,7 @@ class GenerationRequest:
     # another request of the same prompt submitted with this one (choices of one API request): its prefill is
     # copied into this row instead of being computed again, if both are in the batch when it ends
     copy_of: GenerationRequest | None = None
+    constraint: Constraint | None = None  # a grammar the answer must follow (structured output, forced tool calls)
     cancelled: bool = False  # set by `Engine.cancel` (a client that went away)
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -412,6 +414,12 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: Tensor, where: list[int]) -> None:
         """logits (B, vocab), rows[i]'s at where[i]: each row's next token."""
         at = {r.index: w for r, w in zip(rows, where, strict=True)}
+        raw = logits  # logprobs are the model's own, before a grammar's mask (as vLLM reports them)
+        if any(r.req.constraint is not None for r in rows):
+            logits = logits.float().clone(memory_format=torch.contiguous_format)
+            for r in rows:
+                if r.req.constraint is not None:
+                    r.req.constraint.mask_(logits[at[r.index]])
         picked: dict[int, Tensor] = {}
         plain = [r for r in rows if r.req.params.stateless and not r.req.params.logit_bias]  # raw logits' argmax
         greedy = [r for r in plain if r.req.params.temperature <= 0]
@@ -436,7 +444,7 @@ class Engine:
         if want:
             idx = torch.tensor([at[r.index] for r in want], device=logits.device)
             chosen = torch.stack([picked[r.index] for r in want])
-            lp = logits[idx].float().log_softmax(dim=-1)
+            lp = raw[idx].float().log_softmax(dim=-1)
             k = max(r.req.logprobs or 0 for r in want)
             top = lp.topk(k, dim=-1) if k else None
             chosen_lp = lp.gather(1, chosen[:, None])[:, 0].tolist()
@@ -453,6 +461,8 @@ class Engine:
             self.tokens_generated += 1
             if r.first_token_at is None:
                 r.first_token_at = now
+            if r.req.constraint is not None:
+                r.req.constraint.accept(token)
             if token in r.stop_ids:
                 self._finish(r, "stop")
                 continue

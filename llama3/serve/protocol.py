@@ -2,7 +2,7 @@
 
 Requests are checked here, field by field, so that a bad value becomes an OpenAI-style 400 body naming the
 field (`error_body`, `validation_error_body`) before anything reaches the model. Fields OpenAI defines that
-this server does not implement (tools, response_format, ...) are refused by name when set, rather
+this server does not implement (audio, prediction, ...) are refused by name when set, rather
 than silently ignored (`UNSUPPORTED`, unless the request's own schema has the field: `echo` and `best_of` are
 served on /v1/completions, not on chat). A field OpenAI does not define is refused too, as OpenAI's server refuses it
 ("Unrecognized request argument supplied"): a typo such as `max_token` must not run to the full context.
@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from llama3.checks import ParamError
+from llama3.generate.grammar import check_json_schema
 from llama3.generate.params import SamplingParams, check_seed
 
 MAX_N = 16  # choices per request; each takes a row of the batch
@@ -49,10 +50,102 @@ class TextPart(OpenAIModel):
     text: str
 
 
+# -- tools and structured output (served by llama3.serve.tools) --
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_parameters(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                check_json_schema(schema)
+            except ParamError as e:
+                raise ValueError(e.problem.removeprefix("json_schema ")) from None
+        return schema
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schma: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` shadows a BaseModel attribute
+    strict: bool | None = None
+
+    @field_validator("schma")
+    @classmethod
+    def _check_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                check_json_schema(schema)
+            except ParamError as e:
+                raise ValueError(e.problem.removeprefix("json_schema ")) from None
+        return schema
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(default=None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _check(cls, value: JsonSchemaFormat | None, info) -> JsonSchemaFormat | None:
+        kind = info.data.get("type")
+        if kind == "json_schema" and value is None:
+            raise ValueError('is required when type is "json_schema"')
+        if kind != "json_schema" and value is not None:
+            raise ValueError('is only allowed when type is "json_schema"')
+        return value
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(OpenAIModel):
+    """A tool call in an assistant message sent back (as the client received it)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls, sent back
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -67,11 +160,8 @@ class StreamOptions(OpenAIModel):
 # Fields of OpenAI's API that change what the model must do; refused when set, so a client never gets an
 # answer that silently ignored them (penalties of 0 and the like, the defaults, are accepted).
 UNSUPPORTED = {
-    "tools": None,
-    "tool_choice": None,
     "functions": None,
     "function_call": None,
-    "response_format": None,
     "audio": None,
     "prediction": None,
     "suffix": None,
@@ -94,7 +184,7 @@ IGNORED = (
     "prompt_cache_options",
     "prompt_cache_retention",
     "safety_identifier",
-    "parallel_tool_calls",  # only means something with tools, which are refused
+    "parallel_tool_calls",  # several calls in one answer are always read
     *UNSUPPORTED,  # checked by `parse_request` before the model sees the body
 )
 
@@ -176,6 +266,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -273,14 +366,15 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     token_ids: list[int] | None = None
 
 
@@ -297,13 +391,14 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     token_ids: list[int] | None = None
 
 
@@ -367,6 +462,8 @@ def _param_name(loc: tuple) -> str | None:
         if isinstance(part, int):
             name += f"[{part}]"
         elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "function-after"):
+            continue
+        elif part == "NamedToolChoice" or str(part).startswith("literal["):  # tool_choice's union branches
             continue
         elif not name:
             name = str(part)
