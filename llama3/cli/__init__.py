@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llama3 {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{generate,chat,quantize,perplexity,guard,finetune,pretrain,serve,inspect,bench,eval}"
+        dest="command",
+        required=True,
+        metavar="{generate,chat,quantize,perplexity,guard,finetune,pretrain,serve,inspect,bench,eval}",
     )
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     gen.add_argument(
