@@ -2,7 +2,7 @@
 
     flock -x /tmp/bench.lock python benchmarks/bench_threads.py
 
-Each run is a fresh `llama3 generate --json` process on the embedded SmolLM2-135M-Instruct (int4 on the
+Each run is a fresh `llama3 generate --json` process on the embedded SmolLM2-135M-Instruct (its default weights on the
 CPU), greedy, --max-new-tokens tokens from one prompt. Settings:
     before        the CLI as it was: torch imported first, so GNU OpenMP's threads spin-wait (its default),
                   one thread per core
@@ -91,7 +91,7 @@ def main() -> None:
         "cpu": cpu(),
         "python": platform.python_version(),
         "torch": __import__("torch").__version__,
-        "model": "embedded SmolLM2-135M-Instruct, int4",
+        "model": "embedded SmolLM2-135M-Instruct, the CLI's default weights",
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         "rows": rows,
