@@ -53,21 +53,23 @@ class TextPart(OpenAIModel):
 # -- tools and structured output (served by llama3.serve.tools) --
 
 
+def _json_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON Schema field (a function's `parameters`, a `response_format`'s `schema`), checked by jsonschema."""
+    if schema is not None:
+        try:
+            check_json_schema(schema)
+        except ParamError as e:
+            raise ValueError(e.problem.removeprefix("json_schema ")) from None
+    return schema
+
+
 class FunctionDefinition(OpenAIModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
-    @field_validator("parameters")
-    @classmethod
-    def _check_parameters(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
-        if schema is not None:
-            try:
-                check_json_schema(schema)
-            except ParamError as e:
-                raise ValueError(e.problem.removeprefix("json_schema ")) from None
-        return schema
+    _check_parameters = field_validator("parameters")(classmethod(lambda cls, schema: _json_schema(schema)))
 
 
 class ToolDefinition(OpenAIModel):
@@ -90,15 +92,7 @@ class JsonSchemaFormat(OpenAIModel):
     schma: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` shadows a BaseModel attribute
     strict: bool | None = None
 
-    @field_validator("schma")
-    @classmethod
-    def _check_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
-        if schema is not None:
-            try:
-                check_json_schema(schema)
-            except ParamError as e:
-                raise ValueError(e.problem.removeprefix("json_schema ")) from None
-        return schema
+    _check_schema = field_validator("schma")(classmethod(lambda cls, schema: _json_schema(schema)))
 
 
 class ResponseFormat(OpenAIModel):
