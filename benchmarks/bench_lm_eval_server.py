@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -38,54 +37,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_eval import TASK, build_task  # noqa: E402  (the same 100-item Hamlet task as `llama3 eval`'s benchmark)
 from bench_generate import machine  # noqa: E402
-from bench_perplexity import TEXT_FILE, TEXT_PACKAGE, hamlet  # noqa: E402
+from bench_perplexity import TEXT_FILE, TEXT_PACKAGE  # noqa: E402
 
 from llama3.weights.gguf import find_smollm2_gguf  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TASK = "hamlet_next_line"
 NAME = "smollm2"
-
-
-def speeches(text: str) -> list[list[str]]:
-    """The play's speeches of at least 4 lines, as lists of lines (headings, names, stage directions left out)."""
-    runs, current = [], []
-    for raw in [*text.splitlines(), ""]:
-        line = raw.strip()
-        if not line or line.startswith(("**", "#", "_", "[")):
-            if len(current) >= 4:
-                runs.append(current)
-            current = []
-            continue
-        current.append(line)
-    return runs
-
-
-def build_task(folder: Path, items: int, seed: int = 0) -> Path:
-    """hamlet_next_line.jsonl and .yaml in `folder`."""
-    runs = speeches(hamlet())
-    candidates = [(r, i) for r, run in enumerate(runs) for i in range(3, len(run))]
-    lines = sorted({line for run in runs for line in run if len(line) > 20})
-    rng = random.Random(seed)
-    docs = []
-    for k in range(items):
-        r, i = candidates[int(k * len(candidates) / items)]
-        run, true = runs[r], runs[r][i]
-        choices = [true, *rng.sample([x for x in lines if x not in run], 3)]
-        rng.shuffle(choices)
-        docs.append({"context": "\n".join(run[i - 3 : i]) + "\n", "choices": choices, "label": choices.index(true)})
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"{TASK}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / f"{TASK}.yaml").write_text(
-        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        'target_delimiter: ""\n'  # the context ends with a newline: the next line follows it directly
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return folder
 
 
 def free_port() -> int:
