@@ -10,8 +10,8 @@ from pathlib import Path
 from llama3.cli.common import DEFAULT_MODEL_HELP, GROUP_SIZES, resolve_model_source
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8", "int4")
-SYSTEMS = ("transformers", "llama.cpp")  # llama3.eval.bench_systems.SYSTEMS, not imported: it imports torch
+QUANTIZE = ("auto", "none", "int8", "int4")
+SYSTEMS = ("transformers", "llama.cpp", "floor")  # llama3.eval.bench_systems.SYSTEMS, not imported: it imports torch
 
 
 def _int_list(text: str) -> list[int]:
@@ -41,7 +41,12 @@ def _add_bench_parser(sub) -> None:
         "steps) for every combination of the lists given, each the median of --repetitions runs after a "
         "warm-up, with its spread. Markdown on stdout, progress on stderr.",
     )
-    p.add_argument("--model", "-m", help=DEFAULT_MODEL_HELP)
+    p.add_argument(
+        "--model",
+        "-m",
+        help=DEFAULT_MODEL_HELP + "; or random:PRESET, a preset's shape (llama-3-8b, llama-3-155m, ...) with random "
+        "weights made on the device",
+    )
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], metavar="N[,N]",
                    help="prompt lengths to time (ppN; 0: none; default: 512)")  # fmt: skip
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], metavar="N[,N]",
@@ -60,9 +65,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument(
         "--quantize",
         type=_choice_list(QUANTIZE),
-        metavar="{none,int8,int4}[,...]",
-        help="weight-only quantization (default: int4 for the embedded model on the CPU, as `generate` runs it; "
-        "else none)",
+        metavar="{auto,none,int8,int4}[,...]",
+        help="weight quantization (default: auto, as `llama3 generate` loads: a GGUF file on the CPU through the "
+        "kernels measured fastest here; anything else float)",
     )
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
     p.add_argument(
@@ -76,9 +81,10 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument(
         "--compare",
-        metavar="transformers,llama.cpp",
+        metavar="transformers,llama.cpp,floor",
         help="also time these systems on the same source, prompts and grid, taking turns with ours; prints the "
-        "ratios (one not installed is skipped with a line saying so)",
+        "ratios (one not installed is skipped with a line saying so). floor: every weight once through our "
+        "kernels per token, nothing else (tgN, batch 1)",
     )
     p.add_argument("--json", metavar="FILE", help="write every row and the header as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the grid as a bar chart (needs matplotlib)")
@@ -107,7 +113,8 @@ def check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from llama3.cli.common import quantize_mode
-    from llama3.eval.bench import Config, Grid, markdown, plot, run_bench
+    from llama3.eval.bench import Config, Grid, run_bench
+    from llama3.eval.bench_report import markdown, plot
 
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.plot:
@@ -119,13 +126,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quantize is None:  # the CLI's default: what `llama3 generate` would run
         probe = argparse.Namespace(quantize=None, model=args.model, dtype=args.dtype and args.dtype[0],
                                    device=args.device)  # fmt: skip
-        quantizes = [quantize_mode(probe)]
+        quantizes = [quantize_mode(probe, auto=True)]
     else:
         quantizes = [None if q == "none" else q for q in args.quantize]
     configs, skipped = [], []
     for q in quantizes:
         for dtype in args.dtype or [None]:
-            if q and dtype == "float32" and (args.device or "cpu").startswith("cpu"):
+            if q in ("int8", "int4") and dtype == "float32" and (args.device or "cpu").startswith("cpu"):
                 # PyTorch's CPU int4 kernel takes its scales in the activation dtype and refuses float32
                 skipped.append(f"--quantize {q} with --dtype float32: quantized weights run bfloat16 activations")
                 continue

@@ -35,6 +35,7 @@ import torch
 
 from llama3.eval.bench_systems import make_systems, prompt_ids, sync
 from llama3.generate.llama import Llama
+from llama3.quant.isa import cpu_model
 
 # the ISA extensions that decide which kernels a CPU runs (PyTorch's, ggml's), in the order people list them
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -65,26 +66,46 @@ class Config:
     group_size: int = 32
 
 
-def machine() -> dict[str, Any]:
-    """CPU model and ISA extensions, core count, accelerator; what a reader needs to compare two tables."""
-    cpu, flags = platform.processor() or platform.machine(), set()
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo "flags", "Features" on ARM); empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    info = {
-        "cpu": cpu,
+    return set()
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and ISA extensions, core count, accelerator; what a reader needs to compare two tables. The
+    threads and OpenMP wait policy too: the `llama3` command sets OMP_WAIT_POLICY=PASSIVE (threads sleep between
+    operations), a plain Python program leaves GNU OpenMP's spin-waiting, and a quiet machine times them apart."""
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
         "isa": [f for f in ISA_FLAGS if f in flags] or sorted(flags & {"neon", "asimd", "sve", "sve2"}),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    return info
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """One line for a results table: "Intel(R) Xeon(R) Processor, 2 threads (ISA avx2, avx512f, ...)", or the GPU."""
+    m = info or machine()
+    if m["gpu"]:
+        return m["gpu"]
+    return f"{m['cpu']}, {m['threads']} threads (ISA {', '.join(m['isa']) or '?'})"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none): other work on a shared machine slows
+    every timing, so each result records it before and after."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def versions(systems: Sequence[str] = ()) -> dict[str, str]:
@@ -142,6 +163,36 @@ def weights_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@torch.inference_mode()
+def aten_ops_per_layer(llm: Llama) -> float:
+    """Top-level aten ops (called by no other aten op) inside the blocks of one batch-1 decode step after a
+    32-token prompt, per layer, as torch.profiler records them: what a decode step dispatches besides its matmuls.
+    Sets up the model's own cache (the `Llama` sizes it again on its next `generate`)."""
+    from torch.profiler import profile, record_function
+
+    model, device = llm.model, llm.device
+    model.setup_cache(1, 64)
+    model(torch.arange(100, 132, device=device)[None], torch.arange(32, device=device), kv_len=32)
+
+    def block(layer, *args):
+        with record_function("block"):
+            return model.ops.run_block(layer, *args)
+
+    with profile() as prof:
+        model(torch.tensor([[105]], device=device), torch.tensor([[32]], device=device), kv_len=33, run_block=block)
+
+    def in_block(e) -> bool:
+        while e.cpu_parent is not None:
+            e = e.cpu_parent
+            if e.name.startswith("aten::"):
+                return False
+            if e.name == "block":
+                return True
+        return False
+
+    return sum(e.name.startswith("aten::") and in_block(e) for e in prof.events()) / model.args.n_layers
+
+
 class Ours:
     """Our `Llama` as a benchmarked system: `run(test, n, batch)` -> (tokens/s, time to first token in s)."""
 
@@ -171,16 +222,21 @@ class Ours:
 def load_ours(src: str | os.PathLike, config: Config, device: str | None, grid: Grid) -> tuple[Llama, float]:
     """The model once per configuration, its KV cache sized for the whole grid (no regrowth in a timed run)."""
     t0 = time.perf_counter()
-    llm = Llama.from_pretrained(
-        src,
-        device=device,
-        dtype=getattr(torch, config.dtype) if config.dtype else None,
-        backend=config.backend,
-        quantize=config.quantize,
-        group_size=config.group_size,
-        progress=False,
-        compile=config.compile,
-    )
+    if str(src).startswith("random:"):  # a preset's shape with random weights, made on the device
+        from llama3.eval.bench_random import random_llama
+
+        llm = random_llama(str(src).removeprefix("random:"), device, config)
+    else:
+        llm = Llama.from_pretrained(
+            src,
+            device=device,
+            dtype=getattr(torch, config.dtype) if config.dtype else None,
+            backend=config.backend,
+            quantize=config.quantize,
+            group_size=config.group_size,
+            progress=False,
+            compile=config.compile,
+        )
     load_s = time.perf_counter() - t0
     longest = max([*grid.prompt_lens, 1]) + max([*grid.gen_lens, 1]) + 1
     if longest > llm.model.args.max_seq_len:
@@ -203,7 +259,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """The whole grid for every configuration, and for each comparison system that can run it. Returns the
     JSON-ready result: {"header", "grid", "rows", "skipped", "wall_seconds"}."""
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), load_average()
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     name = Path(str(src)).name
@@ -224,6 +280,7 @@ def run_bench(
             "device": str(llm.device),
             "config": asdict(config),
             "load_seconds": load_s,
+            "aten_ops_per_layer": aten_ops_per_layer(llm),
         }
         for threads in grid.threads:
             if threads is not None:
@@ -255,11 +312,14 @@ def run_bench(
                             "tokens_per_second": statistics.median(rates),
                             "tokens_per_second_std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
                             "samples_tokens_per_second": rates,
-                            "time_to_first_token_ms": statistics.median(t for _, t in samples[s.name]) * 1000,
+                            "time_to_first_token_ms": _median_ms([t for _, t in samples[s.name] if t is not None]),
                             "peak_host_rss_mib": peaks[s.name].rss_mib,
                             "peak_cuda_mib": peaks[s.name].cuda_mib,
                             "repetitions": grid.repetitions,
+                            "load_average_1min": (load_average() or [None])[0],  # when this test ended
                         }
+                        if s.name != Ours.name:  # the profile is of our decode step
+                            row["aten_ops_per_layer"] = None
                         rows.append(row)
                         log(
                             f"llama3 bench: {s.name} {test} batch {batch} threads {row['threads']}: "
@@ -273,7 +333,8 @@ def run_bench(
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(),
             "versions": versions(compare),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "load_average_1min": (load_average() or [None])[0],
+            "load_average": {"before": load_before, "after": load_average()},
         },
         "grid": asdict(grid),
         "rows": rows,
@@ -282,111 +343,23 @@ def run_bench(
     }
 
 
+def _median_ms(seconds: list[float]) -> float | None:
+    return statistics.median(seconds) * 1000 if seconds else None  # None: a system with no first token (floor)
+
+
 def describe_weights(model, config: Config) -> str:
-    """ "int4 (group 32)", "int8", or the float dtype the projections are stored in."""
+    """ "int4 (group 32)", "int8", "int8 (fbgemm)" or the float dtype the projections are stored in, with the CPU
+    kernel plan where `quantize="auto"` chose one ("int4 (group 32), kernel int4-fbgemm")."""
     w2 = model.layers[0].feed_forward.w2
-    kind = type(getattr(w2, "base", w2)).__name__
+    w2 = getattr(w2, "base", w2)
+    kind = type(w2).__name__
     if kind == "Int4Linear":
-        return f"int4 (group {config.group_size})"
-    if kind == "Int8Linear":
-        return "int8"
-    return str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """llama-bench's table (model, size, params, backend, threads, test, t/s) with our extra columns, the
-    header above it, the ratios to each comparison system below it."""
-    h = result["header"]
-    mach = h["machine"]
-    isa = ", ".join(mach["isa"]) or "?"
-    lines = [
-        f"{mach['gpu'] or mach['cpu']} ({mach['cores']} cores; ISA {isa}; torch CPU kernels "
-        f"{mach['torch_cpu_capability']}); "
-        + ", ".join(f"{k} {v}" for k, v in h["versions"].items())
-        + f"; {h['date']}",
-        "",
-        "| model | size | params | backend | threads | batch | test | t/s | ttft ms | peak RSS MiB |",
-        "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |",
-    ]
-    for r in result["rows"]:
-        who = r["model"] if r["system"] == "llama3" else r["system"]
-        lines.append(
-            f"| {who} {r['system_weights']} | {_size(r['size_bytes']) if r['system'] == 'llama3' else '-'} | "
-            f"{_params(r['params'])} | "
-            f"{r['backend'] if r['system'] == 'llama3' else r['system']} | {r['threads']} | {r['batch']} | "
-            f"{r['test']} | {r['tokens_per_second']:.2f} ± {r['tokens_per_second_std']:.2f} | "
-            f"{r['time_to_first_token_ms']:.0f} | {r['peak_host_rss_mib']:.0f} |"
-        )
-    ratios = ratio_lines(result["rows"])
-    if ratios:
-        lines += ["", *ratios]
-    if any(r["peak_cuda_mib"] is not None for r in result["rows"]):
-        lines += ["", "Peak CUDA memory (MiB): " + ", ".join(
-            f"{r['system']} {r['test']} b{r['batch']}: {r['peak_cuda_mib']:.0f}" for r in result["rows"]
-            if r["peak_cuda_mib"] is not None)]  # fmt: skip
-    loads = {(r["model"], r["weights"], r["backend"]): r["load_seconds"] for r in result["rows"]}
-    lines += ["", "Load: " + "; ".join(f"{m} {w} ({b}) {s:.2f} s" for (m, w, b), s in loads.items())]
-    lines += [f"Skipped: {s}" for s in result["skipped"]]
-    lines += [
-        f"Median ± standard deviation of {result['grid']['repetitions']} runs after a warm-up; ppN: a prefill of "
-        "N tokens per row, tgN: N decode steps after a one-token prompt; ttft: time to the first token.",
-    ]
-    return "\n".join(lines)
-
-
-def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """ "llama3 / transformers: pp128 1.20x, tg32 0.95x" for each comparison system, per configuration."""
-    ours = {_key(r): r for r in rows if r["system"] == "llama3"}
-    by_system: dict[tuple, list[str]] = {}
-    for r in rows:
-        if r["system"] == "llama3" or _key(r) not in ours:
-            continue
-        ratio = ours[_key(r)]["tokens_per_second"] / max(r["tokens_per_second"], 1e-12)
-        label = (r["system"], r["system_weights"], ours[_key(r)]["system_weights"])
-        by_system.setdefault(label, []).append(f"{r['test']} b{r['batch']} t{r['threads']} {ratio:.2f}x")
-    return [
-        f"llama3 ({mine}) / {system} ({theirs}), tokens/s: " + ", ".join(parts)
-        for (system, theirs, mine), parts in by_system.items()
-    ]
-
-
-def _key(r: dict[str, Any]) -> tuple:
-    return (r["weights"], r["backend"], r["threads"], r["batch"], r["test"])
-
-
-def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """A bar chart of tokens/s (with the spread as error bars), one group per test, one bar per system and
-    configuration. Needs matplotlib (the plot extra)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    tests = list(dict.fromkeys(f"{r['test']} b{r['batch']} t{r['threads']}" for r in rows))
-    series = list(dict.fromkeys(f"{r['system']} {r['system_weights']} ({r['backend']})" for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tests) * max(1, len(series)) / 2), 4))
-    width = 0.8 / len(series)
-    for i, name in enumerate(series):
-        values, errors = [], []
-        for t in tests:
-            match = [r for r in rows if f"{r['test']} b{r['batch']} t{r['threads']}" == t
-                     and f"{r['system']} {r['system_weights']} ({r['backend']})" == name]  # fmt: skip
-            values.append(match[0]["tokens_per_second"] if match else 0)
-            errors.append(match[0]["tokens_per_second_std"] if match else 0)
-        ax.bar([j + i * width for j in range(len(tests))], values, width, yerr=errors, label=name, capsize=3)
-    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(tests))], tests)
-    ax.set_ylabel("tokens/s")
-    ax.set_title(f"{rows[0]['model'] if rows else ''}: {result['header']['machine']['cpu']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        text = f"int4 (group {getattr(w2, 'group_size', None) or config.group_size})"
+    elif kind == "Int8Linear":
+        text = "int8"
+    elif kind == "DynInt8Linear":
+        text = "int8 (fbgemm)"
+    else:
+        text = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    choice = getattr(model, "kernel_choice", None)
+    return text + (f", kernel {choice.plan}" if choice is not None else "")
