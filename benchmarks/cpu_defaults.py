@@ -1,193 +1,118 @@
-"""The embedded SmolLM2 on the CPU, loaded the default ways, against llama.cpp on the same GGUF file, one run:
+"""The embedded SmolLM2 on the CPU, loaded the default way, against llama.cpp on the same GGUF file: `llama3 bench`
+run once with PyTorch's own CPU kernels and once with its AVX2 ones, the two side by side.
 
-    python benchmarks/bench_generate.py --llama-cpp
-    ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_generate.py --llama-cpp     # PyTorch's AVX2 kernels
+    python benchmarks/cpu_defaults.py                        # both levels, about 2 minutes on 2 cores
+    python benchmarks/cpu_defaults.py --levels default       # PyTorch's own level only
 
-Two loads of ours: the library's default (`Llama.from_pretrained()`, no options) and the command line's
-(`llama3 generate`'s defaults, through the CLI's own `load`). For each: batch-1 greedy decode tokens/s (64 new
-tokens after a 32-token prompt, the systems taking turns, medians), its ratio to llama.cpp's, the aten ops per
-layer of one decode step (torch.profiler: the top-level aten ops inside the blocks), and time to first token
-for 32, 256 and 1024-token prompts (the best of two). Every row names the CPU, PyTorch's kernel level
-(`ATEN_CPU_CAPABILITY` picks it; fbgemm and oneDNN choose their own) and the load average when it was measured.
+Each level is one process of
 
-Results: benchmarks/results/generate-cpu-defaults-<level>.json and .md; once both levels have run,
-generate-cpu-defaults.md puts them side by side.
+    ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=ACTIVE llama3 bench -p 32,256,1024 -n 64 -r 3 --compare llama.cpp \\
+        --json benchmarks/results/generate-cpu-defaults-avx2.json
+
+(no ATEN_CPU_CAPABILITY for the default level): batch-1 greedy decode of 64 tokens (tg64), the time to first token
+of 32, 256 and 1024-token prompts (pp32 / pp256 / pp1024), the aten ops per layer of one decode step, ours and
+llama.cpp taking turns run by run, medians of 3. OMP_WAIT_POLICY=ACTIVE: OpenMP's threads spin-wait as in a
+plain Python program (and as llama.cpp's threads do); the `llama3` command alone would set PASSIVE (--omp-wait-policy
+PASSIVE times that). `ATEN_CPU_CAPABILITY` picks PyTorch's kernels only: fbgemm, oneDNN and llama.cpp choose their own.
+Results: benchmarks/results/generate-cpu-defaults-<level>.json and .md, and generate-cpu-defaults.md with every
+level measured in this run side by side.
 """
 
 from __future__ import annotations
 
-import datetime
+import argparse
 import json
 import os
-import time
+import subprocess
+import sys
 from pathlib import Path
 
-import torch
-from bench_generate import RESULTS, LlamaCpp, Ours, cpu_flags, interleaved, prompts_for
-from torch.profiler import profile, record_function
-
-from llama3 import Llama
-from llama3.weights.hub import default_model, resolve
-
-TTFT_LENGTHS = (32, 256, 1024)
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+RESULTS = Path(__file__).parent / "results"
+TTFT = (32, 256, 1024)
+NEW_TOKENS = 64
 
 
-def cpu_name() -> str:
-    return next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+def run_level(level: str, repetitions: int, wait_policy: str, out: Path) -> dict:
+    """One `llama3 bench` process at a PyTorch kernel level ("default": unset); its JSON result."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env |= {"OMP_WAIT_POLICY": wait_policy, "HF_HUB_OFFLINE": "1"}
+    if level != "default":
+        env["ATEN_CPU_CAPABILITY"] = level
+    tmp = out.with_suffix(".partial.json")
+    cmd = [sys.executable, "-m", "llama3", "bench", "-p", ",".join(map(str, TTFT)), "-n", str(NEW_TOKENS)]
+    cmd += ["-r", str(repetitions), "--compare", "llama.cpp", "--json", str(tmp)]
+    print(f"{level}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    result = json.loads(tmp.read_text())
+    tmp.unlink()
+    return result
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def cli_default() -> Llama:
-    """The model `llama3 generate` loads with no options (its parser's defaults and its `load`)."""
-    from llama3.cli import build_parser
-    from llama3.cli.common import load
-
-    args = build_parser().parse_args(["generate", "-q", "-"])
-    return load(args)[0]
-
-
-def weights(llm: Llama) -> str:
-    w2 = llm.model.layers[0].feed_forward.w2
-    return f"{type(w2).__name__}, {llm.model.tok_embeddings.weight.dtype} activations".replace("torch.", "")
-
-
-@torch.inference_mode()
-def aten_ops_per_layer(llm: Llama) -> float:
-    """Top-level aten ops (called by no other aten op) inside the blocks of one batch-1 decode step, per layer."""
-    model = llm.model
-    model.setup_cache(1, 64)
-    model(torch.arange(32)[None] + 100, torch.arange(32), kv_len=32)
-
-    def block(layer, *args):
-        with record_function("block"):
-            return model.ops.run_block(layer, *args)
-
-    with profile() as prof:
-        model(torch.tensor([[105]]), torch.tensor([[32]]), kv_len=33, run_block=block)
-
-    def in_block(e) -> bool:
-        while e.cpu_parent is not None:
-            e = e.cpu_parent
-            if e.name.startswith("aten::"):
-                return False
-            if e.name == "block":
-                return True
-        return False
-
-    return sum(e.name.startswith("aten::") and in_block(e) for e in prof.events()) / model.args.n_layers
-
-
-def time_to_first_token(llm: Llama, prompt_len: int) -> float:
-    llm.generate(prompts_for(1, prompt_len), 1, temperature=0, stop_tokens=[])
-    return llm.last_stats["time_to_first_token_s"] * 1000
-
-
-def cpp_time_to_first_token(cpp: LlamaCpp, prompt_len: int) -> float:
-    cpp.prompt = prompts_for(1, prompt_len)[0]
-    return cpp.run(1)[0] * 1000
-
-
-def main(new_tokens: int, repeats: int, out: str | None) -> None:
-    level = torch.backends.cpu.get_cpu_capability()
-    flags = cpu_flags()
-    where = {
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch_cpu_capability": level,
-        "cpu_flags": [f for f in FLAGS if f in flags],
-    }
-    print(where, "load average", load_average(), flush=True)
-    started, load_before = time.perf_counter(), load_average()
-    gguf = str(resolve(default_model()))
-    systems = {"llama3, library default": Llama.from_pretrained(progress=False), "llama3, CLI default": cli_default()}
-    ops = {name: aten_ops_per_layer(llm) for name, llm in systems.items()}
-    cpp = LlamaCpp(gguf, 32, new_tokens, torch.get_num_threads(), n_ctx=max(TTFT_LENGTHS) + new_tokens)
-    runners = {name: Ours(llm, 1, 32, new_tokens) for name, llm in systems.items()}
-    runners["llama.cpp"] = cpp
-    decode = interleaved(runners, repeats)
-    cpp.prompt = prompts_for(1, 32)[0]
-
-    ttft: dict[str, dict[int, float]] = {name: {} for name in runners}
-    for llm in systems.values():
-        time_to_first_token(llm, max(TTFT_LENGTHS))  # warm-up: the cache grows once, to the longest prompt
-    for n in TTFT_LENGTHS:
-        samples: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(2):  # the best of two, the systems taking turns: a prefill is one long call
-            for name, llm in systems.items():
-                samples[name].append(time_to_first_token(llm, n))
-            samples["llama.cpp"].append(cpp_time_to_first_token(cpp, n))
-        for name, s in samples.items():
-            ttft[name][n] = min(s)
-        print(n, {k: round(v[n]) for k, v in ttft.items()}, "load average", load_average(), flush=True)
-
-    rows = []
-    for name in runners:
-        row = {
-            "system": name,
-            "weights": f"{cpp.dtype} (llama.cpp)" if name == "llama.cpp" else weights(systems[name]),
-            "backend": None if name == "llama.cpp" else systems[name].model.ops.name,
-            "decode_tok_s": decode[name]["tok_s"],
-            "vs_llama_cpp": decode[name]["tok_s"] / decode["llama.cpp"]["tok_s"],
-            "aten_ops_per_layer": ops.get(name),
-            "ttft_ms": {str(n): ttft[name][n] for n in TTFT_LENGTHS},
-            **where,
-            "load_average": load_average(),
-        }
-        rows.append(row)
-        print(row, flush=True)
-    result = {
-        "benchmark": "generate-cpu-defaults",
-        "date": datetime.date.today().isoformat(),
-        "model": Path(gguf).name,
-        "torch": torch.__version__,
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "llama_cpp_extra_buffers": cpp.extra_buffers,
-        **where,
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "rows": rows,
-        "wall_seconds": time.perf_counter() - started,
-    }
-    stem = Path(out) if out else RESULTS / f"generate-cpu-defaults-{level.lower()}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown([result]))
-    print(markdown([result]))
-    if not out:  # both levels measured: side by side
-        runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("generate-cpu-defaults-*.json"))]
-        if len(runs) > 1:
-            (RESULTS / "generate-cpu-defaults.md").write_text(markdown(runs))
-
-
-def markdown(runs: list[dict]) -> str:
-    """One table; a column group per run (PyTorch kernel level)."""
-    first = runs[0]
+def table(result: dict) -> list[str]:
+    """One row per system: decode tok/s and its ratio to llama.cpp's, aten ops per layer, TTFT per prompt length."""
+    h, rows = result["header"], result["rows"]
+    load = h.get("load_average") or {}
     lines = [
-        f"The embedded {first['model']} loaded the default ways against llama.cpp on the same file: batch-1 greedy "
-        f"decode of {first['new_tokens']} tokens after a 32-token prompt (median of {first['repeats']} runs, the "
-        f"systems taking turns) and time to first token (best of two). {first['cpu']}, {first['threads']} threads, "
-        f"flags {', '.join(first['cpu_flags'])}; torch {first['torch']}, {first['date']}.",
+        f"PyTorch kernels {h['machine']['torch_cpu_capability']}; OMP_WAIT_POLICY {h['machine']['omp_wait_policy']}; "
+        f"load average before {' '.join(map(str, load.get('before') or []))}, "
+        f"after {' '.join(map(str, load.get('after') or []))}; the run took {result['wall_seconds']:.0f} s.",
+        "",
+        f"| system | weights | decode tok/s | x llama.cpp | aten ops / layer | TTFT {' / '.join(map(str, TTFT))} ms "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    decode = {r["system"]: r for r in rows if r["test"] == f"tg{NEW_TOKENS}"}
+    cpp = decode.get("llama.cpp")
+    for system, r in decode.items():
+        ttft = {
+            x["n_tokens"]: x["time_to_first_token_ms"] for x in rows if x["system"] == system and x["test"][:2] == "pp"
+        }
+        ratio = f"{r['tokens_per_second'] / cpp['tokens_per_second']:.2f}" if cpp else "-"
+        ops = "-" if r["aten_ops_per_layer"] is None else f"{r['aten_ops_per_layer']:.0f}"
+        lines.append(
+            f"| {system} | {r['system_weights']} | {r['tokens_per_second']:.1f} ± {r['tokens_per_second_std']:.1f} | "
+            f"{ratio} | {ops} | {' / '.join(f'{ttft[n]:.0f}' for n in TTFT)} | {r['load_average_1min']} |"
+        )
+    return lines
+
+
+def markdown(results: list[dict]) -> str:
+    first = results[0]
+    m, v = first["header"]["machine"], first["header"]["versions"]
+    lines = [
+        f"The embedded {first['rows'][0]['model']} loaded the default way against llama.cpp on the same file "
+        f"(`llama3 bench -p {','.join(map(str, TTFT))} -n {NEW_TOKENS} --compare llama.cpp`, "
+        "benchmarks/cpu_defaults.py): batch-1 greedy decode of "
+        f"{NEW_TOKENS} tokens after a one-token prompt and time to first token, median ± standard deviation of "
+        f"{first['grid']['repetitions']} runs, the systems taking turns. {m['cpu']}, {m['threads']} threads, ISA "
+        f"{', '.join(m['isa'])}; " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; {first['header']['date']}.",
         "",
     ]
-    for run in runs:
-        lines += [
-            f"PyTorch kernels {run['torch_cpu_capability']}; load average before {run['load_average_before']}, "
-            f"after {run['load_average_after']}; llama.cpp extra buffer types (AMX repack) "
-            f"{'on' if run['llama_cpp_extra_buffers'] else 'off'}.",
-            "",
-            "| system | weights | decode tok/s | x llama.cpp | aten ops / layer | TTFT 32 / 256 / 1024 ms | load avg |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in run["rows"]:
-            ops = "-" if r["aten_ops_per_layer"] is None else f"{r['aten_ops_per_layer']:.0f}"
-            ttft = " / ".join(f"{v:.0f}" for v in r["ttft_ms"].values())
-            lines.append(
-                f"| {r['system']} | {r['weights']} | {r['decode_tok_s']:.1f} | {r['vs_llama_cpp']:.2f} | {ops} | "
-                f"{ttft} | {r['load_average']} |"
-            )
-        lines += ["", f"That run took {run['wall_seconds']:.0f} s.", ""]
+    for result in results:
+        lines += [*table(result), ""]
     return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default="default,avx2", help="PyTorch CPU kernel levels (default: default,avx2)")
+    ap.add_argument("--repetitions", "-r", type=int, default=3)
+    ap.add_argument("--omp-wait-policy", default="ACTIVE", choices=("ACTIVE", "PASSIVE"))
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: benchmarks/results)")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for level in a.levels.split(","):
+        result = run_level(level, a.repetitions, a.omp_wait_policy, a.out / "generate-cpu-defaults-partial")
+        stem = a.out / f"generate-cpu-defaults-{result['header']['machine']['torch_cpu_capability'].lower()}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown([result]))
+        results.append(result)
+    text = markdown(results)
+    if len(results) > 1:
+        (a.out / "generate-cpu-defaults.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
