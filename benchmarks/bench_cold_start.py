@@ -34,12 +34,11 @@ LLAMA_CPP = (
 
 
 def cpu() -> dict:
-    fields = dict(
-        line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    )
-    flags = fields.get("Flags", "").split()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return {"model": fields.get("Model name", "?").strip(), "cpus": os.cpu_count(), "isa": isa}
+    """After the timed processes: importing llama3.eval.bench loads torch in this process."""
+    from llama3.eval.bench import machine
+
+    m = machine()
+    return {"model": m["cpu"], "cpus": m["cores"], "isa": m["isa"]}
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:

@@ -363,8 +363,9 @@ def run_once(system: str, args: argparse.Namespace) -> dict:
 
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return f"{cpu}, {os.cpu_count()} cores"
+    from llama3.eval.bench import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def mib(x: float | None) -> str:

@@ -38,9 +38,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_eval import TASK, build_task  # noqa: E402  (the same 100-item Hamlet task as `llama3 eval`'s benchmark)
-from bench_generate import machine  # noqa: E402
 from bench_perplexity import TEXT_FILE, TEXT_PACKAGE  # noqa: E402
 
+from llama3.eval.bench import machine_line as machine  # noqa: E402
 from llama3.weights.gguf import find_smollm2_gguf  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

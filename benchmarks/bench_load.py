@@ -182,11 +182,9 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    from llama3.eval.bench import cpu_model
+
+    cpu = cpu_model()
     mem = next(
         (
             int(ln.split()[1]) * 1024

@@ -32,9 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_generate import machine  # noqa: E402
-
 from llama3 import Llama  # noqa: E402
+from llama3.eval.bench import machine_line as machine  # noqa: E402
 from llama3.eval.perplexity import perplexity  # noqa: E402
 from llama3.quant.isa import describe  # noqa: E402
 from llama3.weights.gguf import find_smollm2_gguf  # noqa: E402

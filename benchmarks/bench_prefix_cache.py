@@ -171,6 +171,7 @@ def main() -> None:
     import torch
 
     from llama3 import Llama
+    from llama3.eval.bench import cpu_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -190,10 +191,7 @@ def main() -> None:
     }
     meta = {
         "model": "embedded SmolLM2-135M-Instruct, int4 (bfloat16 activations)",
-        "machine": next(
-            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-        )
-        + f", {os.cpu_count()} cores",  # fmt: skip
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),

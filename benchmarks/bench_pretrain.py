@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_generate import machine  # noqa: E402
-
+from llama3.eval.bench import ISA_FLAGS, cpu_flags, machine_line  # noqa: E402
+from llama3.eval.bench import load_average as load_averages  # noqa: E402
 from llama3.train.corpus import VALIDATION_PLAYS, shakespeare, validation_windows  # noqa: E402
 from llama3.train.pretrain import PretrainConfig, evaluate, pretrain  # noqa: E402
 
@@ -55,12 +55,11 @@ SEQ_LEN, BATCH, EVAL_TOKENS = 64, 12, 65536
 
 
 def load_average() -> str:
-    return " ".join(open("/proc/loadavg").read().split()[:3])
+    return " ".join(map(str, load_averages() or ["?"]))
 
 
 def isa() -> str:
-    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags) or "?"
+    return " ".join(f for f in ISA_FLAGS if f in cpu_flags()) or "?"
 
 
 class _Logits(torch.nn.Module):
@@ -253,7 +252,7 @@ def main() -> None:
         result = run_nanogpt(args.budget, args.points)
     else:
         result = run_ours(args.budget, args.points, Path(args.out), args.lr)
-    result |= {"budget_s": args.budget, "machine": machine(), "isa": isa(), "threads": torch.get_num_threads(),
+    result |= {"budget_s": args.budget, "machine": machine_line(), "isa": isa(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "load_before": before, "load_after": load_average(),
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "validation_plays": list(VALIDATION_PLAYS)}  # fmt: skip

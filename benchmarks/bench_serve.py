@@ -51,9 +51,9 @@ def serve(a: argparse.Namespace) -> None:
     import logging
 
     import torch
-    from bench_generate import random_model, random_quantized_model
 
     from llama3 import Llama, ModelArgs
+    from llama3.eval.bench_random import random_model, random_quantized_model
     from llama3.serve.app import create_app, run
 
     torch.manual_seed(0)
@@ -128,8 +128,9 @@ def machine(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return f"{cpu}, {os.cpu_count()} cores"
+    from llama3.eval.bench import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -156,7 +157,6 @@ def main() -> None:
     a = p.parse_args()
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.serve_only:
-        sys.path.insert(0, str(Path(__file__).parent))
         return serve(a)
 
     sock = socket.socket()

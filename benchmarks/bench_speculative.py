@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_generate import NullTokenizer, machine, random_model  # noqa: E402
 
 from llama3 import Llama, ModelArgs  # noqa: E402
+from llama3.eval.bench import machine_line as machine  # noqa: E402
+from llama3.eval.bench_random import NullTokenizer, random_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import profile, record_function
 
 from llama3 import Llama, Transformer
+from llama3.eval.bench import aten_ops_per_layer
 from llama3.model.backends import CpuOps, TorchOps, get_ops
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,32 +57,6 @@ def test_greedy_tokens_equal_the_reference(tiny_hf):
     lean = Llama(load("cpu"), TokenIds(), cuda_graphs=False)
     assert lean.model.ops is CpuOps
     assert lean.generate(prompts, 10, temperature=0) == reference
-
-
-def aten_ops_per_layer(model: Transformer) -> float:
-    """Top-level aten ops (those no other aten op called) inside the blocks of one batch-1 decode step,
-    per layer, as torch.profiler records them."""
-    model.setup_cache(1, 64)
-    model(torch.arange(8)[None], torch.arange(8), kv_len=8)
-
-    def block(layer, *args):
-        with record_function("block"):
-            return model.ops.run_block(layer, *args)
-
-    with profile() as prof:
-        model(torch.tensor([[3]]), torch.tensor([[8]]), kv_len=9, run_block=block)
-
-    def in_block(e) -> bool:
-        while e.cpu_parent is not None:
-            e = e.cpu_parent
-            if e.name.startswith("aten::"):
-                return False
-            if e.name == "block":
-                return True
-        return False
-
-    ops = [e for e in prof.events() if e.name.startswith("aten::") and in_block(e)]
-    return len(ops) / model.args.n_layers
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])

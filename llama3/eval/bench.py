@@ -164,13 +164,13 @@ def weights_bytes(model) -> int:
 
 
 @torch.inference_mode()
-def aten_ops_per_layer(llm: Llama) -> float:
+def aten_ops_per_layer(model) -> float:
     """Top-level aten ops (called by no other aten op) inside the blocks of one batch-1 decode step after a
     32-token prompt, per layer, as torch.profiler records them: what a decode step dispatches besides its matmuls.
-    Sets up the model's own cache (the `Llama` sizes it again on its next `generate`)."""
+    Sets up the `Transformer`'s own cache (a `Llama` over it sizes it again on its next `generate`)."""
     from torch.profiler import profile, record_function
 
-    model, device = llm.model, llm.device
+    device = model.tok_embeddings.weight.device
     model.setup_cache(1, 64)
     model(torch.arange(100, 132, device=device)[None], torch.arange(32, device=device), kv_len=32)
 
@@ -280,7 +280,7 @@ def run_bench(
             "device": str(llm.device),
             "config": asdict(config),
             "load_seconds": load_s,
-            "aten_ops_per_layer": aten_ops_per_layer(llm),
+            "aten_ops_per_layer": aten_ops_per_layer(m),
         }
         for threads in grid.threads:
             if threads is not None:
