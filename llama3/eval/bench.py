@@ -158,9 +158,14 @@ def host_peak_rss() -> int:
 
 
 def weights_bytes(model) -> int:
-    """Every weight the model holds (parameters, quantized codes and scales; not the KV cache), a tied one once."""
+    """Every weight the model holds (parameters, quantized codes and scales; not the KV cache), a tied one once.
+    fbgemm's packed layers (`DynInt8Linear`) hold theirs outside the state dict: int8 codes and a float32 scale
+    per row, counted from their shape."""
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    from llama3.quant.dynamic import DynInt8Linear
+
+    packed = sum(m.out_features * (m.in_features + 4) for m in model.modules() if isinstance(m, DynInt8Linear))
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
 
 
 @torch.inference_mode()
