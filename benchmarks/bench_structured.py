@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -221,6 +220,8 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results"
     path = out / "structured-cpu.json"
     result = json.loads(path.read_text()) if path.exists() else {"schema": SCHEMA}
+    from llama3.eval.bench import cpu_model
+
     before = os.getloadavg()
     t0 = time.perf_counter()
     part = {"mask": mask_costs, "speed": speed, "valid": lambda: validity(args.samples, args.max_new_tokens)}[
@@ -228,7 +229,7 @@ def main() -> None:
     ]()
     result[args.part] = {
         **({"rows": part} if isinstance(part, list) else part),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "seconds": round(time.perf_counter() - t0, 1),
         "load_average_before": before,

@@ -158,8 +158,9 @@ def main() -> None:
     if cuda:
         hardware = f"{gpus}x {torch.cuda.get_device_name()}"
     else:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-        hardware = f"{cpu}, {os.cpu_count()} cores"
+        from llama3.eval.bench import cpu_model
+
+        hardware = f"{cpu_model()}, {os.cpu_count()} cores"
     result = dict(
         benchmark="tensor-parallel decode",
         device=opts.device,
