@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import llama3
 from llama3.quant.dynamic import DynInt8Linear
 from llama3.quant.weight_only import Int4Linear, Int8Linear, QuantizedWeight
 
@@ -51,7 +50,7 @@ def cache_dir() -> Path | None:
 
 def _code_fingerprint() -> str:
     """Size and time of every module that turns a file into a model: a changed loader is a changed entry."""
-    root = Path(llama3.__file__).parent
+    root = Path(__file__).parent.parent  # the llama3 package
     stats = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
              for sub in ("weights", "quant", "model") for p in sorted((root / sub).glob("*.py"))]  # fmt: skip
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
