@@ -141,3 +141,23 @@ def test_background_prepack_copies_and_computes_as_packed_at_once():
     x = torch.randn(1, 64)
     want = torch.ops.quantized.linear_dynamic(x, packed, False)
     assert torch.equal(layer(x), want) and torch.equal(clone(x), want)
+
+
+def tokenizer_state(tok) -> tuple:
+    enc = tok._model
+    return (enc._mergeable_ranks, enc._special_tokens, enc._pat_str, tok.name, tok.bos_id, tok.eos_id, tok.pad_id,
+            tok.stop_tokens, tok.chat_template, tok.template_tokens, tok.n_words)  # fmt: skip
+
+
+def test_a_cached_gguf_tokenizer_is_the_one_built_from_the_file(cache_dir, monkeypatch):
+    from llama3.weights import gguf_tokenizer
+    from llama3.weights.gguf import find_smollm2_gguf
+
+    path = find_smollm2_gguf()
+    cold = gguf_tokenizer.load_gguf_tokenizer(path)
+    assert len(list(cache_dir.glob("*.tokenizer"))) == 1
+    monkeypatch.setattr(gguf_tokenizer, "_encoding", None)  # a warm load builds nothing from the file
+    warm = gguf_tokenizer.load_gguf_tokenizer(path)
+    assert tokenizer_state(warm) == tokenizer_state(cold)
+    text = "Hello <|im_end|> world 1234, ça va? 🦙\n\n  x"
+    assert warm.encode(text, bos=True, allowed_special="all") == cold.encode(text, bos=True, allowed_special="all")

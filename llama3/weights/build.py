@@ -97,19 +97,19 @@ def load_model(
         dtype = torch.float32
     dtype = _default_dtype(dtype, quantize, int8_kernel)
     int4_native = quantize == "int4" and group_size == 32
-    args, tensors, count = open_checkpoint(path, progress, int4_native, mapped=shard is not None)
-    entry = None
+    entry = cached = None
     if quantize is not None and device.type == "cpu" and shard is None and gguf_file(path) is not None:
         from llama3.weights import cache
 
         settings = {"quantize": quantize, "group_size": group_size, "keep_output": keep_output, "kernel": int8_kernel,
                     "dtype": str(dtype), "model": f"{model_cls.__module__}.{model_cls.__qualname__}"}  # fmt: skip
         entry = cache.entry_for(gguf_file(path), settings)
-        cached = entry and cache.read(*entry)
-        if cached:
-            model = assemble(args, *cached, device, model_cls=model_cls)
-            model.kernel_choice = choice
-            return model
+        cached = entry and cache.read(*entry)  # before the header: fbgemm's prepack starts at once (in a thread)
+    args, tensors, count = open_checkpoint(path, progress, int4_native, mapped=shard is not None)
+    if cached:
+        model = assemble(args, *cached, device, model_cls=model_cls)
+        model.kernel_choice = choice
+        return model
     model = build_model(
         args,
         tensors,

@@ -7,7 +7,8 @@ projection. The result depends only on the file, the load's settings, the CPU an
 one `torch.save` file per (GGUF file, settings) under `$LLAMA3_WEIGHT_CACHE`, by default
 `$XDG_CACHE_HOME/llama3/weights` (`~/.cache/llama3/weights`), read back memory-mapped. It holds the packed
 buffers of `Int4Linear` / `Int8Linear` and the int8 codes of a `DynInt8Linear` (fbgemm's packed form is not
-serializable: it is prepacked again, in the background, `llama3.quant.dynamic`), and the float tensors.
+serializable: it is prepacked again, in the background, `llama3.quant.dynamic`), and the float tensors. Beside
+it, the file's tokenizer as tiktoken takes it (`llama3.weights.gguf_tokenizer`), for files of any size.
 
 An entry is used only if its key matches: the file's path, size and modification time, the settings, the CPU
 model, instruction sets and ATen dispatch, the torch version, and the size and time of the library's loading
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,22 +55,28 @@ def _code_fingerprint() -> str:
     """Size and time of every module that turns a file into a model: a changed loader is a changed entry."""
     root = Path(__file__).parent.parent  # the llama3 package
     stats = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-             for sub in ("weights", "quant", "model") for p in sorted((root / sub).glob("*.py"))]  # fmt: skip
+             for sub in ("weights", "quant", "model", "text") for p in sorted((root / sub).glob("*.py"))]  # fmt: skip
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
-def entry_for(source: Path, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
-    """(the entry's file, its key) for loading `source` with `settings`; None if not cached (off, or too big)."""
+def entry_for(
+    source: Path, settings: dict[str, Any], suffix: str = ".pt", max_bytes: int | None = MAX_SOURCE_BYTES
+) -> tuple[Path, dict[str, Any]] | None:
+    """(the entry's file, its key) for loading `source` with `settings`; None if not cached (off, no such file, or
+    larger than `max_bytes`)."""
     from llama3.quant.choice import machine_key
 
-    directory, stat = cache_dir(), source.stat()
-    if directory is None or stat.st_size > MAX_SOURCE_BYTES:
+    directory = cache_dir()
+    if directory is None or not source.is_file():
+        return None
+    stat = source.stat()
+    if max_bytes is not None and stat.st_size > max_bytes:
         return None
     ident = {"source": str(source.resolve()), **settings}
     # one file per source and settings: a changed file, torch or CPU replaces its entry instead of adding one
-    name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + ".pt"
+    name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + suffix
     key = {**ident, "format": FORMAT, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "machine": machine_key(),
-           "code": _code_fingerprint()}  # fmt: skip
+           "code": _code_fingerprint(), "python": sys.version}  # fmt: skip
     return directory / name, key
 
 
@@ -101,14 +110,33 @@ def write(path: Path, key: dict[str, Any], model: nn.Module) -> bool:
         else:
             continue
         modules[name] = spec
-        skip |= {f"{name}.{key}" for key in module.state_dict()}
+        skip |= {f"{name}.{k}" for k in module.state_dict()}
     state = {k: v for k, v in model.state_dict().items() if k not in skip}  # a tied output shares its storage
+    return _replace(path, lambda tmp: torch.save({"key": key, "state": state, "modules": modules}, tmp))
+
+
+def read_tokenizer(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The arguments of `Tokenizer.from_encoding` stored under `key` (marshal: plain data, no code run)."""
+    try:
+        saved = marshal.loads(path.read_bytes())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    return saved.get("encoding") if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def write_tokenizer(path: Path, key: dict[str, Any], encoding: dict[str, Any]) -> bool:
+    data = marshal.dumps({"key": key, "encoding": encoding})
+    return _replace(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _replace(path: Path, write_to) -> bool:
+    """Writes through `write_to(a temporary name)` and renames it to `path`: a reader sees the old entry or the new."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
         try:
-            torch.save({"key": key, "state": state, "modules": modules}, tmp)
+            write_to(tmp)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
