@@ -52,10 +52,10 @@ def cpu() -> dict:
     return {"model": fields.get("Model name", "?").strip(), "cpus": os.cpu_count(), "isa": isa}
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> tuple[float, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=True)
     return time.perf_counter() - t0, out.stdout
 
 
@@ -73,6 +73,7 @@ def main() -> None:
     from llama3.weights.gguf import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
+    baseline = None
     cache = Path(tempfile.mkdtemp(prefix="llama3-cold-start-"))
     generate = [sys.executable, "-m", "llama3", "generate", PROMPT, "-n", "16", "--json", "--quiet"]
     commands = {
@@ -85,7 +86,8 @@ def main() -> None:
     envs["llama3 generate -n 16, LLAMA3_WEIGHT_CACHE=0"] = {"LLAMA3_WEIGHT_CACHE": "0"}
     if args.baseline:
         name = f"llama3 generate -n 16, baseline ({args.baseline})"
-        commands[name], envs[name] = generate, {"PYTHONPATH": str(Path(args.baseline).resolve())}
+        baseline = str(Path(args.baseline).resolve())
+        commands[name], envs[name] = generate, {"PYTHONPATH": baseline}
     timed(generate, envs["llama3 generate -n 16"])  # fills the cache
     if args.llama_cpp:
         commands["llama.cpp (llama-cpp-python), 16 tokens"] = [
@@ -103,7 +105,8 @@ def main() -> None:
         for name, cmd in commands.items():
             if "first run" in name:
                 shutil.rmtree(cache)
-            wall, stdout = timed(cmd, envs.get(name))
+            # a baseline runs in its directory: `python -m` looks in the working directory first
+            wall, stdout = timed(cmd, envs.get(name), cwd=baseline if "baseline" in name else None)
             walls[name].append(wall)
             if name in parts:
                 timings = json.loads(stdout)["timings"]
