@@ -48,7 +48,10 @@ def cache_dir() -> Path | None:
         return None
     if setting:
         return Path(setting).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3" / "weights"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3" / "weights"
+    except (RuntimeError, KeyError):  # no home directory to find: no cache
+        return None
 
 
 def _code_fingerprint() -> str:
