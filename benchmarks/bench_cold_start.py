@@ -87,7 +87,7 @@ def main() -> None:
     if args.baseline:
         name = f"llama3 generate -n 16, baseline ({args.baseline})"
         baseline = str(Path(args.baseline).resolve())
-        commands[name], envs[name] = generate, {"PYTHONPATH": baseline}
+        commands[name], envs[name] = generate, {"PYTHONPATH": baseline, "LLAMA3_WEIGHT_CACHE": str(cache)}
     timed(generate, envs["llama3 generate -n 16"])  # fills the cache
     if args.llama_cpp:
         commands["llama.cpp (llama-cpp-python), 16 tokens"] = [
