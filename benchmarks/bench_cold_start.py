@@ -75,6 +75,7 @@ def main() -> None:
     gguf = find_smollm2_gguf()
     baseline = None
     cache = Path(tempfile.mkdtemp(prefix="llama3-cold-start-"))
+    temporary = [cache]
     generate = [sys.executable, "-m", "llama3", "generate", PROMPT, "-n", "16", "--json", "--quiet"]
     commands = {
         "import torch": [sys.executable, "-c", "import torch"],
@@ -87,7 +88,9 @@ def main() -> None:
     if args.baseline:
         name = f"llama3 generate -n 16, baseline ({args.baseline})"
         baseline = str(Path(args.baseline).resolve())
-        commands[name], envs[name] = generate, {"PYTHONPATH": baseline, "LLAMA3_WEIGHT_CACHE": str(cache)}
+        own_cache = tempfile.mkdtemp(prefix="llama3-cold-start-baseline-")  # if it has one: never ~/.cache
+        temporary.append(own_cache)
+        commands[name], envs[name] = generate, {"PYTHONPATH": baseline, "LLAMA3_WEIGHT_CACHE": own_cache}
     timed(generate, envs["llama3 generate -n 16"])  # fills the cache
     if args.llama_cpp:
         commands["llama.cpp (llama-cpp-python), 16 tokens"] = [
@@ -113,7 +116,8 @@ def main() -> None:
                 for key in keys:
                     parts[name][key].append(timings[key])
         load.append(float(Path("/proc/loadavg").read_text().split()[0]))
-    shutil.rmtree(cache, ignore_errors=True)
+    for directory in temporary:
+        shutil.rmtree(directory, ignore_errors=True)
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
