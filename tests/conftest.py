@@ -16,6 +16,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LLAMA3_WEIGHT_CACHE", "0")  # no test writes converted weights to ~/.cache
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (must be set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -19,11 +19,17 @@ uint8 x int8 products in saturating int16, and 7-bit activations keep every pair
 32258), as PyTorch's own dynamic `nn.quantized.dynamic.Linear` does. The 8th bit matters: on SmolLM2 (Hamlet)
 the output projection alone in this form cost 0.29% of perplexity with 8 bits, and 1.7% with 7 (emulated);
 every projection 3.4% with 8 bits (`llama3.quant.choice`).
+
+fbgemm's prepack (reordering the codes into its blocked layout) is slow and single-threaded: 0.43 s for SmolLM2's
+49152x576 output projection, a tenth of a cold start. It runs in a background thread (the op releases the GIL)
+while the rest of the model loads; `packed` waits for it on first use.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +60,23 @@ class DynInt8Linear(nn.Module):
         with warnings.catch_warnings():  # PyTorch deprecates its quantized-tensor constructors for torchao's
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
             weight = torch._make_per_channel_quantized_tensor(q.codes.contiguous(), q.scales.double(), zero_points, 0)
-        self.packed = torch.ops.quantized.linear_prepack(weight, None)
+        self._weight, self._packed, self._pid = weight, None, os.getpid()
+        self._packing: Future | None = _prepacker().submit(torch.ops.quantized.linear_prepack, weight, None)
+
+    @property
+    def packed(self) -> torch.ScriptObject:
+        """fbgemm's packed weight (waits for the background prepack the first time)."""
+        if self._packed is None:
+            if os.getpid() != self._pid and not self._packing.done():  # a forked child: the thread is not here
+                self._packed = torch.ops.quantized.linear_prepack(self._weight, None)
+            else:
+                self._packed = self._packing.result()
+            self._weight = self._packing = None
+        return self._packed
+
+    def __getstate__(self) -> dict:  # copy/pickle the packed weight, never the thread's future
+        self.packed  # noqa: B018
+        return super().__getstate__()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32:  # the output projection of a bfloat16 model (int4 elsewhere)
@@ -78,6 +100,17 @@ class DynInt8Linear(nn.Module):
     def extra_repr(self) -> str:
         bits = 7 if self.reduce_range else 8
         return f"in_features={self.in_features}, out_features={self.out_features}, {bits}-bit activations"
+
+
+_PREPACKER: ThreadPoolExecutor | None = None
+
+
+def _prepacker() -> ThreadPoolExecutor:
+    """One worker: prepacks queue behind each other and leave the other cores to the loading thread."""
+    global _PREPACKER
+    if _PREPACKER is None:
+        _PREPACKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama3-prepack")
+    return _PREPACKER
 
 
 def check_dynamic_settings(device: torch.device | str, dtype: torch.dtype) -> None:

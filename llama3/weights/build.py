@@ -97,7 +97,19 @@ def load_model(
         dtype = torch.float32
     dtype = _default_dtype(dtype, quantize, int8_kernel)
     int4_native = quantize == "int4" and group_size == 32
+    entry = cached = None
+    if quantize is not None and device.type == "cpu" and shard is None and gguf_file(path) is not None:
+        from llama3.weights import cache
+
+        settings = {"quantize": quantize, "group_size": group_size, "keep_output": keep_output, "kernel": int8_kernel,
+                    "dtype": str(dtype), "model": f"{model_cls.__module__}.{model_cls.__qualname__}"}  # fmt: skip
+        entry = cache.entry_for(gguf_file(path), settings)
+        cached = entry and cache.read(*entry)  # before the header: fbgemm's prepack starts at once (in a thread)
     args, tensors, count = open_checkpoint(path, progress, int4_native, mapped=shard is not None)
+    if cached:
+        model = assemble(args, *cached, device, model_cls=model_cls)
+        model.kernel_choice = choice
+        return model
     model = build_model(
         args,
         tensors,
@@ -113,6 +125,8 @@ def load_model(
         model_cls=model_cls,
         kernel=int8_kernel,
     )
+    if entry:
+        cache.write(*entry, model)
     model.kernel_choice = choice
     return model
 
@@ -379,6 +393,20 @@ def build_model(
             msg.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:10])}")
         raise CheckpointError(" ".join(msg))
 
+    return assemble(args, state, quantized, device, shard, model_cls=model_cls)
+
+
+def assemble(
+    args: ModelArgs,
+    state: dict[str, Tensor],
+    quantized: dict[str, nn.Module],
+    device: torch.device,
+    shard: Any = None,
+    *,
+    model_cls: Callable[[ModelArgs], nn.Module],
+) -> nn.Module:
+    """A `model_cls` made on the meta device and given `state` (its float tensors) and `quantized` (module path ->
+    the quantized layer replacing its nn.Linear), without a copy."""
     with torch.device("meta"):
         model = model_cls(args) if shard is None else shard.parallelize(model_cls(shard.local_args(args)))
     for path, module in quantized.items():  # quantized projections replace their nn.Linear
