@@ -62,18 +62,15 @@ def token_loglikelihoods(
         after = [(g, i) for g, (prefix, members) in enumerate(chunk) for i in members if len(rows[i][0]) > len(prefix)]
         after.sort(key=lambda gi: len(chunk[gi[0]][0]) - len(rows[gi[1]][0]))  # longest suffix first
         chunks.append((chunk, after))
-    n_prefix = min(batch_size, len(groups))  # the cache: rows for a prefix pass, then for a suffix pass
-    n_suffix = min(batch_size, max(len(after) for _, after in chunks))
-    slots = max(len(inp) for inp, _ in rows) + 1 if n_suffix else 0  # + 1: a suffix row's padding goes there
-    with (
-        _scratch_cache(model, n_prefix + n_suffix, slots),
-        tqdm(total=len(rows), desc="llama3 loglikelihood", disable=not progress) as bar,
-    ):
+    with _own_cache(model), tqdm(total=len(rows), desc="llama3 loglikelihood", disable=not progress) as bar:
         for chunk, after in chunks:
+            if after:  # rows for the prefix pass, then for a suffix pass; + 1 slot: a suffix row's padding goes there
+                slots = max(len(chunk[0][0]), max(len(rows[i][0]) for _, i in after) + 1)
+                _grow_cache(model, len(chunk) + min(batch_size, len(after)), slots)
             _prefix_pass(model, chunk, rows, scores, greedy, use_cache=bool(after))
             bar.update(sum(len(members) for _, members in chunk) - len(after))
             for s in range(0, len(after), batch_size):
-                _suffix_pass(model, n_prefix, after[s : s + batch_size], chunk, rows, scores, greedy)
+                _suffix_pass(model, len(chunk), after[s : s + batch_size], chunk, rows, scores, greedy)
                 bar.update(len(after[s : s + batch_size]))
     return [(sum(s), all(g)) for s, g in zip(scores, greedy, strict=True)]
 
@@ -94,11 +91,15 @@ def _prefix_pass(model, chunk, rows, scores, greedy, use_cache: bool) -> None:
     picks, uses = [], []  # (row in batch, position); (request, continuation index, pick, target)
     for b, (prefix, members) in enumerate(chunk):
         tokens[b, : len(prefix)] = torch.tensor(prefix)
-        first = len(rows[members[0]][0]) - len(rows[members[0]][1])  # the same for every member (the group's key)
-        for t in range(first, len(prefix)):
-            picks.append((b, t))
-            for i in members:
-                uses.append((i, t - first, len(picks) - 1, rows[i][1][t - first]))
+        at = {}  # position -> its pick: the members' positions are the group's, computed once
+        for i in members:
+            inp, cont = rows[i]
+            first = len(inp) - len(cont)  # the position that predicts the first continuation token
+            for t in range(first, len(prefix)):
+                if t not in at:
+                    at[t] = len(picks)
+                    picks.append((b, t))
+                uses.append((i, t - first, at[t], cont[t - first]))
     device = model.tok_embeddings.weight.device
     if use_cache:  # positions 0..T-1 of every row; a shorter prefix's padding lies after it
         hidden = model.hidden(tokens.to(device), input_pos=torch.arange(T, device=device), kv_len=T)
@@ -123,7 +124,7 @@ def _suffix_pass(model, first_row, batch, chunk, rows, scores, greedy) -> None:
         positions[b] = start + torch.arange(T).clamp(max=len(suffix))
         inp, cont = rows[i]
         first = len(inp) - len(cont)
-        for j in range(len(suffix)):
+        for j in range(max(first - start, 0), len(suffix)):  # (with the groups' key, from 0)
             picks.append((b, j))
             uses.append((i, start + j - first, len(picks) - 1, cont[start + j - first]))
     src = torch.tensor([g for g, _ in batch], device=device)
@@ -151,23 +152,29 @@ def _score(model, hidden, picks, uses, scores, greedy) -> None:
 
 
 @contextmanager
-def _scratch_cache(model: Transformer, batch: int, slots: int):
-    """A KV cache of `batch` rows and `slots` positions of our own in the model's layers while inside (none
-    when `slots` is 0); the model's own cache (a `Llama`'s, its prefix cache's) is put back untouched."""
+def _own_cache(model: Transformer):
+    """The model's layers get a KV cache of our own while inside (`_grow_cache`); the model's own (a `Llama`'s,
+    which its prefix cache reuses) is put back untouched."""
     saved = [layer.attention.cache for layer in model.layers], model.max_batch_size, model.max_seq_len
-    if slots:
-        w = model.tok_embeddings.weight
-        dtype = model.ops.cache_dtype(w.dtype, w.device)
-        a = model.args
-        for layer in model.layers:
-            layer.attention.cache = KVCache(batch, slots, a.n_kv_heads, a.head_dim, dtype, w.device)
-        model.max_batch_size, model.max_seq_len = batch, slots
+    model.max_batch_size = model.max_seq_len = 0
     try:
         yield
     finally:
         for layer, cache in zip(model.layers, saved[0], strict=True):
             layer.attention.cache = cache
         model.max_batch_size, model.max_seq_len = saved[1], saved[2]
+
+
+def _grow_cache(model: Transformer, batch: int, slots: int) -> None:
+    """At least `batch` rows of `slots` slots (chunks come longest first: the first is usually the largest)."""
+    if model.max_batch_size >= batch and model.max_seq_len >= slots:
+        return
+    batch, slots = max(batch, model.max_batch_size), max(slots, model.max_seq_len)
+    w, a = model.tok_embeddings.weight, model.args
+    dtype = model.ops.cache_dtype(w.dtype, w.device)
+    for layer in model.layers:
+        layer.attention.cache = KVCache(batch, slots, a.n_kv_heads, a.head_dim, dtype, w.device)
+    model.max_batch_size, model.max_seq_len = batch, slots
 
 
 @contextmanager
