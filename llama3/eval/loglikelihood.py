@@ -124,7 +124,7 @@ def _suffix_pass(model, first_row, batch, chunk, rows, scores, greedy) -> None:
         positions[b] = start + torch.arange(T).clamp(max=len(suffix))
         inp, cont = rows[i]
         first = len(inp) - len(cont)
-        for j in range(max(first - start, 0), len(suffix)):  # (with the groups' key, from 0)
+        for j in range(max(first - start, 0), len(suffix)):  # a group's prefix ends after `first`: from 0
             picks.append((b, j))
             uses.append((i, start + j - first, len(picks) - 1, cont[start + j - first]))
     src = torch.tensor([g for g, _ in batch], device=device)
