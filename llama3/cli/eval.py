@@ -15,10 +15,10 @@ def _add_eval_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="score a model on lm-evaluation-harness tasks (needs the eval extra)",
-        description="Runs lm-evaluation-harness tasks on the model through its LM interface (log-likelihoods in "
-        "one forward per batch, rolling log-likelihood by the strided window of 'llama3 perplexity', generation "
-        "with stop strings). Unquantized weights by default (float32 on the CPU): scores are comparable with "
-        "other systems' only at full precision.",
+        description="Runs lm-evaluation-harness tasks on the model through its LM interface (log-likelihoods with "
+        "each shared context computed once for all its continuations, rolling log-likelihood by the strided "
+        "window of 'llama3 perplexity', generation with stop strings). Unquantized weights by default (float32 "
+        "on the CPU): scores are comparable with other systems' only at full precision.",
     )
     p.add_argument(
         "--model", "-m", help="a local dir, .gguf file or Hugging Face repo id (default: the embedded SmolLM2)"
@@ -29,7 +29,14 @@ def _add_eval_parser(sub) -> None:
         "--limit", type=float, metavar="N", help="the first N documents of each task (below 1: that fraction)"
     )
     p.add_argument("--num-fewshot", type=int, metavar="N", help="examples in each prompt (default: the task's)")
-    p.add_argument("--batch-size", "-b", type=int, default=16, metavar="N", help="requests per forward (default: 16)")
+    p.add_argument(
+        "--batch-size",
+        "-b",
+        type=int,
+        default=16,
+        metavar="N",
+        help="rows per forward: contexts, or continuations (default: 16)",
+    )
     p.add_argument(
         "--max-length",
         type=int,

@@ -5,10 +5,11 @@ lm-evaluation-harness (EleutherAI, PyPI `lm-eval`) scores any model through thre
 greedy one), `loglikelihood_rolling` (log p of a whole text) and `generate_until` (text up to a stop string).
 `Llama3LM` answers them with our `Transformer` and `Llama`:
 
-- `loglikelihood`: requests sorted by length (longest first), right-padded into batches, one forward per
-  batch; the output projection runs only at the positions that predict a continuation token (a causal
-  model's padding on the right changes nothing before it). A context that does not fit `max_length` is cut
-  on the left, as lm-eval's `hf` model cuts it.
+- `loglikelihood`: each context computed once for all its continuations (a multiple-choice document's
+  choices): the context's KV cache copied to each continuation's row (`llama3.eval.loglikelihood`); batches
+  sorted by length, padded on the right; the output projection runs only at the positions that predict a
+  continuation token. A context that does not fit `max_length` is cut on the left, as lm-eval's `hf` model
+  cuts it.
 - `loglikelihood_rolling`: the strided sliding window of `llama3 perplexity` (`llama3.eval.perplexity`):
   windows of `max_length` tokens every `stride`, so every token after the first window keeps at least
   `max_length - stride` tokens of context (lm-eval's `hf` model uses disjoint windows: less context).
@@ -33,6 +34,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from llama3.eval.loglikelihood import token_loglikelihoods
 from llama3.eval.perplexity import perplexity
 from llama3.generate.llama import Llama
 
@@ -175,48 +177,3 @@ class Llama3LM(TemplateLM):
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return out
-
-
-@torch.inference_mode()
-def token_loglikelihoods(
-    model, pairs: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int, progress: bool = False
-) -> list[tuple[float, bool]]:
-    """For each (context, continuation) of token ids: (sum of log p(continuation token | what precedes it),
-    whether every continuation token is the argmax). The input is context + continuation without its last
-    token, cut on the left to `max_length` tokens; the continuation must be 1..max_length tokens."""
-    rows = []
-    for i, (context, continuation) in enumerate(pairs):
-        if not continuation:
-            raise ValueError(f"request {i}: the continuation is empty")
-        if not context:
-            raise ValueError(f"request {i}: the context is empty (lm-eval gives it the prefix token)")
-        if len(continuation) > max_length:
-            raise ValueError(f"request {i}: the continuation is {len(continuation)} tokens, over {max_length}")
-        rows.append(((context + continuation)[-(max_length + 1) : -1], continuation))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: the least padding
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    device = model.tok_embeddings.weight.device
-    for start in tqdm(range(0, len(order), batch_size), desc="llama3 loglikelihood", disable=not progress):
-        batch = order[start : start + batch_size]
-        T = len(rows[batch[0]][0])
-        tokens = torch.zeros(len(batch), T, dtype=torch.long)
-        picks_b, picks_t, targets = [], [], []
-        for b, i in enumerate(batch):
-            inp, cont = rows[i]
-            tokens[b, : len(inp)] = torch.tensor(inp)
-            first = len(inp) - len(cont)  # the position whose output predicts the first continuation token
-            picks_b += [b] * len(cont)
-            picks_t += range(first, len(inp))
-            targets += cont
-        hidden = model.hidden(tokens.to(device))  # (B, T, dim); the output projection only where it is read
-        logits = model.ops.linear(hidden[torch.tensor(picks_b), torch.tensor(picks_t)], model.output)
-        log_probs = logits.float().log_softmax(dim=-1)
-        target = torch.tensor(targets, device=log_probs.device)
-        scores = log_probs.gather(-1, target[:, None])[:, 0].tolist()
-        greedy = (log_probs.argmax(dim=-1) == target).tolist()
-        at = 0
-        for i in batch:
-            n = len(rows[i][1])
-            results[i] = (sum(scores[at : at + n]), all(greedy[at : at + n]))
-            at += n
-    return results
