@@ -195,6 +195,8 @@ class _LeanLayer:
         self.ffn_norm = layer.ffn_norm.weight, layer.ffn_norm.eps
         self.wqkv, self.wo, self.w13, self.w2 = (_projection(m) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2))
         self.k, self.v = cache.k, cache.v
+        # the first row's cache as (1, S, KVH, D) views: a single row's step writes its slot in one op each
+        self.k_slots, self.v_slots = cache.k[:1].transpose(1, 2), cache.v[:1].transpose(1, 2)
 
     @staticmethod
     def of(layer: nn.Module) -> _LeanLayer | None:
@@ -223,8 +225,9 @@ def _project(x: Tensor, layer: tuple | nn.Module, ops) -> Tensor:
 
 class CpuOps(TorchOps):
     """The PyTorch backend with a lean decode step: `run_block` computes one new token per row (T = 1, with a
-    cache) in about 25 aten ops per layer in float32 and 31 with bfloat16 activations, against the reference's
-    ~50 (profiled by tests/test_cpu_backend.py), with the same products in the same order and the reference's
+    cache) in about 28 aten ops per layer in float32 and 33 with bfloat16 activations (the embedded SmolLM2,
+    benchmarks/cpu_defaults.py), against the reference's ~50 (tests/test_cpu_backend.py holds the lean step to 40
+    and the reference above it), with the same products in the same order and the reference's
     roundings, so its logits equal the reference's. Everything else (prefill, a cache-free forward, a block with
     hooks) is the reference. The default on the CPU."""
 
@@ -252,11 +255,11 @@ class CpuOps(TorchOps):
             qk = qk.to(x.dtype).to(qk.dtype)
         q, k = qk.split([H, KVH], dim=2)
         # KVCache.update: cache[rows, :, pos] = k (B, 1, KVH, D), without the per-layer index tensor. One row:
-        # index_copy_ along the slots (0.6 ms faster a SmolLM2 step); several: aten's index_put_, which takes the
-        # open dimension as None (Python's [] adds a view)
+        # index_copy_ into the row's (1, S, KVH, D) view (0.6 ms faster a SmolLM2 step); several: aten's index_put_,
+        # which takes the open dimension as None (Python's [] adds a view)
         if step.slot is not None:
-            lean.k[:1].index_copy_(2, step.slot, k.transpose(1, 2))
-            lean.v[:1].index_copy_(2, step.slot, v.transpose(1, 2))
+            lean.k_slots.index_copy_(1, step.slot, k)
+            lean.v_slots.index_copy_(1, step.slot, v)
         else:
             torch.ops.aten.index_put_(lean.k, (step.rows, None, step.pos), k)
             torch.ops.aten.index_put_(lean.v, (step.rows, None, step.pos), v)
