@@ -141,6 +141,25 @@ def test_a_block_changed_between_steps_is_read_again(tiny_hf):
     torch.testing.assert_close(decode(lean, tokens, [5, 7], 3), decode(reference, tokens, [5, 7], 3))
 
 
+def test_decode_steps_in_and_out_of_inference_mode(tiny_hf):
+    """The lean step's cache views, gathered under torch.inference_mode, must not be written by a step outside it
+    in grad mode (PyTorch forbids it): a step with autograd on after one under inference_mode gives the reference's
+    logits."""
+    d, _ = tiny_hf("llama3-gqa")
+    lean, reference = (
+        Transformer.from_pretrained(d, dtype=torch.bfloat16, backend=b, quantize="int4") for b in ("cpu", "torch")
+    )
+    tokens = torch.arange(10)[None]
+    out = {}
+    for name, model in (("lean", lean), ("reference", reference)):
+        model.setup_cache(1, 16)
+        with torch.inference_mode():
+            model(tokens[:, :6], torch.arange(6), kv_len=6)
+            model(tokens[:, 6:7], torch.tensor([[6]]), kv_len=7)
+        out[name] = model(tokens[:, 7:8], torch.tensor([[7]]), kv_len=8).detach()  # grad mode, as in a notebook
+    torch.testing.assert_close(out["lean"], out["reference"], rtol=0, atol=0)
+
+
 def test_the_cpu_backend_is_the_default_on_the_cpu():
     assert get_ops("auto", "cpu") is CpuOps
     with pytest.raises(RuntimeError, match="backend='cpu' runs on the CPU, not cuda"):

@@ -172,8 +172,8 @@ class _LeanLayer:
     """What the lean step reads of one block, gathered once instead of at every step: nn.Module's attribute
     lookups (`layer.attention.wqkv.packed`: a submodule, then a buffer, each through `Module.__getattr__`) cost
     about as much as the small ops they feed (measured: 24.3 against 19.8 ms a SmolLM2 int4 step, with the
-    direct kernel calls below). Valid while `_generation` is unchanged; the hooks are the modules' own dicts,
-    which registering a hook fills in place."""
+    direct kernel calls below). Valid while `_generation` is unchanged, and in the inference mode it was gathered
+    in; the hooks are the modules' own dicts, which registering a hook fills in place."""
 
     _watching = False
 
@@ -188,6 +188,8 @@ class _LeanLayer:
             _LeanLayer._watching = True
         attn, ffn, cache = layer.attention, layer.feed_forward, layer.attention.cache
         self.generation = _generation[0]
+        # views made under inference_mode may not be written outside it (and the reverse is allowed): kept per mode
+        self.inference = torch.is_inference_mode_enabled()
         modules = (layer, layer.attention_norm, attn, layer.ffn_norm, ffn)
         self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
         self.heads = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -204,7 +206,7 @@ class _LeanLayer:
         `forward` the reference block calls (tensor parallelism's all-reduces, an inspection hook), and the
         lean step calls none of them."""
         lean = layer.__dict__.get("_lean")
-        if lean is None or lean.generation != _generation[0]:
+        if lean is None or lean.generation != _generation[0] or lean.inference != torch.is_inference_mode_enabled():
             lean = layer._lean = _LeanLayer(layer)
         if any(lean.hooks) or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None
