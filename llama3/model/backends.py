@@ -172,8 +172,9 @@ class _LeanLayer:
     """What the lean step reads of one block, gathered once instead of at every step: nn.Module's attribute
     lookups (`layer.attention.wqkv.packed`: a submodule, then a buffer, each through `Module.__getattr__`) cost
     about as much as the small ops they feed (with the direct kernel calls and the single-row cache write below:
-    15.6 against 13.2 ms a SmolLM2 int4 step, the same logits; docs/benchmarks.md). Valid while `_generation` is unchanged, and in the inference mode it was gathered
-    in; the hooks are the modules' own dicts, which registering a hook fills in place."""
+    15.6 against 13.2 ms a SmolLM2 int4 step, the same logits; docs/benchmarks.md). Valid while `_generation`
+    is unchanged, and in the inference mode it was gathered in; the hooks are the modules' own dicts, which
+    registering a hook fills in place."""
 
     _watching = False
 
