@@ -80,6 +80,27 @@ def transformers_guide(gguf: Path, tokens: list[int], max_length: int, stride: i
             "windows": windows, "seconds": seconds}  # fmt: skip
 
 
+class _Rounded(torch.nn.Module):
+    """An fbgemm projection (float32 out) inside a bfloat16 model: its result rounded to the model's dtype."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).to(x.dtype)
+
+
+def on_fbgemm(model, names: list[str]) -> None:
+    """Puts the projections `names` (wqkv, wo, w13, w2) of every block on fbgemm's dynamic int8 kernel, their
+    weights the same codes `kernel="fbgemm"` loads (the file's Q4 codes requantized per row to int8)."""
+    fbgemm = Llama.from_pretrained(device="cpu", kernel="fbgemm").model
+    for ours, theirs in zip(model.layers, fbgemm.layers, strict=True):
+        for name in names:
+            part = "attention" if name in ("wqkv", "wo") else "feed_forward"
+            setattr(getattr(ours, part), name, _Rounded(getattr(getattr(theirs, part), name)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chars", type=int, default=10000, help="the first N characters of the play (0: all of it)")
@@ -89,7 +110,7 @@ def main() -> None:
         "--modes",
         default="float32,bfloat16,int8,int4",
         help="comma-separated; int8/int4: bf16 activations; int4-fbgemm, fbgemm, auto: the CPU kernel plans "
-        "(llama3.quant.choice)",
+        "(llama3.quant.choice); int4-fbgemm+w13 (+wqkv, +wo, +w2): a trial, those projections on fbgemm too",
     )
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32 keeps the GGUF file's own codes)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers float32 check")
@@ -104,7 +125,10 @@ def main() -> None:
     rows: list[dict] = []
     tokens: list[int] = []
     for mode in a.modes.split(","):
-        if mode in ("int4-fbgemm", "fbgemm", "auto"):  # the CPU kernel plans (llama3.quant.choice)
+        if mode.startswith("int4-fbgemm+"):  # a trial: int4-fbgemm with some projections on fbgemm as well
+            llm = Llama.from_pretrained(device="cpu", kernel="int4-fbgemm", group_size=a.group_size)
+            on_fbgemm(llm.model, mode.split("+")[1:])
+        elif mode in ("int4-fbgemm", "fbgemm", "auto"):  # the CPU kernel plans (llama3.quant.choice)
             kernel = None if mode == "auto" else mode
             llm = Llama.from_pretrained(device="cpu", quantize="auto", kernel=kernel, group_size=a.group_size)
             mode = f"{mode} ({llm.model.kernel_choice.plan})" if mode == "auto" else mode
@@ -164,7 +188,8 @@ def main() -> None:
         f"group {a.group_size} (at 32 the file's own Q4_1 codes) with the output projection at int8 (it is tied to "
         "the embedding, stored Q8_0 in the file; a 4-bit output measured 26.26 here). int4-fbgemm: the same with "
         "the output projection on fbgemm's dynamic int8 kernel (activations quantized per row, 8 bits with "
-        "AVX512-VNNI, else 7); fbgemm: every projection on it, float32 activations. Seconds: one run each.",
+        "AVX512-VNNI, else 7); fbgemm: every projection on it, float32 activations; int4-fbgemm+w13 (a trial): "
+        "int4-fbgemm with the named projections on fbgemm too, each result rounded to bfloat16. Seconds: one run each.",
         f"The whole benchmark took {result['wall_seconds']:.0f} s (1-minute load average "
         f"{load_before:.1f} at the start, {result['load_average_1min'][1]:.1f} at the end).",
     ]

@@ -98,6 +98,42 @@ def test_a_hooked_block_runs_the_reference(tiny_hf):
     assert len(calls) == 3  # the prefill and both decode steps
 
 
+@torch.inference_mode()
+def test_a_block_changed_between_steps_is_read_again(tiny_hf):
+    """The lean step gathers each block's weights and cache once, not at every step: a projection replaced after
+    a decode (an adapter's wrapper, a new weight) and a new cache (`setup_cache` for another batch) must be what
+    the next steps run."""
+    d, _ = tiny_hf("llama3-gqa")
+    lean, reference = (Transformer.from_pretrained(d, dtype=torch.float32, backend=b) for b in ("cpu", "torch"))
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    decode(lean, tokens[:1], [5], 2)
+    for model in (lean, reference):
+        ffn = model.layers[1].feed_forward
+        torch.manual_seed(4)
+        ffn.w2 = torch.nn.Linear(ffn.w2.in_features, ffn.w2.out_features, bias=False)
+    torch.testing.assert_close(decode(lean, tokens[:1], [5], 3), decode(reference, tokens[:1], [5], 3))
+    torch.testing.assert_close(decode(lean, tokens, [5, 7], 3), decode(reference, tokens, [5, 7], 3))
+
+
+def test_decode_steps_in_and_out_of_inference_mode(tiny_hf):
+    """The lean step's cache views, gathered under torch.inference_mode, must not be written by a step outside it
+    in grad mode (PyTorch forbids it): a step with autograd on after one under inference_mode gives the reference's
+    logits."""
+    d, _ = tiny_hf("llama3-gqa")
+    lean, reference = (
+        Transformer.from_pretrained(d, dtype=torch.bfloat16, backend=b, quantize="int4") for b in ("cpu", "torch")
+    )
+    tokens = torch.arange(10)[None]
+    out = {}
+    for name, model in (("lean", lean), ("reference", reference)):
+        model.setup_cache(1, 16)
+        with torch.inference_mode():
+            model(tokens[:, :6], torch.arange(6), kv_len=6)
+            model(tokens[:, 6:7], torch.tensor([[6]]), kv_len=7)
+        out[name] = model(tokens[:, 7:8], torch.tensor([[7]]), kv_len=8).detach()  # grad mode, as in a notebook
+    torch.testing.assert_close(out["lean"], out["reference"], rtol=0, atol=0)
+
+
 def test_the_cpu_backend_is_the_default_on_the_cpu():
     assert get_ops("auto", "cpu") is CpuOps
     with pytest.raises(RuntimeError, match="backend='cpu' runs on the CPU, not cuda"):

@@ -140,15 +140,6 @@ class TorchOps:
         return F.linear(x, w)
 
 
-def _hooked(layer: nn.Module) -> bool:
-    """Whether a hook waits on a module whose `forward` the reference block calls (tensor parallelism's
-    all-reduces, an inspection hook): the lean step calls none of them, so such a block runs the reference."""
-    modules = (layer, layer.attention_norm, layer.attention, layer.ffn_norm, layer.feed_forward)
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
-        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    )
-
-
 class _DecodeStep:
     """What every layer of one decode step shares, built by the step's first layer: the rows written
     (B, 1), the slots (B, 1) and the mask as an additive float tensor (B, 1, 1, kv_len), which SDPA would
@@ -163,14 +154,83 @@ class _DecodeStep:
             cls.cos = cos
             cls.rows = torch.arange(input_pos.shape[0], device=input_pos.device)[:, None]
             cls.pos = input_pos
+            cls.slot = input_pos.view(1) if input_pos.shape[0] == 1 else None  # one row: index_copy_'s index
             cls.mask = torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         return cls
 
 
+# Bumped whenever any module gets a submodule, parameter or buffer assigned (`setup_cache`'s new caches, a LoRA
+# adapter's wrapper, a replaced weight): each block's `_LeanLayer` is then gathered again.
+_generation = [0]
+
+
+def _bump(*_) -> None:
+    _generation[0] += 1
+
+
+class _LeanLayer:
+    """What the lean step reads of one block, gathered once instead of at every step: nn.Module's attribute
+    lookups (`layer.attention.wqkv.packed`: a submodule, then a buffer, each through `Module.__getattr__`) cost
+    about as much as the small ops they feed (with the direct kernel calls and the single-row cache write below:
+    15.6 against 13.2 ms a SmolLM2 int4 step, the same logits; docs/benchmarks.md). Valid while `_generation`
+    is unchanged, and in the inference mode it was gathered in; the hooks are the modules' own dicts, which
+    registering a hook fills in place."""
+
+    _watching = False
+
+    def __init__(self, layer: nn.Module):
+        if not _LeanLayer._watching:  # once per process: the module-tree changes that make a gathered block stale
+            for register in (
+                nn.modules.module.register_module_module_registration_hook,
+                nn.modules.module.register_module_buffer_registration_hook,
+                nn.modules.module.register_module_parameter_registration_hook,
+            ):
+                register(_bump)
+            _LeanLayer._watching = True
+        attn, ffn, cache = layer.attention, layer.feed_forward, layer.attention.cache
+        self.generation = _generation[0]
+        # views made under inference_mode may not be written outside it (and the reverse is allowed): kept per mode
+        self.inference = torch.is_inference_mode_enabled()
+        modules = (layer, layer.attention_norm, attn, layer.ffn_norm, ffn)
+        self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
+        self.heads = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.attention_norm = layer.attention_norm.weight, layer.attention_norm.eps
+        self.ffn_norm = layer.ffn_norm.weight, layer.ffn_norm.eps
+        self.wqkv, self.wo, self.w13, self.w2 = (_projection(m) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2))
+        self.k, self.v = cache.k, cache.v
+        # the first row's cache as (1, S, KVH, D) views: a single row's step writes its slot in one op each
+        self.k_slots, self.v_slots = cache.k[:1].transpose(1, 2), cache.v[:1].transpose(1, 2)
+
+    @staticmethod
+    def of(layer: nn.Module) -> _LeanLayer | None:
+        """The block's gathered form, or None where the reference must run it: a hook waits on a module whose
+        `forward` the reference block calls (tensor parallelism's all-reduces, an inspection hook), and the
+        lean step calls none of them."""
+        lean = layer.__dict__.get("_lean")
+        if lean is None or lean.generation != _generation[0] or lean.inference != torch.is_inference_mode_enabled():
+            lean = layer._lean = _LeanLayer(layer)
+        if any(lean.hooks) or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None
+        return lean
+
+
+def _projection(layer: nn.Module) -> tuple | nn.Module:
+    """An int4 layer packed for the CPU whose rows need no padding: its kernel's arguments, called without the
+    module's reshapes and slice (Int4Linear.forward, the same call); anything else: the layer, for `ops.linear`."""
+    if type(layer) is Int4Linear and layer.layout == "cpu" and layer.out_features % 16 == 0:
+        return layer.packed, layer.group_size, layer.scales_and_zeros
+    return layer
+
+
+def _project(x: Tensor, layer: tuple | nn.Module, ops) -> Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x, *layer) if type(layer) is tuple else ops.linear(x, layer)
+
+
 class CpuOps(TorchOps):
     """The PyTorch backend with a lean decode step: `run_block` computes one new token per row (T = 1, with a
-    cache) in about 25 aten ops per layer in float32 and 31 with bfloat16 activations, against the reference's
-    ~50 (profiled by tests/test_cpu_backend.py), with the same products in the same order and the reference's
+    cache) in about 28 aten ops per layer in float32 and 33 with bfloat16 activations (the embedded SmolLM2,
+    benchmarks/cpu_defaults.py), against the reference's ~50 (tests/test_cpu_backend.py holds the lean step to 40
+    and the reference above it), with the same products in the same order and the reference's
     roundings, so its logits equal the reference's. Everything else (prefill, a cache-free forward, a block with
     hooks) is the reference. The default on the CPU."""
 
@@ -179,15 +239,17 @@ class CpuOps(TorchOps):
     @staticmethod
     def run_block(layer: nn.Module, x: Tensor, cos, sin, mask, input_pos, ops) -> Tensor:
         B, T, dim = x.shape
-        if T != 1 or mask is None or x.dtype not in (torch.float32, torch.bfloat16) or _hooked(layer):
+        lean = None
+        if T == 1 and mask is not None and x.dtype in (torch.float32, torch.bfloat16):
+            lean = _LeanLayer.of(layer)
+        if lean is None:
             return layer(x, cos, sin, mask, input_pos, ops)
         step = _DecodeStep.of(cos, mask, input_pos)
         x = x.view(B, dim)  # rows: the int4 kernel takes 2-d activations
-        attn, cache = layer.attention, layer.attention.cache
-        H, KVH, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        qkv = ops.linear(_rms_norm(x, layer.attention_norm), attn.wqkv).view(B, 1, H + 2 * KVH, D)
-        if qkv.dtype != cache.k.dtype:  # 16-bit activations: RoPE in fp32 (apply_rope), the cache in fp32
-            qkv = qkv.to(cache.k.dtype)
+        H, KVH, D = lean.heads
+        qkv = _project(_rms_norm(x, *lean.attention_norm), lean.wqkv, ops).view(B, 1, H + 2 * KVH, D)
+        if qkv.dtype != lean.k.dtype:  # 16-bit activations: RoPE in fp32 (apply_rope), the cache in fp32
+            qkv = qkv.to(lean.k.dtype)
         qk, v = qkv.split([H + KVH, KVH], dim=2)
         # apply_rope on q and k together, cos and sin (B, 1, 1, D) broadcast over their heads; (a * b).add_(c * d)
         # rounds as a * b + c * d does (addcmul fuses the last multiply-add: 1 ulp away)
@@ -195,18 +257,22 @@ class CpuOps(TorchOps):
         if x.dtype != qk.dtype:  # apply_rope returns x's dtype: the reference's rounding, then the cache's dtype
             qk = qk.to(x.dtype).to(qk.dtype)
         q, k = qk.split([H, KVH], dim=2)
-        # KVCache.update: cache[rows, :, pos] = k (B, 1, KVH, D), without the per-layer index tensor, and
-        # through aten's index_put_, which takes the open dimension as None (Python's [] adds a view)
-        index = (step.rows, None, step.pos)
-        torch.ops.aten.index_put_(cache.k, index, k)
-        torch.ops.aten.index_put_(cache.v, index, v)
+        # KVCache.update: cache[rows, :, pos] = k (B, 1, KVH, D), without the per-layer index tensor. One row:
+        # index_copy_ into the row's (1, S, KVH, D) view (0.6 ms faster a SmolLM2 step); several: aten's index_put_,
+        # which takes the open dimension as None (Python's [] adds a view)
+        if step.slot is not None:
+            lean.k_slots.index_copy_(1, step.slot, k)
+            lean.v_slots.index_copy_(1, step.slot, v)
+        else:
+            torch.ops.aten.index_put_(lean.k, (step.rows, None, step.pos), k)
+            torch.ops.aten.index_put_(lean.v, (step.rows, None, step.pos), v)
         kv_len = mask.shape[-1]
-        keys, values = cache.k[:B, :, :kv_len], cache.v[:B, :, :kv_len]
+        keys, values = lean.k[:B, :, :kv_len], lean.v[:B, :, :kv_len]
         # TorchOps.attention's decode form: the H/KVH query heads of a key/value head as its queries
         out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), keys, values, attn_mask=step.mask)
-        x = x + ops.linear(out.view(B, H * D).to(x.dtype), attn.wo)
-        ffn = layer.feed_forward
-        return (x + ops.linear(ops.swiglu(ops.linear(_rms_norm(x, layer.ffn_norm), ffn.w13)), ffn.w2)).view(B, 1, dim)
+        x = x + _project(out.view(B, H * D).to(x.dtype), lean.wo, ops)
+        gate_up = _project(_rms_norm(x, *lean.ffn_norm), lean.w13, ops)
+        return (x + _project(ops.swiglu(gate_up), lean.w2, ops)).view(B, 1, dim)
 
     @staticmethod
     def linear(x: Tensor, layer: nn.Module) -> Tensor:
@@ -221,12 +287,12 @@ class CpuOps(TorchOps):
         return TorchOps.linear(x, layer)
 
 
-def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm.forward: in float32 with the weight inside F.rms_norm (the same products, one op); in 16 bits
     as RMSNorm rounds, normalized then scaled."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 class TritonOps(TorchOps):

@@ -9,7 +9,10 @@ The candidates are those that keep the embedded SmolLM2's perplexity on Hamlet w
 - "int8": every projection int8 through `_weight_int8pack_mm` (24.682, +0.95%: the file's 4-bit weights
   re-rounded per row).
 fbgemm on every projection (`kernel="fbgemm"`), the fastest per call, measured 25.272 (+3.4%) with 8-bit
-activations (7-bit ones, emulated: +7.7%), so it is a choice a user makes, never the default.
+activations (7-bit ones, emulated: +7.7%), so it is a choice a user makes, never the default. fbgemm on some
+projections besides the output is no plan either (benchmarks/results/perplexity-smollm2-kernels-c.md): gate/up
++0.63%, QKV +0.86%, down +1.33%, QKV and gate/up +1.27%; and the one within 1%, gate/up, made the decode step
+slower (25.1 against 21.2 ms a SmolLM2 step: its int8 weights are twice the int4 bytes a step reads).
 
 Why a micro-benchmark and not a table: the kernels' speeds depend on the instruction set (AVX2 against AVX-512
 moved int4 from 47 to 180 us a call), on PyTorch's release and on the machine, and no table covers every CPU.
