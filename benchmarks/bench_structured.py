@@ -99,12 +99,7 @@ def bench_xgrammar(tok, vocab_size: int, ids: list[int]) -> dict:
             m.fill_next_token_bitmask(bitmask)
             assert m.accept_token(t), "the instance does not follow the grammar"
             times.append(time.perf_counter() - s)
-    return {
-        "vocab_s": t1 - t0,
-        "compile_s": t2 - t1,
-        "per_token_us": 1e6 * statistics.median(times),
-        "per_token_p95_us": 1e6 * sorted(times)[int(0.95 * len(times))],
-    }
+    return _costs(t0, t1, t2, times)
 
 
 def bench_llguidance(tok, vocab_size: int, ids: list[int]) -> dict:
@@ -139,6 +134,11 @@ def bench_llguidance(tok, vocab_size: int, ids: list[int]) -> dict:
             llt.fill_next_token_bitmask(m, bitmask, 0)
             assert m.consume_token(t), m.get_error()
             times.append(time.perf_counter() - s)
+    return _costs(t0, t1, t2, times)
+
+
+def _costs(t0: float, t1: float, t2: float, times: list[float]) -> dict:
+    """A library's costs from its timestamps (start, vocabulary built, grammar compiled) and per-token mask times."""
     return {
         "vocab_s": t1 - t0,
         "compile_s": t2 - t1,
