@@ -1,6 +1,9 @@
 """The fbgemm dynamic int8 layer against an integer reference, and the per-machine kernel choice."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,6 +91,44 @@ def test_the_choice_is_measured_once_per_machine_and_cached(tmp_path, monkeypatc
     faster_int8 = times["int8 projection"] * choice.INT8_MARGIN < times["int4 projection"]
     assert (first.plan == "int8") == faster_int8
     assert (first.plan == "int4-fbgemm") == (not faster_int8 and times.get("fbgemm output", 1e9) < times["int8 output"])
+
+
+def test_the_projections_are_timed_on_weights_out_of_a_cores_cache():
+    """Each candidate is timed by turns over distinct copies of its weight, WORKING_SET bytes of int8 codes in all
+    (far beyond a core's L2), as a decode step reads its weights: the hot-weight timing chose int8 over int4."""
+    layer = torch.nn.Linear(*reversed(choice.BODY_SHAPE), bias=False)
+    calls = []
+    layer.register_forward_hook(lambda m, args, out: calls.append(m.weight.data_ptr()))
+    run = choice._by_turns(layer, torch.randn(1, choice.BODY_SHAPE[1]))
+    run()
+    int8_bytes = len(calls) * torch.Size(choice.BODY_SHAPE).numel()
+    assert len(set(calls)) == len(calls) and choice.WORKING_SET - int8_bytes < torch.Size(choice.BODY_SHAPE).numel()
+
+
+SATURATING = """
+import sys, torch
+from llama3.quant import isa
+from llama3.quant.dynamic import DynInt8Linear
+from llama3.quant.weight_only import QuantizedWeight
+# every pair of adjacent products is 255 * 127 * 2 = 64770: past int16, where AVX2's vpmaddubsw saturates
+codes = torch.full((16, 64), 127, dtype=torch.int8)
+q = QuantizedWeight("int8", codes, torch.ones(16), None, None)
+x = torch.full((1, 64), 255.0)
+out = DynInt8Linear(q, reduce_range=False)(x)
+print(isa.fbgemm_vnni(), DynInt8Linear(q).reduce_range, out[0, 0].item())
+"""
+
+
+@pytest.mark.skipif(not choice.isa.isa()["avx512_vnni"], reason="needs a CPU with AVX512-VNNI to take it away")
+def test_fbgemm_enable_instructions_takes_vnni_away_as_fbgemm_does():
+    """FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes fbgemm run its AVX2 code (saturating int16 pair sums: 8-bit
+    activations go wrong) and `fbgemm_vnni` agrees, so the layer gets 7 bits and the choice a key of its own."""
+    exact = 255 * 127 * 64.0
+    for env, vnni in [("AVX2", False), ("avx512", False), ("AVX512_E1", True), ("", True)]:
+        out = subprocess.run([sys.executable, "-c", SATURATING], env={**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": env},
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        assert out[:2] == [str(vnni), str(not vnni)], env
+        assert (float(out[2]) == exact) == vnni, (env, out[2])  # without VNNI the pairs saturate
 
 
 class ReferenceLinear(torch.nn.Module):

@@ -16,15 +16,24 @@ slower (25.1 against 21.2 ms a SmolLM2 step: its int8 weights are twice the int4
 
 Why a micro-benchmark and not a table: the kernels' speeds depend on the instruction set (AVX2 against AVX-512
 moved int4 from 47 to 180 us a call), on PyTorch's release and on the machine, and no table covers every CPU.
-A few calls of each on one decode-sized shape take well under a second; the answer is cached per machine
-(CPU model, instruction sets, ATen's dispatch, torch version) in ~/.cache/llama3/kernels.json.
+A few calls of each on decode-sized shapes take well under a second; the answer is cached per machine
+(CPU model, instruction sets, ATen's and fbgemm's dispatch, torch version) in ~/.cache/llama3/kernels.json.
+
+The projections are timed as a decode step runs them: each call on a weight no core has in its own cache, by
+turns over copies of the weight adding up to `WORKING_SET` bytes of int8 codes (about the embedded SmolLM2's
+weights), since a step reads each weight once. Timed on one weight over and over (0.9 MB of int8, hot in L2),
+int8 was more than 1.25x faster than int4 with ATen's AVX2 kernels and won, yet SmolLM2 decoded at 59 tok/s
+with int8 against 80 with int4: int8 reads twice the bytes (Xeon, AVX2 dispatch; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +50,7 @@ INT8_MARGIN = 1.25
 
 # decode-sized shapes (1 row): a projection and a stand-in for the output projection
 BODY_SHAPE, OUTPUT_SHAPE = (1536, 576), (8192, 576)
+WORKING_SET = 64 << 20  # bytes of int8 projection codes timed by turns (module docstring)
 
 
 @dataclass
@@ -82,7 +92,8 @@ def cache_path() -> Path:
 
 def machine_key() -> str:
     flags = ",".join(name for name, ok in isa.isa().items() if ok)
-    return f"{isa.cpu_model()}|{flags}|{isa.aten_capability()}|torch {torch.__version__}"
+    fbgemm = "fbgemm vnni" if isa.fbgemm_vnni() else "fbgemm no vnni"
+    return f"{isa.cpu_model()}|{flags}|{isa.aten_capability()}|{fbgemm}|torch {torch.__version__}"
 
 
 def choose(use_cache: bool = True) -> KernelChoice:
@@ -142,6 +153,12 @@ def measure() -> KernelChoice:
     return KernelChoice(plan, quantize_mode, kernel, reason, {k: round(v, 1) for k, v in times.items()})
 
 
+def _by_turns(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One call on each of the copies of `layer` that `WORKING_SET` holds, in turn (module docstring)."""
+    copies = [layer] + [copy.deepcopy(layer) for _ in range(WORKING_SET // math.prod(BODY_SHAPE) - 1)]
+    return lambda: [layer(x) for layer in copies]
+
+
 def _measure() -> dict[str, float]:
     from llama3.quant.dynamic import DynInt8Linear
     from llama3.quant.weight_only import Int4Linear, Int8Linear, quantize
@@ -153,12 +170,13 @@ def _measure() -> dict[str, float]:
     int4 = Int4Linear(quantize(body, "int4"), torch.bfloat16)
     int8_body, int8_out = Int8Linear(quantize(body, "int8"), torch.bfloat16), Int8Linear(q8_out, torch.bfloat16)
     x_body16, x_out16 = x_body.bfloat16(), x_out.bfloat16()
+    copies = WORKING_SET // math.prod(BODY_SHAPE)
     times = {}
     with torch.inference_mode():
-        times["int4 projection"] = _time_us(lambda: int4(x_body16))
-        times["int8 projection"] = _time_us(lambda: int8_body(x_body16))
+        times["int4 projection"] = _time_us(_by_turns(int4, x_body16), calls=5) / copies
+        times["int8 projection"] = _time_us(_by_turns(int8_body, x_body16), calls=5) / copies
         times["int8 output"] = _time_us(lambda: int8_out(x_out16))
-        if isa.isa()["avx512_vnni"] and "fbgemm" in torch.backends.quantized.supported_engines:
+        if isa.fbgemm_vnni() and "fbgemm" in torch.backends.quantized.supported_engines:
             fbgemm = DynInt8Linear(q8_out)
             times["fbgemm output"] = _time_us(lambda: fbgemm(x_out))
     return times

@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from llama3.quant.isa import isa
+from llama3.quant.isa import fbgemm_vnni
 from llama3.quant.weight_only import QuantizedWeight, QuantizeError, dequantize_int8, quantize, quantized_linear
 
 
@@ -52,7 +52,7 @@ class DynInt8Linear(nn.Module):
     def __init__(self, q: QuantizedWeight, reduce_range: bool | None = None):
         super().__init__()
         # 7-bit activations unless the CPU adds the products in int32 (see the module docstring)
-        self.reduce_range = not isa()["avx512_vnni"] if reduce_range is None else reduce_range
+        self.reduce_range = not fbgemm_vnni() if reduce_range is None else reduce_range
         if q.mode != "int8":
             q = quantize(q.dequantize(), "int8")
         self.out_features, self.in_features = q.shape

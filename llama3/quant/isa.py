@@ -4,13 +4,15 @@ PyTorch's own kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) dis
 (`torch.backends.cpu.get_cpu_capability()`: DEFAULT, AVX2, AVX512, ..., lowered by `ATEN_CPU_CAPABILITY`);
 fbgemm (`torch.ops.quantized.linear_dynamic`) picks its own code from the CPU (cpuinfo), whatever ATen does.
 AVX512-VNNI matters to fbgemm: its dot products then add uint8 x int8 products straight into int32, where
-AVX2's `vpmaddubsw` adds pairs in saturating int16 (so activations get 7 bits there, 8 with VNNI). On ARM,
+AVX2's `vpmaddubsw` adds pairs in saturating int16 (so activations get 7 bits there, 8 with VNNI); fbgemm's own
+FBGEMM_ENABLE_INSTRUCTIONS lowers its code as ATEN_CPU_CAPABILITY lowers ATen's (`fbgemm_vnni`). On ARM,
 `_dyn_quant_matmul_4bit` runs KleidiAI's NEON / SVE kernels (on x86 it is a reference loop).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -42,6 +44,15 @@ def isa() -> dict[str, bool]:
         "amx": cpu._is_amx_tile_supported(),
         "arm": arm,
     }
+
+
+def fbgemm_vnni() -> bool:
+    """Whether fbgemm's int8 GEMMs run VNNI code here: the CPU has AVX512-VNNI and FBGEMM_ENABLE_INSTRUCTIONS, which
+    fbgemm reads at its first call, does not lower it to code without it ("AVX2", "AVX512", "AVX512_256"; "AVX512_E1"
+    and "AVX512_E1_256" keep it, and fbgemm ignores any other value: fbgemm's src/Utils.cc, fbgemmEnvGetIsa).
+    Setting it to AVX2 with ATEN_CPU_CAPABILITY=avx2 runs both libraries as on a CPU without AVX-512."""
+    capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX512", "AVX512_256")
+    return isa()["avx512_vnni"] and not capped
 
 
 def aten_capability() -> str:
