@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import hf_greedy
 
 from llama3 import Llama
 from llama3.generate.params import SamplingParams
-from llama3.generate.sampling import sample
+from llama3.generate.sampling import sample, sampling_probs
 
 PROMPTS = ["Hello world, this is", "Hi", "The quick brown fox jumps over the lazy dog and keeps running"]
 
@@ -259,6 +260,40 @@ def test_top_p_boundary_follows_metas_sample_top_p(n_tokens, top_p, kept):
     assert int((mass_before <= top_p).sum()) == kept  # Meta's rule, transcribed
     seen = draws(logits, 3000, top_p=top_p)
     assert len(set(seen.tolist())) == kept
+
+
+def sorted_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Meta's `sample_top_p` cut over the whole sorted row, transcribed (without its renormalisation)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cut = sorted_probs.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs > top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, cut)
+
+
+@pytest.mark.parametrize("vocab", [49152, 128256])
+def test_cpu_top_p_from_the_top_tokens_equals_sorting_the_whole_row(vocab):
+    """The CPU's shortcut (`nucleus_among_the_top`) gives the full sort's result bit for bit where it applies,
+    declines where the nucleus reaches past its tokens, and `sampling_probs` equals the full sort either way."""
+    from llama3.generate.sampling import NUCLEUS_FIRST, nucleus_among_the_top
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, vocab, generator=g)
+    logits[:, :40] += torch.linspace(8, 4, 40)  # a peaked head: the nucleus is a few dozen tokens
+    flat = torch.randn(2, vocab, generator=g) * 0.1  # thousands of tokens before p
+    wide = torch.randn(2, vocab, generator=g) * 0.01  # 300 tokens hold 0.95: the first 256 about 0.81
+    wide[:, :300] += 0.6 * math.log(0.95 * vocab / (300 * 0.05))
+    cases = [(logits, 0.9, True), (logits, 0.5, True), (flat, 0.9, False), (flat, 0.001, True), (wide, 0.9, False)]
+    for rows, top_p, applies in cases + [(wide, 0.7, True)]:
+        probs = torch.softmax((rows - rows.amax(dim=-1, keepdim=True)) / 0.6, dim=-1)  # as sampling_probs makes them
+        expected = sorted_top_p(probs, top_p)
+        shortcut = nucleus_among_the_top(probs, top_p)
+        assert (shortcut is not None) == applies, top_p
+        if applies:
+            assert torch.equal(shortcut, expected)
+            assert 1 < int((shortcut > 0).sum(-1).max()) < NUCLEUS_FIRST
+        assert torch.equal(sampling_probs(rows, SamplingParams(0.6, top_p, None)), expected)
+    # one row whose nucleus is too wide sends the whole batch to the full sort
+    both = torch.softmax(torch.cat([logits[:1], flat[:1]]) / 0.6, dim=-1)
+    assert nucleus_among_the_top(both, 0.9) is None
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])

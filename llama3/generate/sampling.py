@@ -89,13 +89,41 @@ def sampling_probs(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        nucleus = nucleus_among_the_top(probs, top_p) if probs.device.type == "cpu" else None
+        if nucleus is None:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
+            nucleus = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = nucleus
     if params.min_p > 0:  # transformers' MinPLogitsWarper; the ratio to the top token survives top-p's cut
         probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     return probs
+
+
+# How many of the most likely tokens top-p looks at first on the CPU (`nucleus_among_the_top`)
+NUCLEUS_FIRST = 256
+
+
+def nucleus_among_the_top(probs: Tensor, top_p: float) -> Tensor | None:
+    """Top-p's result (as `sampling_probs` computes it by sorting the whole row), taken from the NUCLEUS_FIRST most
+    likely tokens alone, or None where those do not hold the nucleus of every row.
+
+    On the CPU, sorting the vocabulary costs more than a small model's whole decode step (2.6 ms for 49,152
+    entries, 7.9 ms for 128,256, 2 cores; benchmarks/bench_sampling.py), while the nucleus is nearly always a
+    few dozen tokens. `topk` gives the first entries of the sorted row, in the same order, and their running sum
+    is the sorted row's. Once that sum clears top_p (by far more than float32 rounds a sum near 1), every later
+    token's preceding mass is above top_p too, so top-p zeroes all of them. Checking it reads the sum on the
+    host: free on the CPU, a sync (and no CUDA graph) on an accelerator, so `sampling_probs` asks only on the CPU.
+    Tokens of equal probability straddling the cut may be kept in another order than a full sort keeps them,
+    which a sort does not define either."""
+    if probs.shape[-1] <= NUCLEUS_FIRST:
+        return None
+    top, order = probs.topk(NUCLEUS_FIRST, dim=-1)
+    mass = top.cumsum(dim=-1)
+    if not bool((mass[:, -1] > top_p + 1e-5).all()):
+        return None
+    return torch.zeros_like(probs).scatter_(-1, order, top.masked_fill(mass - top > top_p, 0.0))
 
 
 def draw(probs: Tensor, generator=None) -> Tensor:
