@@ -4,9 +4,13 @@
 
 Each run is a fresh `llama3 generate --json` process on the embedded SmolLM2-135M-Instruct (its default weights on the
 CPU), greedy, --max-new-tokens tokens from one prompt. Settings:
-    before        the CLI as it was: torch imported first, so GNU OpenMP's threads spin-wait (its default),
-                  one thread per core
-    default       `llama3 generate` as it is now: OMP_WAIT_POLICY=PASSIVE set before torch loads
+    libgomp's default  torch imported before the CLI sets anything: GNU OpenMP's threads spin 300,000 times
+                  before they sleep, one thread per core
+    ACTIVE        OMP_WAIT_POLICY=ACTIVE: threads never sleep (as a benchmark's process runs), one a core
+    PASSIVE       OMP_WAIT_POLICY=PASSIVE: threads sleep at once (the CLI's previous default), one a core
+    default       `llama3 generate` as it is now (`llama3.cli.common.set_thread_defaults`): on a quiet machine
+                  GOMP_SPINCOUNT=10000 and a thread a core; where other processes run, PASSIVE threads on
+                  the idle CPUs only, at least one
     1 thread      OMP_NUM_THREADS=1 (the same as --threads 1)
 Conditions: quiet (nothing else started), and busy: one `python -c "while True: pass"` per core running
 beside it. Reported: decode tokens/s and time to first token (from --json), the process's wall time
@@ -30,9 +34,15 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "The three most important things to know about llamas are"
 BEFORE = "import sys, torch; from llama3.cli import main; sys.exit(main(sys.argv[1:]))"
+CORES = {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}  # a thread a core, whatever the CLI would choose
 SETTINGS = {
-    "before (spin-wait, one thread a core)": ([sys.executable, "-c", BEFORE], {}),
-    "default (OMP_WAIT_POLICY=PASSIVE)": ([sys.executable, "-m", "llama3"], {}),
+    "libgomp's default (spin 300,000)": ([sys.executable, "-c", BEFORE], {}),
+    "OMP_WAIT_POLICY=ACTIVE": ([sys.executable, "-m", "llama3"], {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "OMP_WAIT_POLICY=PASSIVE (the previous default)": (
+        [sys.executable, "-m", "llama3"],
+        {"OMP_WAIT_POLICY": "PASSIVE"},
+    ),
+    "default (GOMP_SPINCOUNT=10000)": ([sys.executable, "-m", "llama3"], {}),
     "OMP_NUM_THREADS=1": ([sys.executable, "-m", "llama3"], {"OMP_NUM_THREADS": "1"}),
 }
 
@@ -64,8 +74,8 @@ def run_once(cmd: list[str], extra_env: dict, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     rows = []
     for condition in ("quiet", "busy"):

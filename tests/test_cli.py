@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,21 +322,58 @@ def test_threads_sets_torch_threads(cli, checkpoint):
         torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize(
-    "env, policy", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "1000"}, None)]
+THREAD_PROBE = (
+    "import os, sys, llama3.cli as c, llama3.cli.common as common\n"
+    "common.busy_cpus = lambda: int(sys.argv[1]) if sys.argv[1] != 'all' else os.cpu_count()\n"
+    "show = lambda a: print(*(os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'OMP_NUM_THREADS')),"
+    " 'torch' in sys.modules) or 0\n"
+    "c.cmd_generate = c.cmd_bench = show\n"
+    "sys.exit(c.main(sys.argv[2:]))"
 )
-def test_openmp_threads_sleep_unless_the_user_says_otherwise(env, policy):
-    """`llama3 generate` sets OMP_WAIT_POLICY=PASSIVE before torch (and its libgomp) loads; a user's own
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as it is. The policy is read in the process, at torch's import."""
-    probe = (
-        "import os, sys, llama3.cli as c\n"
-        "c.cmd_generate = lambda a: print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules) or 0\n"
-        "sys.exit(c.main(['generate', 'Hi']))"
-    )
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    r = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True)
+
+
+def thread_settings(busy: str, env: dict, *args: str) -> list[str]:
+    """(OMP_WAIT_POLICY, GOMP_SPINCOUNT, OMP_NUM_THREADS, torch imported) as `llama3 ARGS` leaves them before torch
+    loads, with `busy` CPUs running other processes."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    cmd = [sys.executable, "-c", THREAD_PROBE, busy, *(args or ("generate", "Hi"))]
+    r = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [str(policy), "False"]  # set while torch was not yet imported
+    return r.stdout.split()
+
+
+@pytest.mark.parametrize(
+    "busy, env, expected",
+    [
+        ("0", {}, ["None", "10000", "None"]),  # quiet: a short spin, every core
+        ("all", {}, ["PASSIVE", "None", "1"]),  # every CPU busy: sleep at once, one thread
+        ("all", {"OMP_NUM_THREADS": "2"}, ["PASSIVE", "None", "2"]),  # the user's thread count stays
+        ("0", {"OMP_WAIT_POLICY": "ACTIVE"}, ["ACTIVE", "None", "None"]),  # the user's own policy stays
+        ("all", {"GOMP_SPINCOUNT": "1000"}, ["None", "1000", "1"]),
+    ],
+)
+def test_openmp_settings_follow_how_busy_the_machine_is(busy, env, expected):
+    """Set before torch (and its libgomp) loads, which reads them once: the state the test reads has no torch."""
+    assert thread_settings(busy, env) == [*expected, "False"]
+
+
+def test_a_benchmark_keeps_its_thread_count_on_a_busy_machine():
+    assert thread_settings("all", {}, "bench")[2] == "None"
+
+
+def test_busy_cpus_counts_the_processes_running_beside_this_one():
+    from llama3.cli.common import busy_cpus
+
+    if not Path("/proc/loadavg").is_file():
+        pytest.skip("the runnable count is read from Linux's /proc/loadavg")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # started and running
+        assert busy_cpus() >= 2
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
 
 
 # -- interrupts and pipes -----------------------------------------------------------------------------------

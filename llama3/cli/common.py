@@ -209,14 +209,62 @@ def quantize_mode(args: argparse.Namespace, auto: bool = False) -> str | None:
     return None
 
 
-def set_thread_defaults() -> None:
-    """GNU OpenMP (PyTorch's CPU build) threads spin-wait between parallel regions; on a machine whose cores
-    are busy with other work, a spinning thread holds a core another thread is waiting for, and `generate`
-    ran 5-30x slower than with one thread (benchmarks/results/threads-cpu.md). PASSIVE threads sleep instead.
-    Read by libgomp when torch loads, so set before torch is imported; the user's own setting wins."""
-    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+# How long GNU OpenMP's threads spin between parallel regions before they sleep (libgomp's default: 300,000)
+SPIN_COUNT = "10000"
+
+
+def set_thread_defaults(threads: bool = True) -> None:
+    """Thread settings that hold up on a quiet and on a busy machine (benchmarks/bench_threads.py,
+    benchmarks/results/threads-cpu.md), set before torch (and GNU OpenMP, which reads them once) loads.
+
+    GNU OpenMP's threads spin-wait between parallel regions. On a quiet machine that is the speed of a decode step,
+    whose operations are tens of microseconds apart: sleeping at once (OMP_WAIT_POLICY=PASSIVE) cost the embedded
+    SmolLM2 48 against 115 tok/s. A short spin, GOMP_SPINCOUNT=10000, keeps that speed. On a machine whose CPUs are
+    busy with other work, a spinning thread holds a CPU another thread waits for, and a parallel region waits for
+    whichever of its threads lost its CPU: `generate` ran 5-30x slower than with one thread. So where processes
+    other than this one are running now (`busy_cpus`), threads sleep at once and, with `threads`, take only the idle
+    CPUs, at least one. The user's own OMP_WAIT_POLICY, GOMP_SPINCOUNT, OMP_NUM_THREADS and --threads win."""
+    if "torch" in sys.modules:
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    idle = (os.cpu_count() or 1) - busy_cpus()  # the machine's CPUs (a container's view may have fewer)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads and idle < cores and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, idle))
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    try:
+        wanted = int(os.environ.get("OMP_NUM_THREADS", "").partition(",")[0])
+    except ValueError:
+        wanted = cores
+    if idle < wanted:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+def busy_cpus() -> int:
+    """How many threads of other processes are running now (Linux: /proc/loadavg's runnable count, its fourth field,
+    less this process's own running threads; the least of three reads 2 ms apart, so that a thread running for an
+    instant is not counted); 0 where the system does not say. Unlike the load average it does not lag a minute
+    behind."""
+    counts = []
+    try:
+        for i in range(3):
+            if i:
+                time.sleep(0.002)
+            running = int(Path("/proc/loadavg").read_text().split()[3].partition("/")[0])
+            own = sum(_running(task) for task in Path("/proc/self/task").iterdir())
+            counts.append(running - own)
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, min(counts))
+
+
+def _running(task: Path) -> bool:
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()[0] == "R"  # after "(comm)": the state
+    except (OSError, IndexError):  # the thread ended
+        return False
 
 
 def load(args: argparse.Namespace):

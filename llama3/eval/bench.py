@@ -80,8 +80,9 @@ def cpu_flags() -> set[str]:
 
 def machine() -> dict[str, Any]:
     """CPU model and ISA extensions, core count, accelerator; what a reader needs to compare two tables. The
-    threads and OpenMP wait policy too: the `llama3` command sets OMP_WAIT_POLICY=PASSIVE (threads sleep between
-    operations), a plain Python program leaves GNU OpenMP's spin-waiting, and a quiet machine times them apart."""
+    threads and OpenMP's waiting too (OMP_WAIT_POLICY, GOMP_SPINCOUNT: the `llama3` command sets them,
+    `llama3.cli.common.set_thread_defaults`; a plain Python program leaves GNU OpenMP's own), and the instruction
+    sets fbgemm and oneDNN were held to (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA: an AVX2 CPU emulated)."""
     flags = cpu_flags()
     return {
         "cpu": cpu_model(),
@@ -90,6 +91,9 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "fbgemm_instructions": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
@@ -118,6 +122,10 @@ def versions(systems: Sequence[str] = ()) -> dict[str, str]:
                 out[name] = __import__(module).__version__
             except ImportError:
                 pass
+    if "llama.cpp" in out:  # what its build uses: "AVX2 = 1 | AVX512 = 1 | ..." (a native build, or one made for AVX2)
+        flags = __import__("llama_cpp").llama_print_system_info().decode(errors="replace")
+        used = [f.split("=")[0].strip() for f in flags.split("|") if f.strip().endswith("= 1")]
+        out["llama.cpp"] += f" ({' '.join(u for u in used if u.startswith(('AVX', 'AMX', 'NEON', 'SVE', 'FMA')))})"
     return out
 
 

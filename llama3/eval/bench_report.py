@@ -30,7 +30,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{mach['torch_cpu_capability']}); "
         + ", ".join(f"{k} {v}" for k, v in h["versions"].items())
         + f"; {h['date']}",
-        f"{mach.get('threads', '?')} threads, OMP_WAIT_POLICY {mach.get('omp_wait_policy') or 'unset'}; load average "
+        f"{mach.get('threads', '?')} threads, OMP_WAIT_POLICY {mach.get('omp_wait_policy') or 'unset'}, "
+        f"GOMP_SPINCOUNT {mach.get('gomp_spincount') or 'unset'}{held_to(mach)}; load average "
         + " -> ".join(" ".join(map(str, v)) for v in (h.get("load_average") or {}).values() if v),
         "",
         "| model | size | params | backend | threads | batch | test | t/s | ttft ms | aten ops / layer "
@@ -112,3 +113,9 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def held_to(mach: dict) -> str:
+    """ ", fbgemm held to AVX2, oneDNN to AVX2" where the run emulated a CPU without AVX-512; "" otherwise."""
+    held = [(lib, mach.get(key)) for lib, key in (("fbgemm", "fbgemm_instructions"), ("oneDNN", "onednn_max_cpu_isa"))]
+    return "".join(f", {lib} held to {isa}" for lib, isa in held if isa)
