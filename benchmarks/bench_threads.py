@@ -42,7 +42,7 @@ SETTINGS = {
         [sys.executable, "-m", "llama3"],
         {"OMP_WAIT_POLICY": "PASSIVE"},
     ),
-    "default (GOMP_SPINCOUNT=10000)": ([sys.executable, "-m", "llama3"], {}),
+    "default (quiet: GOMP_SPINCOUNT=10000; busy: PASSIVE on the idle CPUs)": ([sys.executable, "-m", "llama3"], {}),
     "OMP_NUM_THREADS=1": ([sys.executable, "-m", "llama3"], {"OMP_NUM_THREADS": "1"}),
 }
 

@@ -72,8 +72,8 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="CPU threads for the model's matmuls (default: PyTorch's, one per core; OMP_NUM_THREADS sets it too). "
-        "On a machine busy with other work, --threads 1 can be several times faster",
+        help="CPU threads for the model's matmuls (default: one per core, or only the CPUs no other process is "
+        "using at start; OMP_NUM_THREADS sets it too)",
     )
 
 
