@@ -693,6 +693,59 @@ def test_serve_on_a_busy_port_is_one_clear_line(tiny_llama3, monkeypatch, capsys
     assert "serving" not in err and "Traceback" not in err
 
 
+def test_serve_loads_and_computes_off_the_main_thread(tiny_llama3, monkeypatch, capsys):
+    """The main thread only serves HTTP: `llama3 serve` loads the model in a thread of its own, and the engine makes
+    its KV cache in its own thread, so that the main thread never holds an OpenMP team (one there made GNU OpenMP's
+    threads sleep between the operations of every CPU decode step: 44 against 116 tok/s,
+    benchmarks/results/serve-cli-cpu.md)."""
+    from conftest import run_main
+
+    import llama3.cli.serve
+    import llama3.serve.app
+
+    threads = {}
+    load_model = llama3.cli.serve.load
+
+    def loading(args):
+        threads["load"] = threading.current_thread()
+        return load_model(args)
+
+    def serving(app, **kwargs):  # what uvicorn's lifespan does with the engine
+        engine = app.state.engine
+        setup_cache = engine.model.setup_cache
+
+        def recording(*args, **kw):
+            threads["cache"] = threading.current_thread()
+            return setup_cache(*args, **kw)
+
+        engine.model.setup_cache = recording
+        engine.start()
+        engine.stop()
+
+    monkeypatch.setattr(llama3.cli.serve, "load", loading)
+    monkeypatch.setattr(llama3.serve.app, "run", serving)
+    args = ("--model", str(tiny_llama3[0]), "--dtype", "float32", "--port", str(free_port()), "-q")
+    code, _, err = run_main(monkeypatch, capsys, "serve", *args)
+    assert code == 0, err
+    main = threading.main_thread()
+    assert threads["load"] is not main and threads["load"].name == "llama3-load"
+    assert threads["cache"] is not main and threads["cache"].name == "llama3-engine"
+
+
+def test_engine_start_raises_what_setting_up_its_cache_raised(tiny_llama3):
+    from llama3.serve.engine import Engine
+
+    engine = Engine(load(tiny_llama3[0]), max_batch_size=2, max_queue=2, max_seq_len=64)
+
+    def failing(*args, **kwargs):
+        raise MemoryError("no room for the cache")
+
+    engine.model.setup_cache = failing
+    with pytest.raises(MemoryError, match="no room for the cache"):
+        engine.start()
+    assert not engine._thread.is_alive()
+
+
 def test_serve_refuses_a_guard_that_is_not_llama_guard(tiny_llama3, tmp_path, monkeypatch, capsys):
     """A chat model given as --guard cannot give a verdict: one line at start, not a 400 on every request."""
     import shutil

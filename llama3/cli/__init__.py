@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args.parser, args)
-    if args.command in ("generate", "chat", "perplexity", "guard", "inspect", "bench", "eval"):
+    if args.command in ("generate", "chat", "perplexity", "guard", "inspect", "bench", "eval", "serve"):
         set_thread_defaults(threads=args.command != "bench")  # a benchmark keeps its thread count: it reports it
     world = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 from llama3.cli.common import _add_load_args, load
 from llama3.cli.guard import check_guard, load_guard
@@ -51,10 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     sock = bind(args.host, args.port)  # first: a busy port is one line, before minutes of loading
     try:
-        llm, log, _ = load(args)
-        guard = load_guard(args, log) if args.guard else None
-        if guard is not None:
-            check_guard(guard, args.guard)
+        llm, log, guard = _off_the_main_thread(lambda: _load_models(args))
         if not args.quiet:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         name = args.served_model_name or (
@@ -82,3 +81,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _load_models(args: argparse.Namespace):
+    llm, log, _ = load(args)
+    guard = load_guard(args, log) if args.guard else None
+    if guard is not None:
+        check_guard(guard, args.guard)
+    return llm, log, guard
+
+
+def _off_the_main_thread(fn):
+    """fn() run in a thread of its own; its result, or its exception raised here.
+
+    The models load there so that the main thread, which then only serves HTTP, never starts an OpenMP team (a
+    thread's team lives as long as the thread). GNU OpenMP's threads stop spinning between parallel regions once
+    it manages more threads than there are CPUs, and the main thread's idle team counted against the engine
+    thread's: on the CPU every operation of a decode step then waited for its threads to wake up, and the server
+    decoded the embedded SmolLM2 at 48 tok/s against `llama3 generate`'s 100 (2 vCPUs; benchmarks/bench_serve_cli.py).
+    The loading thread's team ends with it. (A --guard model screens requests in a worker thread of its own, whose
+    team stays: with --guard the engine's threads still sleep between operations.)"""
+    out: dict[str, Any] = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # raised again in the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="llama3-load", daemon=True)  # daemon: Ctrl-C need not wait for it
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]

@@ -181,14 +181,27 @@ class Engine:
     # -- the caller's side (any thread) --------------------------------------------------------------
 
     def start(self) -> Engine:
+        """Starts the scheduler thread once it has set up the KV cache (an error doing so is raised here).
+
+        The cache is made in that thread, as everything the model computes is: a thread that starts an OpenMP
+        team (zero-filling a large cache does) keeps it for its life, and GNU OpenMP stops spinning its threads
+        once it manages more threads than there are CPUs, so a team on the caller's thread made each operation of
+        every CPU decode step wait for the engine's threads to wake up (`llama3 serve` decoded at 44 tok/s against
+        `llama3 generate`'s 128: benchmarks/bench_serve_cli.py)."""
+        ready, failed = threading.Event(), []
+        self._thread = threading.Thread(target=self._run, args=(ready, failed), name="llama3-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
+        return self
+
+    def _setup(self) -> None:
         self.model.setup_cache(self.max_batch_size, self.max_seq_len)
-        caches = [layer.attention.cache for layer in self.model.layers]
-        self._full_caches = caches
+        self._full_caches = [layer.attention.cache for layer in self.model.layers]
         if self.static_decode:
             self._setup_static()
-        self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -231,7 +244,14 @@ class Engine:
 
     # -- the scheduler thread ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            self._setup()
+        except BaseException as e:  # raised again by `start`, in the caller's thread
+            failed.append(e)
+            return
+        finally:
+            ready.set()
         with torch.inference_mode():
             while True:
                 with self._cond:
