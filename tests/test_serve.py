@@ -696,7 +696,7 @@ def test_serve_on_a_busy_port_is_one_clear_line(tiny_llama3, monkeypatch, capsys
 def test_serve_loads_and_computes_off_the_main_thread(tiny_llama3, monkeypatch, capsys):
     """The main thread only serves HTTP: `llama3 serve` loads the model in a thread of its own, and the engine makes
     its KV cache in its own thread, so that the main thread never holds an OpenMP team (one there made GNU OpenMP's
-    threads sleep between the operations of every CPU decode step: 44 against 116 tok/s,
+    threads sleep between the operations of every CPU decode step: 43 against 110 tok/s,
     benchmarks/results/serve-cli-cpu.md)."""
     from conftest import run_main
 

@@ -98,7 +98,7 @@ def _off_the_main_thread(fn):
     thread's team lives as long as the thread). GNU OpenMP's threads stop spinning between parallel regions once
     it manages more threads than there are CPUs, and the main thread's idle team counted against the engine
     thread's: on the CPU every operation of a decode step then waited for its threads to wake up, and the server
-    decoded the embedded SmolLM2 at 48 tok/s against `llama3 generate`'s 100 (2 vCPUs; benchmarks/bench_serve_cli.py).
+    decoded the embedded SmolLM2 at 43 tok/s against 110 without it (2 vCPUs; benchmarks/results/serve-cli-cpu.md).
     The loading thread's team ends with it. (A --guard model screens requests in a worker thread of its own, whose
     team stays: with --guard the engine's threads still sleep between operations.)"""
     out: dict[str, Any] = {}

@@ -186,8 +186,8 @@ class Engine:
         The cache is made in that thread, as everything the model computes is: a thread that starts an OpenMP
         team (zero-filling a large cache does) keeps it for its life, and GNU OpenMP stops spinning its threads
         once it manages more threads than there are CPUs, so a team on the caller's thread made each operation of
-        every CPU decode step wait for the engine's threads to wake up (`llama3 serve` decoded at 44 tok/s against
-        `llama3 generate`'s 128: benchmarks/bench_serve_cli.py)."""
+        every CPU decode step wait for the engine's threads to wake up (`llama3 serve` decoded at 43 tok/s, 110 without
+        it, against `llama3 generate`'s 114: benchmarks/results/serve-cli-cpu.md)."""
         ready, failed = threading.Event(), []
         self._thread = threading.Thread(target=self._run, args=(ready, failed), name="llama3-engine", daemon=True)
         self._thread.start()
