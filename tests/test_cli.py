@@ -88,6 +88,29 @@ def test_generate_streams_the_greedy_completion(checkpoint):
     assert "[stopped at the -n 8 limit" in r.stderr  # the answer was cut by -n, not ended by the model
 
 
+TEARDOWN_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write('teardown ran\\n'))\n"
+    "sys.argv = ['llama3', *sys.argv[1:]]\n"
+    "from llama3.cli import run\n"
+    "run()"
+)
+
+
+def test_generate_ends_without_pythons_teardown_and_keeps_its_output(checkpoint):
+    """`llama3 generate` ends the process once its output is flushed (`llama3.cli.run`: Python's teardown of torch
+    took 0.25 s of a cold start): the whole answer arrives through a pipe and the exit code is kept, and atexit
+    hooks do not run. Any other command exits normally."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ("generate", "Hello world", *tiny(checkpoint[0], "-n", "8", "--json"))
+    r = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, *args], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == completion(checkpoint, "Hello world", 8)[2]
+    assert "teardown ran" not in r.stderr
+    r = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, "quantize", "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "teardown ran" in r.stderr
+
+
 def test_compile_decodes_transformers_greedy_text(cli, checkpoint, monkeypatch):
     import llama3.generate.llama
 
