@@ -134,6 +134,26 @@ def test_decode_steps_in_and_out_of_inference_mode(tiny_hf):
     torch.testing.assert_close(out["lean"], out["reference"], rtol=0, atol=0)
 
 
+def test_each_thread_keeps_its_own_decode_step():
+    """A step's shared state (the mask, the slots) is per thread: a step another thread begins meanwhile (a server's
+    engine beside a caller's `generate`) does not change what this thread's layers read."""
+    import threading
+
+    from llama3.model.backends import _DecodeStep
+
+    def begin(kv_len: int, pos: int):
+        mask = torch.ones(1, 1, 1, kv_len, dtype=torch.bool)
+        return _DecodeStep.of(torch.zeros(1, 1, 1, 4), mask, torch.tensor([[pos]]))
+
+    mine = begin(5, 4)
+    other = []
+    thread = threading.Thread(target=lambda: other.append(begin(9, 8)))
+    thread.start()
+    thread.join()
+    assert mine.mask.shape[-1] == 5 and mine.slot.tolist() == [4]  # what this thread's next layer reads
+    assert other[0].mask.shape[-1] == 9 and other[0].slot.tolist() == [8]
+
+
 def test_the_cpu_backend_is_the_default_on_the_cpu():
     assert get_ops("auto", "cpu") is CpuOps
     with pytest.raises(RuntimeError, match="backend='cpu' runs on the CPU, not cuda"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -144,19 +145,24 @@ class _DecodeStep:
     """What every layer of one decode step shares, built by the step's first layer: the rows written
     (B, 1), the slots (B, 1) and the mask as an additive float tensor (B, 1, 1, kv_len), which SDPA would
     otherwise make from the boolean mask at every layer. A step is recognised by its RoPE table, the one
-    tensor `Transformer.hidden` passes to every layer of a step (held here, so its id is not reused)."""
+    tensor `Transformer.hidden` passes to every layer of a step (held here, so its id is not reused). One per
+    thread: two threads decoding at once (a server's engine and a caller's `generate`) each keep their own."""
 
-    cos: Tensor | None = None
+    _current = threading.local()
+
+    def __init__(self, cos: Tensor, mask: Tensor, input_pos: Tensor):
+        self.cos = cos
+        self.rows = torch.arange(input_pos.shape[0], device=input_pos.device)[:, None]
+        self.pos = input_pos
+        self.slot = input_pos.view(1) if input_pos.shape[0] == 1 else None  # one row: index_copy_'s index
+        self.mask = torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
 
     @classmethod
-    def of(cls, cos: Tensor, mask: Tensor, input_pos: Tensor) -> type[_DecodeStep]:
-        if cls.cos is not cos:
-            cls.cos = cos
-            cls.rows = torch.arange(input_pos.shape[0], device=input_pos.device)[:, None]
-            cls.pos = input_pos
-            cls.slot = input_pos.view(1) if input_pos.shape[0] == 1 else None  # one row: index_copy_'s index
-            cls.mask = torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
-        return cls
+    def of(cls, cos: Tensor, mask: Tensor, input_pos: Tensor) -> _DecodeStep:
+        step = getattr(cls._current, "step", None)
+        if step is None or step.cos is not cos:
+            step = cls._current.step = cls(cos, mask, input_pos)
+        return step
 
 
 # Bumped whenever any module gets a submodule, parameter or buffer assigned (`setup_cache`'s new caches, a LoRA
