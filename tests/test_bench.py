@@ -4,6 +4,7 @@ cell of the grid for ours and transformers, writes the JSON with every field, an
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from conftest import run_main
@@ -116,3 +117,17 @@ def test_random_weights_model_is_the_same_model_in_transformers():
         expected = hf(tokens).logits
         got = ours(tokens)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_counting_the_decode_steps_aten_ops_prints_nothing(tiny_llama3, capfd):
+    """torch.profiler's tracer writes two lines to the process's stderr at every profile: the count hides them."""
+    import torch
+
+    from llama3 import Transformer
+    from llama3.eval.bench import aten_ops_per_layer
+
+    model = Transformer.from_pretrained(tiny_llama3[0], device="cpu", dtype=torch.float32)
+    assert aten_ops_per_layer(model) > 0
+    assert capfd.readouterr() == ("", "")
+    print("after", file=sys.stderr)  # and stderr works again
+    assert capfd.readouterr().err == "after\n"

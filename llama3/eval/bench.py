@@ -20,6 +20,7 @@ run by run (a shared machine drifts within a minute).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -176,6 +177,21 @@ def weights_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """The process's stderr (file descriptor 2) to /dev/null: torch.profiler's tracer (Kineto) writes a "USDT: ...
+    profiler_start" and a "profiler_stop" line there at every profile, and no setting turns them off."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 @torch.inference_mode()
 def aten_ops_per_layer(model) -> float:
     """Top-level aten ops (called by no other aten op) inside the blocks of one batch-1 decode step after a
@@ -193,7 +209,7 @@ def aten_ops_per_layer(model) -> float:
         with record_function("block"):
             return model.ops.run_block(layer, *args)
 
-    with profile() as prof:
+    with _stderr_to_devnull(), profile() as prof:
         model(torch.tensor([[105]], device=device), torch.tensor([[33]], device=device), kv_len=34, run_block=block)
 
     def in_block(e) -> bool:
