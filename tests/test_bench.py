@@ -131,3 +131,9 @@ def test_counting_the_decode_steps_aten_ops_prints_nothing(tiny_llama3, capfd):
     assert capfd.readouterr() == ("", "")
     print("after", file=sys.stderr)  # and stderr works again
     assert capfd.readouterr().err == "after\n"
+
+
+def test_an_unknown_random_preset_is_named_as_typed(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "bench", "-m", "random:nope", "-p", "8", "-n", "4")
+    assert code == 1
+    assert err.strip().startswith("llama3: error: --model random:nope: unknown model name 'nope'; known: ")

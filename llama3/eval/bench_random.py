@@ -72,7 +72,10 @@ def random_llama(preset: str, device: str | torch.device | None, config) -> Llam
     as the library loads a non-GGUF checkpoint), backend, compile."""
     from llama3.weights.hub import parse_device
 
-    args = ModelArgs.from_name(preset)
+    try:
+        args = ModelArgs.from_name(preset)
+    except (KeyError, ValueError) as e:  # name the form the user typed: random:PRESET
+        raise ValueError(f"--model random:{preset}: {e.args[0] if e.args else e}") from None
     dev = parse_device(device)
     torch.manual_seed(0)
     if config.quantize in ("int8", "int4"):
