@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -415,6 +416,41 @@ def test_ctrl_c_while_loading_exits_130(checkpoint):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+
+
+SLOW_SERVER_LOAD = """
+import sys, time
+import torch
+import llama3.cli.serve as serve
+def load(args):  # a load that is busy in torch's C++ code until Ctrl-C
+    a = torch.randn(1000, 1000)
+    print("loading", file=sys.stderr, flush=True)
+    end = time.time() + 60
+    while time.time() < end:
+        a = torch.mm(a, a).clamp_(-1, 1)
+serve._load_models = load
+sys.argv = ["llama3", "serve", "--port", sys.argv[1]]
+from llama3.cli import run
+run()
+"""
+
+
+def test_ctrl_c_while_the_server_loads_exits_130():
+    """`llama3 serve` loads in a thread of its own (llama3/cli/serve.py). Ctrl-C must still end it at once with 130,
+    not abort it ("terminate called without an active exception", -6) as Python's exit would, ending the loading
+    thread inside torch's C++ code."""
+    pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SERVER_LOAD, str(port)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert p.stderr.readline() == b"loading\n"
+    time.sleep(0.2)  # inside torch.mm
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().endswith(b"llama3: interrupted"), err
+    assert b"terminate" not in err and b"Traceback" not in err, err
 
 
 def test_ctrl_c_while_generating_exits_130(checkpoint, tmp_path):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,14 @@ def _off_the_main_thread(fn):
 
     thread = threading.Thread(target=target, name="llama3-load", daemon=True)  # daemon: Ctrl-C need not wait for it
     thread.start()
-    thread.join()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        # Ctrl-C while loading: the load cannot be stopped from this thread, and Python's exit would end the loading
+        # thread inside torch's C++ code (an abort, "terminate called without an active exception"). So the
+        # process ends here, as `main` ends an interrupted command.
+        print("\nllama3: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
     if "error" in out:
         raise out["error"]
     return out["value"]
