@@ -219,10 +219,10 @@ def set_thread_defaults(threads: bool = True) -> None:
 
     GNU OpenMP's threads spin-wait between parallel regions. On a quiet machine that is the speed of a decode step,
     whose operations are tens of microseconds apart: sleeping at once (OMP_WAIT_POLICY=PASSIVE) cost the embedded
-    SmolLM2 48 against 115 tok/s. A short spin, GOMP_SPINCOUNT=10000, keeps that speed. On a machine whose CPUs are
-    busy with other work, a spinning thread holds a CPU another thread waits for, and a parallel region waits for
-    whichever of its threads lost its CPU: `generate` ran 5-30x slower than with one thread. So where processes
-    other than this one are running now (`busy_cpus`), threads sleep at once and, with `threads`, take only the idle
+    SmolLM2 46 against 121 tok/s. A short spin, GOMP_SPINCOUNT=10000, keeps that speed (117). On a machine whose CPUs
+    are busy with other work, a spinning thread holds a CPU another thread waits for, and a parallel region waits for
+    whichever of its threads lost its CPU: libgomp's own spin decoded at 6.5 tok/s against one thread's 44. So where
+    other processes are running now (`busy_cpus`), threads sleep at once and, with `threads`, take only the idle
     CPUs, at least one. The user's own OMP_WAIT_POLICY, GOMP_SPINCOUNT, OMP_NUM_THREADS and --threads win."""
     if "torch" in sys.modules:
         return
