@@ -109,8 +109,8 @@ def nucleus_among_the_top(probs: Tensor, top_p: float) -> Tensor | None:
     """Top-p's result (as `sampling_probs` computes it by sorting the whole row), taken from the NUCLEUS_FIRST most
     likely tokens alone, or None where those do not hold the nucleus of every row.
 
-    On the CPU, sorting the vocabulary costs more than a small model's whole decode step (2.6 ms for 49,152
-    entries, 7.9 ms for 128,256, 2 cores; benchmarks/bench_sampling.py), while the nucleus is nearly always a
+    On the CPU, sorting the vocabulary costs more than a small model's whole decode step (2.7 ms for 49,152
+    entries, 8.8 ms for 128,256, 2 vCPUs; benchmarks/results/sampling-cpu.md), while the nucleus is nearly always a
     few dozen tokens. `topk` gives the first entries of the sorted row, in the same order, and their running sum
     is the sorted row's. Once that sum clears top_p (by far more than float32 rounds a sum near 1), every later
     token's preceding mass is above top_p too, so top-p zeroes all of them. Checking it reads the sum on the
