@@ -276,8 +276,8 @@ _NO_TEARDOWN = ("generate", "chat")
 def run() -> None:
     """The `llama3` command and `python -m llama3`: `main`; after `generate` and `chat` the process then ends, its
     output flushed, without Python's teardown, which frees torch's modules one by one: 0.25 s of a 1.85 s
-    `llama3 generate -n 16` (the same command ended with and without it, 3 runs each). Callers of `main` in a
-    process of their own (the tests) keep the normal exit."""
+    `llama3 generate -n 16` (the same command ended with and without it, 3 runs each). Programs that call
+    `main` themselves (the tests) keep their normal exit."""
     code = main()
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     if command in _NO_TEARDOWN and int(os.environ.get("WORLD_SIZE", "1")) == 1:
