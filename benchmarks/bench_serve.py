@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,11 +62,20 @@ def serve(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     args = ModelArgs.from_name(a.preset)
-    if a.quantize:  # bfloat16 activations, weights quantized as they are made
-        model = random_quantized_model(args, device, a.quantize, 32, "auto")
-    else:
-        model = random_model(args, device, getattr(torch, a.dtype), "auto")
-    llm = Llama(model, llama3_tokenizer())
+    made = []
+
+    def make() -> None:
+        if a.quantize:  # bfloat16 activations, weights quantized as they are made
+            made.append(random_quantized_model(args, device, a.quantize, 32, "auto"))
+        else:
+            made.append(random_model(args, device, getattr(torch, a.dtype), "auto"))
+
+    # made in a thread of its own, as `llama3 serve` loads its model: no OpenMP team stays on the main thread to
+    # slow the engine's (docs/serving.md, "Threads on the CPU")
+    maker = threading.Thread(target=make)
+    maker.start()
+    maker.join()
+    llm = Llama(made[0], llama3_tokenizer())
     app = create_app(
         llm, model_name=a.preset, max_batch_size=a.max_batch_size, max_queue=256, max_seq_len=a.max_seq_len
     )
