@@ -33,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llama3.eval.bench_report import held_to
+
 RESULTS = Path(__file__).parent / "results"
 TTFT = (32, 256, 1024)
 NEW_TOKENS = 64
@@ -69,10 +71,8 @@ def table(result: dict) -> list[str]:
     h, rows = result["header"], result["rows"]
     load = h.get("load_average") or {}
     m = h["machine"]
-    held = [(lib, m.get(key)) for lib, key in (("fbgemm", "fbgemm_instructions"), ("oneDNN", "onednn_max_cpu_isa"))]
     lines = [
-        f"PyTorch kernels {m['torch_cpu_capability']}"
-        + "".join(f", {lib} {isa}" for lib, isa in held if isa)
+        f"PyTorch kernels {m['torch_cpu_capability']}{held_to(m)}"
         + f"; llama.cpp {h['versions'].get('llama.cpp', '?')}; OMP_WAIT_POLICY {m['omp_wait_policy'] or 'unset'}, "
         f"GOMP_SPINCOUNT {m.get('gomp_spincount') or 'unset'}; "
         f"load average before {' '.join(map(str, load.get('before') or []))}, "

@@ -51,6 +51,7 @@ INT8_MARGIN = 1.25
 # decode-sized shapes (1 row): a projection and a stand-in for the output projection
 BODY_SHAPE, OUTPUT_SHAPE = (1536, 576), (8192, 576)
 WORKING_SET = 64 << 20  # bytes of int8 projection codes timed by turns (module docstring)
+COPIES = WORKING_SET // math.prod(BODY_SHAPE)  # of the projection, each timed once a round
 
 
 @dataclass
@@ -155,7 +156,7 @@ def measure() -> KernelChoice:
 
 def _by_turns(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """One call on each of the copies of `layer` that `WORKING_SET` holds, in turn (module docstring)."""
-    copies = [layer] + [copy.deepcopy(layer) for _ in range(WORKING_SET // math.prod(BODY_SHAPE) - 1)]
+    copies = [layer] + [copy.deepcopy(layer) for _ in range(COPIES - 1)]
     return lambda: [layer(x) for layer in copies]
 
 
@@ -170,11 +171,10 @@ def _measure() -> dict[str, float]:
     int4 = Int4Linear(quantize(body, "int4"), torch.bfloat16)
     int8_body, int8_out = Int8Linear(quantize(body, "int8"), torch.bfloat16), Int8Linear(q8_out, torch.bfloat16)
     x_body16, x_out16 = x_body.bfloat16(), x_out.bfloat16()
-    copies = WORKING_SET // math.prod(BODY_SHAPE)
     times = {}
     with torch.inference_mode():
-        times["int4 projection"] = _time_us(_by_turns(int4, x_body16), calls=5) / copies
-        times["int8 projection"] = _time_us(_by_turns(int8_body, x_body16), calls=5) / copies
+        times["int4 projection"] = _time_us(_by_turns(int4, x_body16), calls=5) / COPIES
+        times["int8 projection"] = _time_us(_by_turns(int8_body, x_body16), calls=5) / COPIES
         times["int8 output"] = _time_us(lambda: int8_out(x_out16))
         if isa.fbgemm_vnni() and "fbgemm" in torch.backends.quantized.supported_engines:
             fbgemm = DynInt8Linear(q8_out)
