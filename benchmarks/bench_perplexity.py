@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument(
         "--modes",
         default="float32,bfloat16,int8,int4",
-        help="comma-separated; int8/int4: bf16 activations; int4-fbgemm, fbgemm, auto: the CPU kernel plans "
+        help="comma-separated; int8/int4: bf16 activations; int4-fbgemm, int4-dot, fbgemm, auto: the CPU kernel plans "
         "(llama3.quant.choice); int4-fbgemm+w13 (+wqkv, +wo, +w2): a trial, those projections on fbgemm too",
     )
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32 keeps the GGUF file's own codes)")
@@ -128,7 +128,7 @@ def main() -> None:
         if mode.startswith("int4-fbgemm+"):  # a trial: int4-fbgemm with some projections on fbgemm as well
             llm = Llama.from_pretrained(device="cpu", kernel="int4-fbgemm", group_size=a.group_size)
             on_fbgemm(llm.model, mode.split("+")[1:])
-        elif mode in ("int4-fbgemm", "fbgemm", "auto"):  # the CPU kernel plans (llama3.quant.choice)
+        elif mode in ("int4-fbgemm", "int4-dot", "fbgemm", "auto"):  # the CPU kernel plans (llama3.quant.choice)
             kernel = None if mode == "auto" else mode
             llm = Llama.from_pretrained(device="cpu", quantize="auto", kernel=kernel, group_size=a.group_size)
             mode = f"{mode} ({llm.model.kernel_choice.plan})" if mode == "auto" else mode

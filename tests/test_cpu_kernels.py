@@ -69,9 +69,9 @@ def test_fbgemm_is_refused_where_it_cannot_run(tmp_path):
 
     with pytest.raises(QuantizeError, match="fbgemm int8 kernel takes float32 activations, got torch.bfloat16"):
         check_settings("int8", 32, torch.device("cpu"), torch.bfloat16, kernel="fbgemm")
-    with pytest.raises(QuantizeError, match="runs on the CPU, not cuda"):
+    with pytest.raises(QuantizeError, match="the fbgemm kernels run on the CPU, not cuda"):
         check_settings("int4", 32, torch.device("cuda"), torch.bfloat16, kernel="fbgemm")
-    with pytest.raises(ValueError, match="unknown kernel 'avx'; choose one of auto, int4, int4-fbgemm, int8, fbgemm"):
+    with pytest.raises(ValueError, match="unknown kernel 'avx'; choose one of auto, int4, int4-fbgemm, int8, int4-dot, fbgemm"):
         Llama.from_pretrained(tmp_path / "does-not-exist", kernel="avx")
     with pytest.raises(QuantizeError, match="kernel='fbgemm' runs int8 weights; it cannot load them as int4"):
         Llama.from_pretrained(tmp_path / "does-not-exist", kernel="fbgemm", quantize="int4")
@@ -89,8 +89,10 @@ def test_the_choice_is_measured_once_per_machine_and_cached(tmp_path, monkeypatc
     assert choice.choose() == first and calls == [1]  # read back, not measured again
     times = first.times_us
     faster_int8 = times["int8 projection"] * choice.INT8_MARGIN < times["int4 projection"]
-    assert (first.plan == "int8") == faster_int8
-    assert (first.plan == "int4-fbgemm") == (not faster_int8 and times.get("fbgemm output", 1e9) < times["int8 output"])
+    if first.plan != "int4-dot":  # PyTorch's kernels won (test_dot_kernel.py: when the dot kernels win)
+        assert (first.plan == "int8") == faster_int8
+        fbgemm = not faster_int8 and times.get("fbgemm output", 1e9) < times["int8 output"]
+        assert (first.plan == "int4-fbgemm") == fbgemm
 
 
 def test_the_projections_are_timed_on_weights_out_of_a_cores_cache():

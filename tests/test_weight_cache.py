@@ -70,7 +70,7 @@ def assert_same_model(got: Transformer, want: Transformer) -> None:
         assert torch.equal(got(TOKENS), want(TOKENS))
 
 
-@pytest.mark.parametrize("kernel", ["int4-fbgemm", "int8"])  # Int4Linear + DynInt8Linear; Int8Linear
+@pytest.mark.parametrize("kernel", ["int4-fbgemm", "int8", "int4-dot"])  # Int4 + DynInt8; Int8; DotLinear
 def test_a_warm_load_gives_the_fresh_model_bit_for_bit(tmp_path, cache_dir, monkeypatch, kernel):
     path = write_q4_gguf(tmp_path / "tiny.gguf")
     want = fresh(path, kernel, monkeypatch)

@@ -18,7 +18,7 @@ DEFAULT_MODEL_HELP = "a local dir, .gguf file or Hugging Face repo id (default: 
 GROUP_SIZES = (32, 64, 128, 256)  # llama3.quantize.GROUP_SIZES, not imported: it would import torch for --help
 
 
-KERNELS = ("int4", "int4-fbgemm", "int8", "fbgemm")  # llama3.quant.choice.KERNELS, not imported (torch)
+KERNELS = ("int4", "int4-fbgemm", "int8", "int4-dot", "fbgemm")  # llama3.quant.choice.KERNELS, not imported (torch)
 
 
 # The library's parameter names (ParamError.param) and the flags that set them: an error names what was typed.
@@ -313,6 +313,8 @@ def weights_note(model) -> str:
     w2 = model.layers[0].feed_forward.w2
     kind = type(getattr(w2, "base", w2)).__name__  # under a LoRA adapter (--adapter), its frozen base
     note = {"Int8Linear": ", int8 weights", "Int4Linear": ", int4 weights", "DynInt8Linear": ", int8 weights"}
+    if kind == "DotLinear":
+        note[kind] = f", {getattr(w2, 'base', w2).mode} weights"
     choice = getattr(model, "kernel_choice", None)
     return note.get(kind, "") + (f", kernel {choice.plan}" if choice else "")
 

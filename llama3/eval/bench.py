@@ -390,6 +390,8 @@ def describe_weights(model, config: Config) -> str:
         text = "int8"
     elif kind == "DynInt8Linear":
         text = "int8 (fbgemm)"
+    elif kind == "DotLinear":
+        text = f"{w2.mode} (dot)"
     else:
         text = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     choice = getattr(model, "kernel_choice", None)

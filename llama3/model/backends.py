@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama3.model.functional import apply_rope, attention, swiglu
+from llama3.quant.dot import DotLinear
 from llama3.quant.weight_only import Int4Linear, Int8Linear
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
@@ -197,7 +198,7 @@ class _LeanLayer:
         self.generation = _generation[0]
         # views made under inference_mode may not be written outside it (and the reverse is allowed): kept per mode
         self.inference = torch.is_inference_mode_enabled()
-        modules = (layer, layer.attention_norm, attn, layer.ffn_norm, ffn)
+        modules = (layer, layer.attention_norm, attn, layer.ffn_norm, ffn, attn.wqkv, attn.wo, ffn.w13, ffn.w2)
         self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
         self.heads = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.attention_norm = layer.attention_norm.weight, layer.attention_norm.eps
@@ -229,7 +230,11 @@ def _projection(layer: nn.Module) -> tuple | nn.Module:
 
 
 def _project(x: Tensor, layer: tuple | nn.Module, ops) -> Tensor:
-    return torch._weight_int4pack_mm_for_cpu(x, *layer) if type(layer) is tuple else ops.linear(x, layer)
+    if type(layer) is tuple:
+        return torch._weight_int4pack_mm_for_cpu(x, *layer)
+    if type(layer) is DotLinear:  # its forward without nn.Module's call (the block's hooks were checked)
+        return layer.forward(x)
+    return ops.linear(x, layer)
 
 
 class CpuOps(TorchOps):

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from llama3.checks import CheckpointError
 from llama3.model.transformer import Transformer
+from llama3.quant.dot import DotLinear
 from llama3.quant.dynamic import DynInt8Linear
 from llama3.quant.weight_only import Int4Linear, Int8Linear, QuantizedWeight
 from llama3.weights.safetensors import check_finite
@@ -179,7 +180,7 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype) -> Tensor:
         return layer.weight.to(dtype)
     if isinstance(layer, Int8Linear):
         return (layer.weight.float() * layer.scales.float()[:, None]).to(dtype)
-    if isinstance(layer, DynInt8Linear):  # fbgemm's packed int8 codes, read back
+    if isinstance(layer, (DynInt8Linear, DotLinear)):  # fbgemm's packed int8 codes, or dot.c's, read back
         return layer.dequantize().to(dtype)
     if isinstance(layer, Int4Linear):
         act = layer.scales_and_zeros.dtype  # the kernel takes activations of its scales' dtype
@@ -389,7 +390,8 @@ def add_lora(model: Transformer, config: LoRAConfig) -> Transformer:
             parent, _, attr = path.rpartition(".")
             base = block.get_submodule(path)
             setattr(block.get_submodule(parent), attr, LoRALinear(base, module_rows, config))
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear, DynInt8Linear))]
+    kinds = (Int8Linear, Int4Linear, DynInt8Linear, DotLinear)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     for name in quantized:  # those left without adapters must still pass gradients back
         parent, _, attr = name.rpartition(".")
         if not isinstance(model.get_submodule(parent), LoRALinear):

@@ -7,7 +7,10 @@ The candidates are those that keep the embedded SmolLM2's perplexity on Hamlet w
 - "int4-fbgemm": the same with the output projection on fbgemm's dynamic int8 kernel, only where the CPU has
   AVX512-VNNI, so that activations get 8 bits (24.521, +0.29%; 7-bit ones, emulated, cost 1.7%);
 - "int8": every projection int8 through `_weight_int8pack_mm` (24.682, +0.95%: the file's 4-bit weights
-  re-rounded per row).
+  re-rounded per row);
+- "int4-dot": the file's own 4-bit codes and the int8 output projection on llama3's own integer dot-product
+  kernels (`llama3.quant.dot`: activations quantized per block of 32 to 8 bits, as llama.cpp does), float32
+  activations around them (24.511, +0.25%; AMD EPYC, 2026-12-02). A candidate where a C compiler is found.
 fbgemm on every projection (`kernel="fbgemm"`), the fastest per call, measured 25.272 (+3.4%) with 8-bit
 activations (7-bit ones, emulated: +7.7%), so it is a choice a user makes, never the default. fbgemm on some
 projections besides the output is no plan either (benchmarks/results/perplexity-smollm2-kernels-c.md): gate/up
@@ -17,7 +20,8 @@ slower (25.1 against 21.2 ms a SmolLM2 step: its int8 weights are twice the int4
 Why a micro-benchmark and not a table: the kernels' speeds depend on the instruction set (AVX2 against AVX-512
 moved int4 from 47 to 180 us a call), on PyTorch's release and on the machine, and no table covers every CPU.
 A few calls of each on decode-sized shapes take well under a second; the answer is cached per machine
-(CPU model, instruction sets, ATen's and fbgemm's dispatch, torch version) in ~/.cache/llama3/kernels.json.
+(CPU model, instruction sets, ATen's and fbgemm's dispatch, torch version, the plans) in
+~/.cache/llama3/kernels.json.
 
 The projections are timed as a decode step runs them: each call on a weight no core has in its own cache, by
 turns over copies of the weight adding up to `WORKING_SET` bytes of int8 codes (about the embedded SmolLM2's
@@ -42,7 +46,7 @@ import torch
 from llama3.quant import isa
 from llama3.quant.weight_only import QuantizeError
 
-PLANS = ("int4", "int4-fbgemm", "int8")  # what "auto" chooses among
+PLANS = ("int4", "int4-fbgemm", "int8", "int4-dot")  # what "auto" chooses among
 KERNELS = (*PLANS, "fbgemm")  # what `kernel=` / `--kernel` can force: "fbgemm" is every projection on fbgemm
 
 # int4 keeps a GGUF file's own codes (perplexity +0.04% against +0.95% for int8): int8 must be clearly faster to win
@@ -52,6 +56,9 @@ INT8_MARGIN = 1.25
 BODY_SHAPE, OUTPUT_SHAPE = (1536, 576), (8192, 576)
 WORKING_SET = 64 << 20  # bytes of int8 projection codes timed by turns (module docstring)
 COPIES = WORKING_SET // math.prod(BODY_SHAPE)  # of the projection, each timed once a round
+# a decode step of the embedded SmolLM2 in the units timed: its projections about COPIES calls of BODY_SHAPE (the
+# working set is about its weights), its 49152 x 576 output projection 6 calls of OUTPUT_SHAPE
+OUTPUT_CALLS = 6
 
 
 @dataclass
@@ -72,7 +79,7 @@ class KernelChoice:
 def plan_settings(plan: str) -> tuple[str, str]:
     """(quantize, the kernel of its int8 layers) for a plan name (`KERNELS`)."""
     settings = {"int4": ("int4", "torch"), "int4-fbgemm": ("int4", "fbgemm"), "int8": ("int8", "torch"),
-                "fbgemm": ("int8", "fbgemm")}  # fmt: skip
+                "int4-dot": ("int4", "dot"), "fbgemm": ("int8", "fbgemm")}  # fmt: skip
     if plan not in settings:
         raise QuantizeError(f"unknown kernel {plan!r}; choose one of auto, {', '.join(KERNELS)}")
     return settings[plan]
@@ -94,7 +101,8 @@ def cache_path() -> Path:
 def machine_key() -> str:
     flags = ",".join(name for name, ok in isa.isa().items() if ok)
     fbgemm = "fbgemm vnni" if isa.fbgemm_vnni() else "fbgemm no vnni"
-    return f"{isa.cpu_model()}|{flags}|{isa.aten_capability()}|{fbgemm}|torch {torch.__version__}"
+    # the plans in the key: a cache written before a plan existed never timed it
+    return f"{isa.cpu_model()}|{flags}|{isa.aten_capability()}|{fbgemm}|torch {torch.__version__}|{'/'.join(PLANS)}"
 
 
 def choose(use_cache: bool = True) -> KernelChoice:
@@ -143,15 +151,41 @@ def measure() -> KernelChoice:
         times = _measure()
     finally:
         torch.set_num_threads(threads)
-    cpu = f"{isa.aten_capability()} dispatch"
-    if times["int8 projection"] * INT8_MARGIN < times["int4 projection"]:
-        plan, reason = "int8", f"int8 projections {INT8_MARGIN}x faster than int4 or more on {cpu}"
-    else:
-        plan, reason = "int4", f"int4 projections (the file's own codes) within {INT8_MARGIN}x of int8 on {cpu}"
-        if "fbgemm output" in times and times["fbgemm output"] < times["int8 output"]:
-            plan, reason = "int4-fbgemm", reason + "; AVX512-VNNI: fbgemm's 8-bit output projection is faster"
+    plan, reason = decide(times, f"{isa.aten_capability()} dispatch")
     quantize_mode, kernel = plan_settings(plan)
     return KernelChoice(plan, quantize_mode, kernel, reason, {k: round(v, 1) for k, v in times.items()})
+
+
+def decide(times: dict[str, float], cpu: str) -> tuple[str, str]:
+    """(the plan, why) from the per-call times of `_measure` (microseconds) on `cpu` (its ATen dispatch).
+    PyTorch's kernels first: int8 if its projections are `INT8_MARGIN` times faster than int4's, else int4 with
+    the faster output projection; then llama3's dot-product kernels if a step's matmuls (`step_us`) take less."""
+    if times["int8 projection"] * INT8_MARGIN < times["int4 projection"]:
+        plan, reason = "int8", f"int8 projections {INT8_MARGIN}x faster than int4 or more on {cpu}"
+        step = step_us(times["int8 projection"], times["int8 output"])
+    else:
+        plan, reason = "int4", f"int4 projections (the file's own codes) within {INT8_MARGIN}x of int8 on {cpu}"
+        output = times["int8 output"]
+        if "fbgemm output" in times and times["fbgemm output"] < times["int8 output"]:
+            plan, reason = "int4-fbgemm", reason + "; AVX512-VNNI: fbgemm's 8-bit output projection is faster"
+            output = times["fbgemm output"]
+        step = step_us(times["int4 projection"], output)
+    if "dot projection" in times:
+        dot = step_us(times["dot projection"], times["dot output"])
+        if dot < step:
+            reason = (
+                f"llama3's dot-product kernels (the file's own int4 codes, 8-bit activations) beat PyTorch's on {cpu}: "
+                f"{dot / 1e3:.1f} against {step / 1e3:.1f} ms ({plan}) for a SmolLM2 step's matmuls"
+            )
+            plan = "int4-dot"
+        else:
+            reason += f"; llama3's dot-product kernels slower here ({dot / 1e3:.1f} against {step / 1e3:.1f} ms)"
+    return plan, reason
+
+
+def step_us(projection: float, output: float) -> float:
+    """The matmuls of a SmolLM2 decode step, estimated from the per-call times (`OUTPUT_CALLS`)."""
+    return COPIES * projection + OUTPUT_CALLS * output
 
 
 def _by_turns(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -161,6 +195,7 @@ def _by_turns(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def _measure() -> dict[str, float]:
+    from llama3.quant import dot
     from llama3.quant.dynamic import DynInt8Linear
     from llama3.quant.weight_only import Int4Linear, Int8Linear, quantize
 
@@ -179,4 +214,8 @@ def _measure() -> dict[str, float]:
         if isa.fbgemm_vnni() and "fbgemm" in torch.backends.quantized.supported_engines:
             fbgemm = DynInt8Linear(q8_out)
             times["fbgemm output"] = _time_us(lambda: fbgemm(x_out))
+        if dot.available():  # a C compiler is here
+            dot_body, dot_out = dot.DotLinear(quantize(body, "int4")), dot.DotLinear(q8_out)
+            times["dot projection"] = _time_us(_by_turns(dot_body, x_body), calls=5) / COPIES
+            times["dot output"] = _time_us(lambda: dot_out(x_out))
     return times

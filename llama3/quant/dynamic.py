@@ -126,14 +126,21 @@ def check_dynamic_settings(device: torch.device | str, dtype: torch.dtype) -> No
 KERNELS = (
     "torch",
     "fbgemm",
-)  # what runs int8 weights on the CPU: PyTorch's weight-only kernel, or fbgemm's dynamic one
+    "dot",
+)  # what runs quantized weights on the CPU: PyTorch's weight-only kernels (int8 on fbgemm's dynamic one with
+# "fbgemm"), or llama3's own integer dot products for int4 and int8 alike ("dot", `llama3.quant.dot`)
 
 
 def make_linear(
     q: QuantizedWeight, dtype: torch.dtype, device: torch.device, layout: str | None = None, kernel: str = "torch"
 ) -> nn.Module:
-    """The module that runs `q`: with `kernel="fbgemm"` an int8 weight runs on fbgemm (`DynInt8Linear`),
-    anything else as `llama3.quant.weight_only.quantized_linear` builds it."""
+    """The module that runs `q`: with `kernel="fbgemm"` an int8 weight runs on fbgemm (`DynInt8Linear`), with
+    `kernel="dot"` any weight on llama3's dot-product kernels (`DotLinear`), anything else as
+    `llama3.quant.weight_only.quantized_linear` builds it."""
+    if kernel == "dot":
+        from llama3.quant.dot import DotLinear
+
+        return DotLinear(q)
     if kernel == "fbgemm" and q.mode == "int8":
         check_dynamic_settings(device, torch.float32)
         return DynInt8Linear(q)

@@ -180,11 +180,12 @@ def check_settings(
     kernel: str = "torch",
 ) -> None:
     """Everything about a quantized load that can be refused before a checkpoint is read. `kernel`: what runs
-    the int8 layers on the CPU, "torch" (`_weight_int8pack_mm`) or "fbgemm" (`llama3.quant.dynamic`)."""
-    if kernel not in ("torch", "fbgemm"):
-        raise QuantizeError(f"unknown kernel {kernel!r}; choose torch or fbgemm")
-    if kernel == "fbgemm" and torch.device(device).type != "cpu":
-        raise QuantizeError(f"the fbgemm int8 kernel runs on the CPU, not {device}")
+    the quantized layers on the CPU, "torch" (PyTorch's kernels), "fbgemm" (int8 layers on fbgemm,
+    `llama3.quant.dynamic`) or "dot" (every layer on llama3's own, `llama3.quant.dot`)."""
+    if kernel not in ("torch", "fbgemm", "dot"):
+        raise QuantizeError(f"unknown kernel {kernel!r}; choose torch, fbgemm or dot")
+    if kernel in ("fbgemm", "dot") and torch.device(device).type != "cpu":
+        raise QuantizeError(f"the {kernel} kernels run on the CPU, not {device}")
     if kernel == "fbgemm" and mode == "int8":  # fbgemm takes float32 activations: every projection runs it
         if dtype != torch.float32:
             raise QuantizeError(f"the fbgemm int8 kernel takes float32 activations, got {dtype}")
@@ -198,6 +199,10 @@ def check_settings(
             f"quantized weights run on the CPU (PyTorch's int8/int4 kernels) or on CUDA (Triton kernels); "
             f"{device} is not supported"
         )
+    if kernel == "dot":  # its own layout, float32 activations (llama3.quant.dot)
+        if dtype != torch.float32:
+            raise QuantizeError(f"the dot-product kernels take float32 activations, got {dtype}")
+        return
     layout = layout or layout_for(device)
     if layout not in LAYOUTS:
         raise QuantizeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")

@@ -132,8 +132,9 @@ def load_model(
 
 
 def _default_dtype(dtype: torch.dtype | str | None, quantize: str | None, kernel: str) -> torch.dtype:
-    """The activations' dtype: as asked, else float32 where fbgemm runs every projection, else bfloat16."""
-    if dtype is None and quantize == "int8" and kernel == "fbgemm":
+    """The activations' dtype: as asked, else float32 where fbgemm or the dot-product kernels run every projection,
+    else bfloat16."""
+    if dtype is None and ((quantize == "int8" and kernel == "fbgemm") or (quantize and kernel == "dot")):
         return torch.float32
     return _parse_dtype(dtype)
 

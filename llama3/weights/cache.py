@@ -7,8 +7,9 @@ Loading a GGUF file into the quantized CPU kernels decodes its Q4 blocks, re-lay
 projection. The result depends only on the file, the load's settings, the CPU and the library, so it is kept:
 one `torch.save` file per (GGUF file, settings) under `$LLAMA3_WEIGHT_CACHE`, by default
 `$XDG_CACHE_HOME/llama3/weights` (`~/.cache/llama3/weights`), read back memory-mapped. It holds the packed
-buffers of `Int4Linear` / `Int8Linear` and the int8 codes of a `DynInt8Linear` (fbgemm's packed form is not
-serializable: it is prepacked again, in the background, `llama3.quant.dynamic`), and the float tensors. Beside
+buffers of `Int4Linear` / `Int8Linear` / `DotLinear` and the int8 codes of a `DynInt8Linear` (fbgemm's packed
+form is not serializable: it is prepacked again, in the background, `llama3.quant.dynamic`), and the float
+tensors. Beside
 it, the file's tokenizer as tiktoken takes it (`llama3.weights.gguf_tokenizer`), for files of any size.
 
 An entry is used only if its key matches: the file's path, size and modification time, the settings, the CPU
@@ -32,13 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llama3.quant.dot import DotLinear
 from llama3.quant.dynamic import DynInt8Linear
 from llama3.quant.weight_only import Int4Linear, Int8Linear, QuantizedWeight
 
 FORMAT = 1
 MAX_SOURCE_BYTES = 2**30
 _OFF = ("0", "off", "false", "no")
-_PLAIN = (Int4Linear, Int8Linear)  # rebuilt from their attributes and buffers, with no packing
+_PLAIN = (Int4Linear, Int8Linear, DotLinear)  # rebuilt from their attributes and buffers, with no packing
 _ATTRS = (int, str, bool, float, type(None))
 
 

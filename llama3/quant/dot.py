@@ -1,0 +1,224 @@
+"""Quantized weights times 8-bit activations in integer dot products, as llama.cpp runs Q4 and Q8 weights on CPUs.
+
+PyTorch ships no such CPU kernel: its int4 kernel (`_weight_int4pack_mm_for_cpu`) converts the codes to float
+and multiplies them by bfloat16 activations, which costs 3x as long with its AVX2 code as with its AVX-512 code
+(96 against 34 us for a 3072x576 call on a Xeon, 2 threads: docs/quantization.md), and fbgemm's int8 kernel has
+no 4-bit weights and no per-block scales. So the kernels are written here, in C (dot.c, about 200 lines, with
+the math in its header comment), compiled on first use by the machine's C compiler (`$CC`, else `cc`), kept in
+`~/.cache/llama3/kernels/` and loaded with ctypes. They run in PyTorch's OpenMP thread pool, and the kernel
+choice (`llama3.quant.choice`) times them against PyTorch's kernels on each machine: without a compiler they
+are simply not a candidate.
+
+The math (dot.c, and `reference` below, the same formulas in PyTorch):
+- every row of x is quantized per block of 32 inputs: d = max|x| / 127, a = round(x * (1 / d)), like llama.cpp's
+  Q8_0 activations;
+- int4 weights, w = (q - 8) * s + z per block of 32 (a GGUF file's own Q4_0 / Q4_1 codes; larger groups repeat
+  their scale and zero per block): y = sum over blocks of s * d * (sum q * a - 8 * sum a) + z * sum x;
+- int8 weights, w = q * scale per row: y = scale * sum over blocks of d * sum q * a.
+The integer sums are exact; the result differs from the float32 product by the activations' 8-bit rounding,
+as llama.cpp's does (perplexity: docs/quantization.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from llama3.quant import isa
+from llama3.quant.weight_only import QuantizedWeight, QuantizeError
+
+SOURCE = Path(__file__).with_name("dot.c")
+BLOCK = 32  # inputs per activation scale, and per weight scale of int4 codes
+FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}  # by the code dot.c compiles to
+
+
+class DotKernelError(RuntimeError):
+    """The C kernels cannot be built or run here (no compiler, a failed build, out of memory)."""
+
+
+def default_isa() -> str:
+    """The build of dot.c for this CPU: "avx2" on x86 with AVX2 (and FMA, which every AVX2 CPU has), else "generic"
+    (plain C, vectorized as far as the compiler can)."""
+    return "avx2" if isa.isa()["avx2"] and platform.machine().lower() in ("x86_64", "amd64") else "generic"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llama3" / "kernels"
+
+
+@functools.cache
+def library(code: str | None = None) -> ctypes.CDLL:
+    """The compiled kernels for `code` ("avx2" or "generic"; default `default_isa()`), built once per machine."""
+    code = code or default_isa()
+    if code not in FLAGS:
+        raise DotKernelError(f"unknown kernel code {code!r}; choose one of {', '.join(FLAGS)}")
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise DotKernelError(f"the dot-product kernels need a C compiler: {compiler!r} was not found (set CC)")
+    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *FLAGS[code]]
+    source = SOURCE.read_bytes()
+    ident = hashlib.sha256(source + repr((compiler, flags, platform.machine())).encode()).hexdigest()[:16]
+    path = cache_dir() / f"dot-{code}-{ident}.so"
+    if not path.is_file():
+        _compile(compiler, flags, path)
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dot_q4.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    lib.dot_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+    lib.dot_q4.restype = lib.dot_q8.restype = ctypes.c_int
+    lib.dot_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def _compile(compiler: str, flags: list[str], path: Path) -> None:
+    """Builds dot.c into `path`: into a temporary name beside it, renamed, so another process never loads half."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise DotKernelError(f"cannot write the compiled kernels to {path.parent}: {e}") from None
+    try:
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DotKernelError(f"{compiler} could not build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def available() -> bool:
+    """Whether the kernels build and load here (compiled on the first call)."""
+    try:
+        library()
+    except (DotKernelError, OSError):
+        return False
+    return True
+
+
+BLOCK_BYTES = 24  # an int4 block as dot.c reads it (`q4_block`): scale and zero (float32), 16 bytes of codes
+
+
+def to_blocks(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """int4 codes (N, K) in 0..15 with a float32 scale and zero per block of 32 (N, K / 32), as dot.c reads them:
+    (N, K / 32 * 24) bytes, each block its scale, its zero, then its codes, byte j holding element j in its low
+    nibble and element j + 16 in its high one (GGUF's order)."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n, k // BLOCK, BLOCK)
+    packed = c[..., :16] | (c[..., 16:] << 4)
+    floats = [t.float().contiguous().view(torch.uint8).view(n, k // BLOCK, 4) for t in (scales, zeros)]
+    return torch.cat([*floats, packed], dim=-1).reshape(n, -1).contiguous()
+
+
+def from_blocks(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes (N, K), scales, zeros (N, K / 32)): the inverse of `to_blocks`."""
+    n = blocks.shape[0]
+    b = blocks.view(n, -1, BLOCK_BYTES)
+    scales, zeros = (b[..., i : i + 4].contiguous().view(torch.float32).view(n, -1) for i in (0, 4))
+    packed = b[..., 8:]
+    codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(n, -1)
+    return codes, scales, zeros
+
+
+class DotLinear(nn.Module):
+    """x @ W.T for a quantized W (int4 per group, or int8 per row) through dot.c: float32 in, float32 out.
+
+    Its buffers, plain tensors: int4 `blocks` (N, K / 32 * 24) bytes (`to_blocks`; a group larger than 32 has its
+    scale and zero repeated per block of 32); int8 `codes` (N, K) int8 and `scales` (N,) float32. `code` is which
+    build of dot.c runs it ("avx2" or "generic")."""
+
+    kernel = "dot"
+
+    def __init__(self, q: QuantizedWeight, code: str | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.mode = q.mode
+        self.code = code or default_isa()
+        if self.in_features % BLOCK:
+            raise QuantizeError(
+                f"the dot-product kernels take inputs in blocks of {BLOCK}; this weight has {self.in_features}"
+            )
+        library(self.code)  # built (or its error raised) before the codes are laid out
+        if q.mode == "int4":
+            repeat = q.group_size // BLOCK
+            scales, zeros = (t.float().repeat_interleave(repeat, dim=1) for t in (q.scales, q.zeros))
+            self.register_buffer("blocks", to_blocks(q.codes, scales, zeros))
+        else:
+            self.register_buffer("codes", q.codes.contiguous())
+            self.register_buffer("scales", q.scales.float().contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            return self._convert(x)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        rows = x.numel() // self.in_features
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        if self.mode == "int4":
+            status = library(self.code).dot_q4(
+                x.data_ptr(), rows, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr()
+            )
+        else:
+            status = library(self.code).dot_q8(x.data_ptr(), rows, self.in_features, self.codes.data_ptr(),
+                                               self.scales.data_ptr(), self.out_features, y.data_ptr())  # fmt: skip
+        if status != 0:
+            raise DotKernelError(f"out of memory for the activations of {rows} rows x {self.in_features}")
+        return y
+
+    def _convert(self, x: Tensor) -> Tensor:
+        """Input that is not float32 rows on the CPU: converted (16-bit activations), or refused."""
+        if x.device.type != "cpu":
+            raise QuantizeError(f"the dot-product kernels run on the CPU; the input is on {x.device}")
+        if x.shape[-1] != self.in_features:
+            raise QuantizeError(f"an input of {x.shape[-1]} features for a layer of {self.in_features}")
+        if not x.dtype.is_floating_point:
+            raise QuantizeError(f"the dot-product kernels take floating-point input, got {x.dtype}")
+        return self(x.float()).to(x.dtype)
+
+    def weight_codes(self) -> QuantizedWeight:
+        """The codes and scales this layer holds (int4: per block of 32)."""
+        if self.mode == "int4":
+            return QuantizedWeight("int4", *from_blocks(self.blocks), BLOCK)
+        return QuantizedWeight("int8", self.codes, self.scales)
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight the codes stand for."""
+        return self.weight_codes().dequantize()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}, {self.code} code"
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of float32 x (M, K) as dot.c quantizes them: int8 codes (M, K / 32, 32) and scales (M, K / 32)."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    scale = blocks.abs().amax(dim=-1) / 127.0
+    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    return torch.round(blocks * inverse[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def reference(x: Tensor, q: QuantizedWeight) -> Tensor:
+    """What dot.c computes, in float64 from the same integer sums: the test's independent PyTorch reference."""
+    a, d = quantize_activations(x)
+    a, d = a.double(), d.double()
+    sums = x.double().reshape(*a.shape).sum(-1)  # (M, G)
+    if q.mode == "int4":
+        repeat = q.group_size // BLOCK
+        s, z = (t.double().repeat_interleave(repeat, dim=1) for t in (q.scales, q.zeros))  # (N, G)
+        codes = q.codes.double().view(q.shape[0], -1, BLOCK)  # (N, G, 32)
+        dots = torch.einsum("mgj,ngj->mng", a, codes) - 8 * a.sum(-1)[:, None, :]
+        return (s[None] * d[:, None, :] * dots + z[None] * sums[:, None, :]).sum(-1)
+    codes = q.codes.double().view(q.shape[0], -1, BLOCK)
+    dots = torch.einsum("mgj,ngj->mng", a, codes)
+    return q.scales.double()[None] * (d[:, None, :] * dots).sum(-1)
