@@ -15,7 +15,9 @@ gate/up), 576x1536 (down), 49152x576 (output), at 1 row (decode) and 32 rows (a 
 - `torch._int_mm` with activations quantized per row by hand (symmetric int8);
 - torchao 0.18's CPU configs, through `quantize_` on an `nn.Linear`: int8 dynamic activation + int8 weight,
   int8 dynamic activation + int4 weight (`Int8DynamicActivationIntxWeightConfig`), int8 weight-only;
-- `_dyn_quant_matmul_4bit` (KleidiAI on ARM; a reference loop on x86).
+- `_dyn_quant_matmul_4bit` (KleidiAI on ARM; a reference loop on x86);
+- llama3's own dot-product kernels (`llama3.quant.dot`, C compiled on first use: int4 group 32 and int8 weights,
+  activations quantized to 8 bits per block of 32, fp32 in and out), AVX2 code whatever ATen dispatches.
 Every output is checked against fp32 `F.linear` of the same float weight (relative error of the norm): a
 system far off computed something else. Time: the median of single calls (at most 0.15 s or 200 calls each).
 Results: benchmarks/results/kernels-cpu.json and .md.
@@ -83,6 +85,13 @@ def systems(w, rows: int):
         return torch._int_mm(xq, wt.t()) * s * q8.scales
 
     yield "torch._int_mm, act. per row (sym. int8)", int_mm
+    from llama3.quant import dot
+
+    if dot.available():
+        yield f"llama3 dot int4 g32 ({dot.default_isa()})", dot.DotLinear(quantize(w, "int4", 32))
+        yield f"llama3 dot int8 ({dot.default_isa()})", dot.DotLinear(q8)
+    else:
+        yield "llama3 dot: no C compiler", None
     yield from torchao_systems(w)
     if rows == 1 and (N * K < 4e6 or isa()["arm"]):  # the x86 reference loop: seconds for the output
         # symmetric 4-bit codes, one scale per group of 32: w ~ (q - 8) * s (the op takes scales only)

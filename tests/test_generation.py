@@ -433,7 +433,9 @@ def test_compiled_block_rounds_16_bit_values_as_eager_does(checkpoint, quantize)
 def test_compiled_decode_is_close_to_eager_on_smollm2():
     """Not bit-identical (see `compiled_block`): on the embedded SmolLM2 in int4, teacher-forced along
     eager's greedy answer to "Once upon a time", compiled logits stay within a few bf16 steps of eager's
-    (a bf16 step at the logits' size, 16-32, is 0.125), and differ somewhere, as the README says."""
+    (a bf16 step at the logits' size, 16-32, is 0.125), and differ somewhere, as docs/quantization.md says.
+    How far depends on the CPU's code: 4 steps on a Xeon, 4.5 on an AMD EPYC (Zen 5); a wrong op is off by
+    whole units."""
     from llama3.generate.step import attention_window, compiled_block
 
     llm = Llama.from_pretrained(quantize="int4", max_seq_len=64, progress=False)
@@ -447,7 +449,7 @@ def test_compiled_decode_is_close_to_eager_on_smollm2():
             compiled = model(tok, at, kv_len=attention_window(L + i + 1, 64), run_block=block).float()
             eager = model(tok, at, kv_len=L + i + 1).float()  # last, so the cache holds eager's keys and values
             worst = max(worst, (compiled - eager).abs().max().item())
-    assert 0 < worst <= 4 * 0.125
+    assert 0 < worst <= 8 * 0.125
 
 
 def test_compile_refuses_a_model_off_the_cpu(checkpoint):
