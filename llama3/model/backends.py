@@ -198,7 +198,7 @@ class _LeanLayer:
         self.generation = _generation[0]
         # views made under inference_mode may not be written outside it (and the reverse is allowed): kept per mode
         self.inference = torch.is_inference_mode_enabled()
-        modules = (layer, layer.attention_norm, attn, layer.ffn_norm, ffn, attn.wqkv, attn.wo, ffn.w13, ffn.w2)
+        modules = (layer, layer.attention_norm, attn, layer.ffn_norm, ffn)
         self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
         self.heads = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.attention_norm = layer.attention_norm.weight, layer.attention_norm.eps
@@ -232,7 +232,7 @@ def _projection(layer: nn.Module) -> tuple | nn.Module:
 def _project(x: Tensor, layer: tuple | nn.Module, ops) -> Tensor:
     if type(layer) is tuple:
         return torch._weight_int4pack_mm_for_cpu(x, *layer)
-    if type(layer) is DotLinear:  # its forward without nn.Module's call (the block's hooks were checked)
+    if type(layer) is DotLinear:  # its forward without nn.Module's call, as the int4 kernel's above
         return layer.forward(x)
     return ops.linear(x, layer)
 

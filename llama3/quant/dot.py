@@ -64,13 +64,13 @@ def library(code: str | None = None) -> ctypes.CDLL:
     if code not in FLAGS:
         raise DotKernelError(f"unknown kernel code {code!r}; choose one of {', '.join(FLAGS)}")
     compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise DotKernelError(f"the dot-product kernels need a C compiler: {compiler!r} was not found (set CC)")
     flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *FLAGS[code]]
     source = SOURCE.read_bytes()
     ident = hashlib.sha256(source + repr((compiler, flags, platform.machine())).encode()).hexdigest()[:16]
     path = cache_dir() / f"dot-{code}-{ident}.so"
     if not path.is_file():
+        if shutil.which(compiler) is None:
+            raise DotKernelError(f"the dot-product kernels need a C compiler: {compiler!r} was not found (set CC)")
         _compile(compiler, flags, path)
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
