@@ -188,8 +188,10 @@ def main() -> None:
         f"group {a.group_size} (at 32 the file's own Q4_1 codes) with the output projection at int8 (it is tied to "
         "the embedding, stored Q8_0 in the file; a 4-bit output measured 26.26 here). int4-fbgemm: the same with "
         "the output projection on fbgemm's dynamic int8 kernel (activations quantized per row, 8 bits with "
-        "AVX512-VNNI, else 7); fbgemm: every projection on it, float32 activations; int4-fbgemm+w13 (a trial): "
-        "int4-fbgemm with the named projections on fbgemm too, each result rounded to bfloat16. Seconds: one run each.",
+        "AVX512-VNNI, else 7); fbgemm: every projection on it, float32 activations; int4-dot: the int4 codes and "
+        "the int8 output on llama3's dot-product kernels (activations quantized to 8 bits per block of 32), float32 "
+        "activations; int4-fbgemm+w13 (a trial): int4-fbgemm with the named projections on fbgemm too, each result "
+        "rounded to bfloat16. Seconds: one run each.",
         f"The whole benchmark took {result['wall_seconds']:.0f} s (1-minute load average "
         f"{load_before:.1f} at the start, {result['load_average_1min'][1]:.1f} at the end).",
     ]

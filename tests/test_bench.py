@@ -137,3 +137,18 @@ def test_an_unknown_random_preset_is_named_as_typed(monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "bench", "-m", "random:nope", "-p", "8", "-n", "4")
     assert code == 1
     assert err.strip().startswith("llama3: error: --model random:nope: unknown model name 'nope'; known: ")
+
+
+def test_bench_times_kernel_plans_side_by_side(tiny_llama3, tmp_path, monkeypatch, capsys):
+    """--kernel a,b: one row set per CPU kernel plan, each model loaded with that plan's layers."""
+    d, _ = tiny_llama3
+    out = tmp_path / "kernels.json"
+    code, _, err = run_main(
+        monkeypatch, capsys, "bench", "-m", str(d), "-p", "0", "-n", "2", "-r", "1", "--kernel", "int4,int4-dot",
+        "--device", "cpu", "--json", str(out), "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    weights = [r["weights"] for r in json.loads(out.read_text())["rows"]]
+    assert weights == ["int4 (group 32), kernel int4", "int4 (dot), kernel int4-dot"], weights
+    code, _, err = run_main(monkeypatch, capsys, "bench", "--kernel", "avx")
+    assert code == 2 and "--kernel" in err.splitlines()[-1]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from llama3.cli.common import DEFAULT_MODEL_HELP, GROUP_SIZES, resolve_model_source
+from llama3.cli.common import DEFAULT_MODEL_HELP, GROUP_SIZES, KERNELS, resolve_model_source
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("auto", "none", "int8", "int4")
@@ -70,6 +70,12 @@ def _add_bench_parser(sub) -> None:
         "kernels measured fastest here; anything else float)",
     )
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
+    p.add_argument(
+        "--kernel",
+        type=_choice_list(KERNELS),
+        metavar="{" + ",".join(KERNELS) + "}[,...]",
+        help="CPU kernel plans to time side by side (default: the one measured fastest here)",
+    )
     p.add_argument(
         "--backend",
         type=_choice_list(("auto", "torch", "triton")),
@@ -137,7 +143,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 skipped.append(f"--quantize {q} with --dtype float32: quantized weights run bfloat16 activations")
                 continue
             for backend in args.backend:
-                configs.append(Config(dtype, q, backend, args.compile, args.group_size))
+                for kernel in args.kernel or [None]:
+                    configs.append(Config(dtype, q, backend, args.compile, args.group_size, kernel))
     if not configs:
         raise ValueError(f"nothing to time: {skipped[0]}")
     grid = Grid(

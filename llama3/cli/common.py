@@ -58,8 +58,9 @@ def _add_load_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_H
         "--kernel",
         choices=["auto", *KERNELS],
         help="force the CPU's quantized kernels: int4 (4-bit projections, int8 output), int4-fbgemm (the output "
-        "on fbgemm's dynamic int8), int8, fbgemm (every projection on fbgemm, float32 activations: fastest, "
-        "perplexity +3.4%%); default: auto, measured once per machine",
+        "on fbgemm's dynamic int8), int8, int4-dot (both on llama3's integer dot products, compiled on first use "
+        "with the C compiler), fbgemm (every projection on fbgemm, float32 activations: fastest, perplexity "
+        "+3.4%%); default: auto, measured once per machine",
     )
     p.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES, help="int4 group size (default: 32)")
     p.add_argument("--keep-output", action="store_true", help="with --quantize: leave the output projection float")

@@ -65,6 +65,7 @@ class Config:
     backend: str = "auto"
     compile: bool = False
     group_size: int = 32
+    kernel: str | None = None  # a CPU kernel plan forced (`llama3.quant.choice.KERNELS`); None: measured
 
 
 def cpu_flags() -> set[str]:
@@ -267,6 +268,7 @@ def load_ours(src: str | os.PathLike, config: Config, device: str | None, grid: 
             group_size=config.group_size,
             progress=False,
             compile=config.compile,
+            kernel=config.kernel,
         )
     load_s = time.perf_counter() - t0
     longest = max([*grid.prompt_lens, 1]) + max([*grid.gen_lens, 1]) + 1
