@@ -192,3 +192,34 @@ def test_the_choice_takes_the_dot_kernels_only_when_a_step_is_faster():
     assert choice.step_us(30.0, 150.0) < step and choice.decide(faster, "AVX2")[0] == "int4-dot"
     assert "llama3's dot-product kernels" in choice.decide(faster, "AVX2")[1]
     assert choice.decide(base, "AVX2")[0] == "int4"  # no compiler: not timed, not chosen
+
+
+@pytest.mark.parametrize("torch_threads, new_os_threads", [(1, 0), (2, 1)])
+def test_the_kernels_run_on_pytorchs_thread_count_in_any_thread(torch_threads, new_os_threads):
+    """OpenMP's own default in a thread that never set it is every core; the kernels take PyTorch's count, as
+    ATen's ops do (a server's engine thread, `--threads`). libgomp keeps a team's threads while the thread that
+    started it lives, so the team shows in /proc/self/task."""
+    import os
+    import threading
+
+    layer = DotLinear(quantize(torch.randn(512, 64), "int4"))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    counts, done = [], threading.Event()
+
+    def run():
+        before = len(os.listdir("/proc/self/task"))
+        layer(torch.randn(1, 64))
+        counts.append(len(os.listdir("/proc/self/task")) - before)
+        done.wait()
+
+    worker = threading.Thread(target=run)
+    try:
+        worker.start()
+        while not counts and worker.is_alive():
+            worker.join(0.01)
+        assert counts == [new_os_threads]
+    finally:
+        done.set()
+        worker.join()
+        torch.set_num_threads(saved)

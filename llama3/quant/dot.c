@@ -16,8 +16,9 @@
    int8 weights (`dot_q8`): codes q in -128..127 and one scale per row: w = q * scale.
    The int16 pair of |q| (uint8) times a * sign(q) (int8) is at most 2 * 128 * 127 = 32512 < 2^15.
 
-   Rows of W are split between the OpenMP threads of the process (PyTorch's runtime: this library is built
-   with -fopenmp and loaded into a process that has PyTorch's libgomp, whose soname it shares). With AVX2 and
+   Rows of W are split between `threads` OpenMP threads (PyTorch's count, passed in as ATen passes its own:
+   OpenMP's per-thread default would be every core in a thread that never set it), in PyTorch's runtime: this
+   library is built with -fopenmp and loaded into a process that has PyTorch's libgomp, whose soname it shares. With AVX2 and
    FMA the block products run on 256-bit registers (vpmaddubsw, vpmaddwd); otherwise the same math in plain C.
    The PyTorch reference of both kernels is in llama3/quant/dot.py. */
 
@@ -234,23 +235,23 @@ INLINE float q4_decode(const int8_t *a, const float *d, const float *sums, const
 #endif
 
 /* Quantizes the M rows of x into freshly allocated activations; 0, or -1 if out of memory. */
-static int quantize(const float *x, int64_t M, int64_t K, activations *act) {
+static int quantize(const float *x, int64_t M, int64_t K, int threads, activations *act) {
     const int64_t G = K / BLOCK;
     float *mem = malloc((size_t)(3 * M * G) * sizeof(float) + (size_t)(M * K));
     if (!mem) return -1;
     *act = (activations){(int8_t *)(mem + 3 * M * G), mem, mem + M * G, mem + 2 * M * G, K, G};
-#pragma omp parallel for schedule(static) if (M > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, act->a + m * K, act->d + m * G, act->sums + m * G, act->shift + m * G);
     return 0;
 }
 
 /* y (M, N) = x (M, K) @ W.T for int4 W: N rows of K / 32 `q4_block`s. K must be a multiple of 32.
    Returns 0, or -1 if out of memory. */
-int dot_q4(const float *x, int64_t M, int64_t K, const q4_block *blocks, int64_t N, float *y) {
+int dot_q4(const float *x, int64_t M, int64_t K, const q4_block *blocks, int64_t N, float *y, int threads) {
     activations act;
-    if (quantize(x, M, K, &act)) return -1;
+    if (quantize(x, M, K, threads, &act)) return -1;
     if (M == 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++)
 #if DOT_AVX2
             y[n] = q4_decode(act.a, act.d, act.sums, act.shift, blocks + n * act.G, act.G);
@@ -259,7 +260,7 @@ int dot_q4(const float *x, int64_t M, int64_t K, const q4_block *blocks, int64_t
 #endif
     } else {
         const int64_t tiled = M / ROWS * ROWS;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) {
             for (int64_t m = 0; m < tiled; m += ROWS) q4_tile(&act, m, ROWS, blocks, n, 1, N, y);
             for (int64_t m = tiled; m < M; m++) q4_tile(&act, m, 1, blocks, n, 1, N, y);
@@ -271,15 +272,16 @@ int dot_q4(const float *x, int64_t M, int64_t K, const q4_block *blocks, int64_t
 
 /* y (M, N) = x (M, K) @ W.T for int8 W: codes (N, K) and one scale per row (N). K must be a multiple of 32.
    Returns 0, or -1 if out of memory. */
-int dot_q8(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scales, int64_t N, float *y) {
+int dot_q8(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scales, int64_t N, float *y,
+           int threads) {
     activations act;
-    if (quantize(x, M, K, &act)) return -1;
+    if (quantize(x, M, K, threads, &act)) return -1;
     if (M == 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) q8_tile(&act, 0, 1, codes, scales, n, 1, N, y);
     } else {
         const int64_t tiled = M / ROWS * ROWS;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n++) {
             for (int64_t m = 0; m < tiled; m += ROWS) q8_tile(&act, m, ROWS, codes, scales, n, 1, N, y);
             for (int64_t m = tiled; m < M; m++) q8_tile(&act, m, 1, codes, scales, n, 1, N, y);

@@ -74,8 +74,8 @@ def library(code: str | None = None) -> ctypes.CDLL:
         _compile(compiler, flags, path)
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.dot_q4.argtypes = [ptr, i64, i64, ptr, i64, ptr]
-    lib.dot_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+    lib.dot_q4.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.dot_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.dot_q4.restype = lib.dot_q8.restype = ctypes.c_int
     lib.dot_isa.restype = ctypes.c_char_p
     return lib
@@ -165,13 +165,16 @@ class DotLinear(nn.Module):
             x = x.contiguous()
         rows = x.numel() // self.in_features
         y = x.new_empty(*x.shape[:-1], self.out_features)
+        threads = torch.get_num_threads()
         if self.mode == "int4":
             status = library(self.code).dot_q4(
-                x.data_ptr(), rows, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr()
+                x.data_ptr(), rows, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr(), threads
             )
         else:
-            status = library(self.code).dot_q8(x.data_ptr(), rows, self.in_features, self.codes.data_ptr(),
-                                               self.scales.data_ptr(), self.out_features, y.data_ptr())  # fmt: skip
+            codes, scales = self.codes.data_ptr(), self.scales.data_ptr()
+            status = library(self.code).dot_q8(
+                x.data_ptr(), rows, self.in_features, codes, scales, self.out_features, y.data_ptr(), threads
+            )
         if status != 0:
             raise DotKernelError(f"out of memory for the activations of {rows} rows x {self.in_features}")
         return y
