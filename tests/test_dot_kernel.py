@@ -3,7 +3,10 @@ from the integer sums), against the rounding rule they claim, and in a model; ho
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -194,32 +197,43 @@ def test_the_choice_takes_the_dot_kernels_only_when_a_step_is_faster():
     assert choice.decide(base, "AVX2")[0] == "int4"  # no compiler: not timed, not chosen
 
 
-@pytest.mark.parametrize("torch_threads, new_os_threads", [(1, 0), (2, 1)])
-def test_the_kernels_run_on_pytorchs_thread_count_in_any_thread(torch_threads, new_os_threads):
-    """OpenMP's own default in a thread that never set it is every core; the kernels take PyTorch's count, as
-    ATen's ops do (a server's engine thread, `--threads`). libgomp keeps a team's threads while the thread that
-    started it lives, so the team shows in /proc/self/task."""
-    import os
-    import threading
+def cpu_ticks() -> dict[str, int]:
+    """Each thread of this process: its user + system CPU time in clock ticks (/proc/self/task/*/stat)."""
+    ticks = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended
+        ticks[tid] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks
 
-    layer = DotLinear(quantize(torch.randn(512, 64), "int4"))
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_the_kernels_run_on_pytorchs_thread_count_in_any_thread(torch_threads):
+    """OpenMP's own default in a thread that never set it is every core; the kernels take PyTorch's count, as
+    ATen's ops do (a server's engine thread, `--threads`): the threads that spend CPU time while a fresh thread
+    runs the kernel for about 0.3 s are that many (a count fixed in the kernel, 2, fails the first case). No
+    torch op runs in it first: ATen's first parallel op in a thread sets that thread's OpenMP count to PyTorch's."""
+    layer, x = DotLinear(quantize(torch.randn(4096, 1024), "int4")), torch.randn(1, 1024)
     saved = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
-    counts, done = [], threading.Event()
+    busy = []
 
     def run():
-        before = len(os.listdir("/proc/self/task"))
-        layer(torch.randn(1, 64))
-        counts.append(len(os.listdir("/proc/self/task")) - before)
-        done.wait()
+        time.sleep(0.1)  # the other threads' spinning after their last parallel region is over
+        before = cpu_ticks()
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            layer(x)
+        after = cpu_ticks()
+        busy.extend(tid for tid, t in after.items() if t - before.get(tid, 0) >= 3)
 
-    worker = threading.Thread(target=run)
     try:
+        worker = threading.Thread(target=run)
         worker.start()
-        while not counts and worker.is_alive():
-            worker.join(0.01)
-        assert counts == [new_os_threads]
-    finally:
-        done.set()
         worker.join()
+    finally:
         torch.set_num_threads(saved)
+    assert len(busy) == torch_threads, busy
