@@ -3,7 +3,7 @@
 PyTorch ships no such CPU kernel: its int4 kernel (`_weight_int4pack_mm_for_cpu`) converts the codes to float
 and multiplies them by bfloat16 activations, which costs 3x as long with its AVX2 code as with its AVX-512 code
 (96 against 34 us for a 3072x576 call on a Xeon, 2 threads: docs/quantization.md), and fbgemm's int8 kernel has
-no 4-bit weights and no per-block scales. So the kernels are written here, in C (dot.c, about 200 lines, with
+no 4-bit weights and no per-block scales. So the kernels are written here, in C (dot.c, about 300 lines, with
 the math in its header comment), compiled on first use by the machine's C compiler (`$CC`, else `cc`), kept in
 `~/.cache/llama3/kernels/` and loaded with ctypes. They run in PyTorch's OpenMP thread pool, and the kernel
 choice (`llama3.quant.choice`) times them against PyTorch's kernels on each machine: without a compiler they
@@ -159,25 +159,24 @@ class DotLinear(nn.Module):
             self.register_buffer("scales", q.scales.float().contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+        # a decode step makes 121 of these calls for SmolLM2: kept to plain attribute reads (the buffers straight
+        # from nn.Module's dict) and one ctypes call, about 3 us of Python a call
+        if x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != self.in_features:
             return self._convert(x)
         if not x.is_contiguous():
             x = x.contiguous()
         rows = x.numel() // self.in_features
-        y = x.new_empty(*x.shape[:-1], self.out_features)
-        threads = torch.get_num_threads()
+        y = torch.empty(rows, self.out_features)
+        buffers, lib, threads = self._buffers, library(self.code), torch.get_num_threads()
         if self.mode == "int4":
-            status = library(self.code).dot_q4(
-                x.data_ptr(), rows, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr(), threads
-            )
+            weight = (buffers["blocks"].data_ptr(),)
+            status = lib.dot_q4(x.data_ptr(), rows, self.in_features, *weight, self.out_features, y.data_ptr(), threads)
         else:
-            codes, scales = self.codes.data_ptr(), self.scales.data_ptr()
-            status = library(self.code).dot_q8(
-                x.data_ptr(), rows, self.in_features, codes, scales, self.out_features, y.data_ptr(), threads
-            )
+            weight = (buffers["codes"].data_ptr(), buffers["scales"].data_ptr())
+            status = lib.dot_q8(x.data_ptr(), rows, self.in_features, *weight, self.out_features, y.data_ptr(), threads)
         if status != 0:
             raise DotKernelError(f"out of memory for the activations of {rows} rows x {self.in_features}")
-        return y
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def _convert(self, x: Tensor) -> Tensor:
         """Input that is not float32 rows on the CPU: converted (16-bit activations), or refused."""
