@@ -25,6 +25,16 @@ pytestmark = [
 CODES = ["generic"] + (["avx2"] if dot.default_isa() == "avx2" else [])
 
 
+def gguf_like(q: QuantizedWeight) -> QuantizedWeight:
+    """`q` with its int4 scales and minimums (m = z - 8 s) float16 values, as a GGUF Q4_1 file stores them."""
+    if q.mode != "int4":
+        return q
+    s, m = q.scales.half().float(), (q.zeros - 8 * q.scales).half().float()
+    z = m + 8 * s
+    assert torch.equal(z.double(), m.double() + 8 * s.double())  # exact: m is z - 8 s again
+    return QuantizedWeight("int4", q.codes, s, z, q.group_size)
+
+
 def assert_matches(got: torch.Tensor, expected: torch.Tensor) -> None:
     """float32 sums of the same integer products: within float32 rounding of the largest output."""
     assert got.dtype == torch.float32
@@ -49,11 +59,42 @@ def test_the_kernels_compute_the_reference(code, mode, group_size, in_features, 
     """Decode (1 row of x) and prefill (rows in fours and a remainder), an odd and an even number of blocks,
     int4 groups larger than a block, 37 output rows (no multiple of anything)."""
     gen = torch.Generator().manual_seed(rows * in_features)
-    q = quantize(torch.randn(37, in_features, generator=gen), mode, group_size or 32)
+    q = gguf_like(quantize(torch.randn(37, in_features, generator=gen), mode, group_size or 32))
     x = torch.randn(rows, in_features, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
     layer = DotLinear(q, code)
     assert_matches(layer(x), reference(x, q))
     assert torch.equal(layer.dequantize(), q.dequantize())  # the codes and scales it holds are the weight's own
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_float16_scales_are_read_exactly_subnormal_ones_too(code):
+    """Scales and minimums across float16's range, from subnormals (2^-24 on) to 60000: the plain C build converts
+    float16 itself (the AVX2 one with F16C's instruction)."""
+    scales = torch.tensor([2.0**-24, 3 * 2.0**-20, 2.0**-14 - 2.0**-24, 2.0**-14, 0.01, 1.5, 60000.0, 0.0])
+    mins = -torch.tensor([2.0**-23, 2.0**-18, 2.0**-15, 0.5, 2.0**-24, 3.0, 1000.0, 65504.0])
+    scales, mins = scales.half().float(), mins.half().float()  # 0.01: the nearest float16
+    codes = torch.randint(0, 16, (8, 32), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    q = QuantizedWeight("int4", codes, scales[:, None], (mins + 8 * scales)[:, None], 32)
+    assert torch.equal(DotLinear(q, code).dequantize(), q.dequantize())
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(8))
+    got, expected = DotLinear(q, code)(x), reference(x, q)
+    for n in range(8):  # each weight row at its own scale
+        assert_matches(got[:, n], expected[:, n])
+
+
+def test_scales_are_kept_in_float16_as_gguf_keeps_them():
+    """Scales that are no float16 values (int4 quantized here, not read from a GGUF file) are rounded to the
+    nearest, 2^-11 of the scale and at most 2^-11 of the minimum, times a code of at most 15; beyond float16's
+    range they are refused."""
+    q = quantize(torch.randn(64, 128) * torch.logspace(-3, 1, 64)[:, None], "int4", 32)
+    w = DotLinear(q).dequantize()
+    s = q.scales.repeat_interleave(32, dim=1)
+    m = (q.zeros - 8 * q.scales).repeat_interleave(32, dim=1)
+    bound = (15 * s.abs() + m.abs()) * 2**-11
+    assert ((w - q.dequantize()).abs() <= bound).all()
+    assert not torch.equal(w, q.dequantize())
+    with pytest.raises(QuantizeError, match="beyond float16's range"):
+        DotLinear(quantize(torch.randn(4, 32) * 1e6, "int4"))
 
 
 @pytest.mark.parametrize("code", CODES)
@@ -129,18 +170,36 @@ class Dequantized(torch.nn.Module):
 
 
 @torch.inference_mode()
-def test_decode_steps_equal_the_prompts_logits(tiny_hf):
-    """Activations are quantized per row, so a token's logits do not depend on the rows beside it: one-token
-    steps through the lean CPU step (one row of x: the decode kernels) give the logits of the whole sequence at
-    once (prefill: the kernels for several rows)."""
+def test_the_lean_decode_step_on_the_dot_kernels_equals_the_reference_block(tiny_hf):
+    """The CPU backend's decode step calls the layers' kernels itself (`_project`): its logits equal the reference
+    block's, which calls the modules, for a batch of one and a ragged batch."""
+    from test_cpu_backend import decode
+
+    from llama3.model.backends import CpuOps, TorchOps
+
     d, _ = tiny_hf("llama3-gqa")
     model = Transformer.from_pretrained(d, device="cpu", kernel="int4-dot")
-    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
-    whole = model(tokens)
-    model.setup_cache(1, 32)
-    model(tokens[:, :4], torch.arange(4), kv_len=4)
-    steps = [model(tokens[:, i : i + 1], torch.tensor([[i]]), kv_len=i + 1) for i in range(4, 12)]
-    torch.testing.assert_close(torch.cat(steps, 1), whole[:, 4:], rtol=0, atol=1e-5 * whole.abs().max().item())
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    for prompt_lens in ([5], [3, 9]):
+        model.set_ops(TorchOps)
+        expected = decode(model, tokens[: len(prompt_lens)], prompt_lens, 6)
+        model.set_ops(CpuOps)
+        got = decode(model, tokens[: len(prompt_lens)], prompt_lens, 6)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("code", CODES)
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(code, mode):
+    """Activations are quantized per row (per block of 32 of it), so a row's result is the same alone as in a
+    batch of 9 (prefill's kernel for several rows; decode's for one), up to the order of float32 sums."""
+    gen = torch.Generator().manual_seed(5)
+    layer = DotLinear(gguf_like(quantize(torch.randn(40, 128, generator=gen), mode)), code)
+    x = torch.randn(9, 128, generator=gen) * torch.logspace(-2, 2, 9)[:, None]  # rows of very different sizes
+    together = layer(x)
+    for i in range(9):
+        alone = layer(x[i : i + 1])[0]
+        torch.testing.assert_close(together[i], alone, rtol=0, atol=2e-6 * alone.abs().max().item())
 
 
 def test_bad_input_is_refused_by_name():

@@ -12,8 +12,9 @@ are simply not a candidate.
 The math (dot.c, and `reference` below, the same formulas in PyTorch):
 - every row of x is quantized per block of 32 inputs: d = max|x| / 127, a = round(x * (1 / d)), like llama.cpp's
   Q8_0 activations;
-- int4 weights, w = (q - 8) * s + z per block of 32 (a GGUF file's own Q4_0 / Q4_1 codes; larger groups repeat
-  their scale and zero per block): y = sum over blocks of s * d * (sum q * a - 8 * sum a) + z * sum x;
+- int4 weights, w = q * s + m per block of 32 with s and m in float16, as GGUF's Q4_1 stores them (a GGUF file's
+  own Q4_0 / Q4_1 codes, exactly; larger groups repeat their scale per block; `QuantizedWeight`'s (q - 8) s + z
+  is the same with m = z - 8 s): y = sum over blocks of s * d * (sum q * a) + m * sum x;
 - int8 weights, w = q * scale per row: y = scale * sum over blocks of d * sum q * a.
 The integer sums are exact; the result differs from the float32 product by the activations' 8-bit rounding,
 as llama.cpp's does (perplexity: docs/quantization.md).
@@ -107,35 +108,48 @@ def available() -> bool:
     return True
 
 
-BLOCK_BYTES = 24  # an int4 block as dot.c reads it (`q4_block`): scale and zero (float32), 16 bytes of codes
+BLOCK_BYTES = 20  # an int4 block as dot.c reads it (`q4_block`, GGUF's Q4_1): scale, min (float16), 16 bytes of codes
 
 
-def to_blocks(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
-    """int4 codes (N, K) in 0..15 with a float32 scale and zero per block of 32 (N, K / 32), as dot.c reads them:
-    (N, K / 32 * 24) bytes, each block its scale, its zero, then its codes, byte j holding element j in its low
+def to_blocks(codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """int4 codes (N, K) in 0..15 with a float16 scale and min per block of 32 (N, K / 32), as dot.c reads them:
+    (N, K / 32 * 20) bytes, each block its scale, its min, then its codes, byte j holding element j in its low
     nibble and element j + 16 in its high one (GGUF's order)."""
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n, k // BLOCK, BLOCK)
     packed = c[..., :16] | (c[..., 16:] << 4)
-    floats = [t.float().contiguous().view(torch.uint8).view(n, k // BLOCK, 4) for t in (scales, zeros)]
-    return torch.cat([*floats, packed], dim=-1).reshape(n, -1).contiguous()
+    halves = [t.to(torch.float16).contiguous().view(torch.uint8).view(n, k // BLOCK, 2) for t in (scales, mins)]
+    return torch.cat([*halves, packed], dim=-1).reshape(n, -1).contiguous()
 
 
 def from_blocks(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(codes (N, K), scales, zeros (N, K / 32)): the inverse of `to_blocks`."""
+    """(codes (N, K), scales, mins (N, K / 32), float32): the inverse of `to_blocks`."""
     n = blocks.shape[0]
     b = blocks.view(n, -1, BLOCK_BYTES)
-    scales, zeros = (b[..., i : i + 4].contiguous().view(torch.float32).view(n, -1) for i in (0, 4))
-    packed = b[..., 8:]
+    scales, mins = (b[..., i : i + 2].contiguous().view(torch.float16).view(n, -1).float() for i in (0, 2))
+    packed = b[..., 4:]
     codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(n, -1)
-    return codes, scales, zeros
+    return codes, scales, mins
+
+
+def half_scales(q: QuantizedWeight, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """A 4-bit weight's (scale, min) per block of 32 in float16, w = q * s + m: exact for GGUF's Q4_0 and Q4_1
+    blocks, whose scales are float16 (the zero z = m + 8 s is computed in float64 back to m); other scales are
+    rounded to float16 (2^-11 of the scale, a 2^-8 of a 4-bit step for the min). Refused past float16's range."""
+    repeat = q.group_size // BLOCK
+    s = q.scales.double().repeat_interleave(repeat, dim=1)
+    m = q.zeros.double().repeat_interleave(repeat, dim=1) - 8 * s
+    halves = s.to(torch.float16), m.to(torch.float16)
+    if not all(torch.isfinite(t).all() for t in halves):
+        raise QuantizeError(f"{name}: a scale or minimum of its 4-bit blocks is beyond float16's range (65504)")
+    return halves
 
 
 class DotLinear(nn.Module):
     """x @ W.T for a quantized W (int4 per group, or int8 per row) through dot.c: float32 in, float32 out.
 
-    Its buffers, plain tensors: int4 `blocks` (N, K / 32 * 24) bytes (`to_blocks`; a group larger than 32 has its
-    scale and zero repeated per block of 32); int8 `codes` (N, K) int8 and `scales` (N,) float32. `code` is which
+    Its buffers, plain tensors: int4 `blocks` (N, K / 32 * 20) bytes (`to_blocks`, `half_scales`: a group larger
+    than 32 has its scale repeated per block of 32); int8 `codes` (N, K) int8 and `scales` (N,) float32. `code` is which
     build of dot.c runs it ("avx2" or "generic")."""
 
     kernel = "dot"
@@ -151,9 +165,7 @@ class DotLinear(nn.Module):
             )
         library(self.code)  # built (or its error raised) before the codes are laid out
         if q.mode == "int4":
-            repeat = q.group_size // BLOCK
-            scales, zeros = (t.float().repeat_interleave(repeat, dim=1) for t in (q.scales, q.zeros))
-            self.register_buffer("blocks", to_blocks(q.codes, scales, zeros))
+            self.register_buffer("blocks", to_blocks(q.codes, *half_scales(q)))
         else:
             self.register_buffer("codes", q.codes.contiguous())
             self.register_buffer("scales", q.scales.float().contiguous())
@@ -189,13 +201,18 @@ class DotLinear(nn.Module):
         return self(x.float()).to(x.dtype)
 
     def weight_codes(self) -> QuantizedWeight:
-        """The codes and scales this layer holds (int4: per block of 32)."""
+        """The codes and scales this layer holds (int4: per block of 32, the zero m + 8 s rounded to float32)."""
         if self.mode == "int4":
-            return QuantizedWeight("int4", *from_blocks(self.blocks), BLOCK)
+            codes, scales, mins = from_blocks(self.blocks)
+            return QuantizedWeight("int4", codes, scales, mins + 8 * scales, BLOCK)
         return QuantizedWeight("int8", self.codes, self.scales)
 
     def dequantize(self) -> Tensor:
-        """The float32 weight the codes stand for."""
+        """The float32 weight the codes stand for: q * s + m (int4), q * scale (int8)."""
+        if self.mode == "int4":
+            codes, scales, mins = from_blocks(self.blocks)
+            blocks = codes.view(codes.shape[0], -1, BLOCK).float() * scales[..., None] + mins[..., None]
+            return blocks.reshape(codes.shape)
         return self.weight_codes().dequantize()
 
     def extra_repr(self) -> str:
@@ -218,9 +235,10 @@ def reference(x: Tensor, q: QuantizedWeight) -> Tensor:
     if q.mode == "int4":
         repeat = q.group_size // BLOCK
         s, z = (t.double().repeat_interleave(repeat, dim=1) for t in (q.scales, q.zeros))  # (N, G)
+        m = z - 8 * s  # w = (q - 8) s + z = q s + m: the constant part meets the exact sum of x
         codes = q.codes.double().view(q.shape[0], -1, BLOCK)  # (N, G, 32)
-        dots = torch.einsum("mgj,ngj->mng", a, codes) - 8 * a.sum(-1)[:, None, :]
-        return (s[None] * d[:, None, :] * dots + z[None] * sums[:, None, :]).sum(-1)
+        dots = torch.einsum("mgj,ngj->mng", a, codes)
+        return (s[None] * d[:, None, :] * dots + m[None] * sums[:, None, :]).sum(-1)
     codes = q.codes.double().view(q.shape[0], -1, BLOCK)
     dots = torch.einsum("mgj,ngj->mng", a, codes)
     return q.scales.double()[None] * (d[:, None, :] * dots).sum(-1)
