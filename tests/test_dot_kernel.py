@@ -206,7 +206,7 @@ def test_bad_input_is_refused_by_name():
     layer = DotLinear(quantize(torch.randn(8, 64), "int4"))
     with pytest.raises(QuantizeError, match="an input of 32 features for a layer of 64"):
         layer(torch.randn(1, 32))
-    with pytest.raises(QuantizeError, match="in blocks of 32; this weight has 48"):
+    with pytest.raises(QuantizeError, match="in blocks of 32, at most 65536; this weight has 48"):
         DotLinear(quantize(torch.randn(8, 48), "int8"))
     with pytest.raises(QuantizeError, match="take float32 activations, got torch.bfloat16"):
         Transformer.from_pretrained("does-not-matter", device="cpu", kernel="int4-dot", dtype=torch.bfloat16)

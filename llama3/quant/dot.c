@@ -12,9 +12,10 @@
        w = (q - 8) * s + z,   sum_k w[k] * x[k] ~ sum_blocks  s * d * (sum q * a - 8 * sum a) + z * (sum x):
    the exact sum of x meets the block's common part z, and only the centred (q - 8) s meets the 8-bit rounding
    of the activations (the other way round, q * s with m, cost SmolLM2 0.73% of perplexity on Hamlet where this
-   costs 0.25%). A block is 20 bytes, as GGUF's Q4_1 block, read in one stream: s and m (float16), then 16
-   bytes of codes, byte j holding element j in its low nibble and element j + 16 in its high one. Pairs of
-   uint8 x int8 products are at most 2 * 15 * 127 = 3810 in int16.
+   costs 0.25%). A weight row is read in one stream: its G = K / 32 blocks of codes (16 bytes each, byte j
+   holding element j in its low nibble and element j + 16 in its high one, as GGUF's blocks), then its G scales,
+   then its G minimums (float16, as GGUF's Q4_1 stores them): 20 bytes a block, and the scales of 8 blocks
+   convert in one instruction. Pairs of uint8 x int8 products are at most 2 * 15 * 127 = 3810 in int16.
 
    int8 weights (`dot_q8`): codes q in -128..127 and one scale per row: w = q * scale.
    The int16 pair of |q| (uint8) times a * sign(q) (int8) is at most 2 * 128 * 127 = 32512 < 2^15.
@@ -38,13 +39,12 @@
 #endif
 
 #define BLOCK 32
-#define ROWS 4 /* rows of x multiplied per pass over a weight row (prefill): four accumulators in flight */
+#define MAX_BLOCKS 2048 /* K up to 65536: a row's scales times the activations' live on the stack */
+#define ROWS 4          /* rows of x multiplied per pass over a weight row (prefill): four accumulators in flight */
 #define INLINE static inline __attribute__((always_inline))
 
-typedef struct {
-    uint16_t scale, min; /* float16 */
-    uint8_t q[BLOCK / 2];
-} q4_block;
+const char *dot_isa(void) { return DOT_AVX2 ? "avx2" : "generic"; }
+int64_t dot_max_inputs(void) { return (int64_t)MAX_BLOCKS * BLOCK; }
 
 /* float16 bits to float32 (IEEE binary16: subnormals, infinities and NaN included) */
 static inline float half_to_float(uint16_t h) {
@@ -67,9 +67,6 @@ static inline float half_to_float(uint16_t h) {
     return out.f;
 #endif
 }
-
-const char *dot_isa(void) { return DOT_AVX2 ? "avx2" : "generic"; }
-int64_t dot_q4_block_bytes(void) { return (int64_t)sizeof(q4_block); }
 
 /* One row's activations, per block: the codes a, the scale d, the exact sum of x (sums) and -8 * d * sum(a)
    (shift: the (q - 8) of int4 codes, applied once per block outside the integer products). */
@@ -117,6 +114,25 @@ static void quantize_row(const float *x, int64_t K, int8_t *a, float *d, float *
     }
 }
 
+/* Activations of M rows, quantized: what the products read. */
+typedef struct {
+    int8_t *a;
+    float *d, *sums, *shift;
+    int64_t K, G;
+} activations;
+
+/* An int4 weight row: G blocks of 16 bytes of codes, then G float16 scales, then G float16 minimums. */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *scales, *mins;
+} q4_row;
+
+INLINE q4_row q4_row_at(const uint8_t *rows, int64_t n, int64_t G) {
+    const uint8_t *row = rows + n * G * (BLOCK / 2 + 4);
+    const uint16_t *scales = (const uint16_t *)(row + G * (BLOCK / 2));
+    return (q4_row){row, scales, scales + G};
+}
+
 #if DOT_AVX2
 INLINE float hsum(__m256 v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -125,24 +141,25 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(r);
 }
 
-/* The 8 int32 sums of pairs of products of a block of int4 codes and a block of int8 activations. */
-INLINE __m256 q4_dot(const q4_block *b, const __m256i act) {
-    const __m128i packed = _mm_loadu_si128((const __m128i *)b->q);
+/* The 8 int32 sums of pairs of products of a block of int4 codes and a block of int8 activations, as floats. */
+INLINE __m256 q4_dot(const uint8_t *codes, const int8_t *a) {
+    const __m128i packed = _mm_loadu_si128((const __m128i *)codes);
     /* elements 0..15 from the low nibbles, 16..31 from the high ones */
     const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    const __m256i act = _mm256_loadu_si256((const __m256i *)a);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, act), _mm256_set1_epi16(1)));
 }
 
 /* The same for int8 codes: |w| (uint8) times a * sign(w) (int8). */
-INLINE __m256 q8_dot(const int8_t *q, const __m256i act) {
-    const __m256i w = _mm256_loadu_si256((const __m256i *)q);
+INLINE __m256 q8_dot(const int8_t *q, const int8_t *a) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)q), act = _mm256_loadu_si256((const __m256i *)a);
     const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(act, w));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 #else
-INLINE float q4_dot(const q4_block *b, const int8_t *a) {
+INLINE float q4_dot(const uint8_t *codes, const int8_t *a) {
     int dot = 0;
-    for (int j = 0; j < BLOCK / 2; j++) dot += (b->q[j] & 0x0F) * a[j] + (b->q[j] >> 4) * a[j + BLOCK / 2];
+    for (int j = 0; j < BLOCK / 2; j++) dot += (codes[j] & 0x0F) * a[j] + (codes[j] >> 4) * a[j + BLOCK / 2];
     return (float)dot;
 }
 
@@ -153,117 +170,114 @@ INLINE float q8_dot(const int8_t *q, const int8_t *a) {
 }
 #endif
 
-/* Activations of M rows, quantized: what the products read. */
-typedef struct {
-    int8_t *a;
-    float *d, *sums, *shift;
-    int64_t K, G;
-} activations;
+/* One row of x times one int4 weight row (decode). First, for every block, the product of the two scales (sd)
+   and the part outside the integer products (extra: s * shift + z * sums), 8 blocks at a time; then the
+   integer products with two accumulators (even and odd blocks), so that each multiply-add waits on the one two
+   blocks back, not the one before. */
+INLINE float q4_decode(const activations *x, int64_t m, q4_row w) {
+    const int64_t G = x->G;
+    const int8_t *a = x->a + m * x->K;
+    const float *d = x->d + m * G, *sums = x->sums + m * G, *shift = x->shift + m * G;
+    float sd[MAX_BLOCKS], extra = 0.0f;
+    int64_t g = 0;
+#if DOT_AVX2
+    __m256 extra8 = _mm256_setzero_ps();
+    for (; g + 8 <= G; g += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.scales + g)));
+        const __m256 z = _mm256_fmadd_ps(_mm256_set1_ps(8.0f), s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.mins + g))));
+        _mm256_storeu_ps(sd + g, _mm256_mul_ps(s, _mm256_loadu_ps(d + g)));
+        extra8 = _mm256_fmadd_ps(s, _mm256_loadu_ps(shift + g), extra8);
+        extra8 = _mm256_fmadd_ps(z, _mm256_loadu_ps(sums + g), extra8);
+    }
+    extra = hsum(extra8);
+#endif
+    for (; g < G; g++) {
+        const float s = half_to_float(w.scales[g]);
+        sd[g] = s * d[g];
+        extra += s * shift[g] + (half_to_float(w.mins[g]) + 8.0f * s) * sums[g];
+    }
+#if DOT_AVX2
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (g = 0; g + 1 < G; g += 2) {
+        even = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + g), q4_dot(w.codes + g * 16, a + g * BLOCK), even);
+        odd = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + g + 1), q4_dot(w.codes + g * 16 + 16, a + g * BLOCK + BLOCK), odd);
+    }
+    if (g < G) even = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + g), q4_dot(w.codes + g * 16, a + g * BLOCK), even);
+    return hsum(_mm256_add_ps(even, odd)) + extra;
+#else
+    float dot = 0.0f;
+    for (g = 0; g < G; g++) dot += sd[g] * q4_dot(w.codes + g * 16, a + g * BLOCK);
+    return dot + extra;
+#endif
+}
 
-/* y[m, n] for `rows` rows of x from m and `cols` weight rows from n: rows * cols accumulators in flight
-   (rows = 1 for decode, cols = 1 for prefill). */
-INLINE void q4_tile(const activations *x, int64_t m, const int rows, const q4_block *blocks, int64_t n,
-                    const int cols, int64_t N, float *y) {
+/* `rows` rows of x from m times one int4 weight row (prefill): the row's codes unpacked once for all of them. */
+INLINE void q4_rows(const activations *x, int64_t m, const int rows, q4_row w, float *y, int64_t N) {
     const int64_t G = x->G;
     float extra[ROWS] = {0.0f};
 #if DOT_AVX2
     __m256 acc[ROWS];
-    for (int i = 0; i < rows * cols; i++) acc[i] = _mm256_setzero_ps();
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
 #else
     float acc[ROWS] = {0.0f};
 #endif
     for (int64_t g = 0; g < G; g++) {
+        const float s = half_to_float(w.scales[g]), z = half_to_float(w.mins[g]) + 8.0f * s;
         for (int r = 0; r < rows; r++) {
             const int64_t mb = (m + r) * G + g;
+            const int8_t *a = x->a + (m + r) * x->K + g * BLOCK;
 #if DOT_AVX2
-            const __m256i act = _mm256_loadu_si256((const __m256i *)(x->a + mb * BLOCK));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s * x->d[mb]), q4_dot(w.codes + g * 16, a), acc[r]);
 #else
-            const int8_t *act = x->a + mb * BLOCK;
+            acc[r] += s * x->d[mb] * q4_dot(w.codes + g * 16, a);
 #endif
-            for (int c = 0; c < cols; c++) {
-                const q4_block *b = blocks + (n + c) * G + g;
-                const int i = r * cols + c;
-                const float scale = half_to_float(b->scale);
-#if DOT_AVX2
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale * x->d[mb]), q4_dot(b, act), acc[i]);
-#else
-                acc[i] += scale * x->d[mb] * q4_dot(b, act);
-#endif
-                extra[i] += scale * x->shift[mb] + (half_to_float(b->min) + 8.0f * scale) * x->sums[mb];
-            }
+            extra[r] += s * x->shift[mb] + z * x->sums[mb];
         }
     }
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) {
+    for (int r = 0; r < rows; r++) {
 #if DOT_AVX2
-            const float dot = hsum(acc[r * cols + c]);
+        y[(m + r) * N] = hsum(acc[r]) + extra[r];
 #else
-            const float dot = acc[r * cols + c];
+        y[(m + r) * N] = acc[r] + extra[r];
 #endif
-            y[(m + r) * N + n + c] = dot + extra[r * cols + c];
-        }
+    }
 }
 
-INLINE void q8_tile(const activations *x, int64_t m, const int rows, const int8_t *codes, const float *scales,
-                    int64_t n, const int cols, int64_t N, float *y) {
-    const int64_t G = x->G, K = x->K;
+/* `rows` rows of x from m times one int8 weight row; with one row, two accumulators (as q4_decode). */
+INLINE void q8_rows(const activations *x, int64_t m, const int rows, const int8_t *q, float scale, float *y,
+                    int64_t N) {
+    const int64_t G = x->G;
 #if DOT_AVX2
-    __m256 acc[ROWS];
-    for (int i = 0; i < rows * cols; i++) acc[i] = _mm256_setzero_ps();
+    __m256 acc[ROWS + 1];
+    for (int r = 0; r <= rows; r++) acc[r] = _mm256_setzero_ps();
+    if (rows == 1) {
+        const int8_t *a = x->a + m * x->K;
+        const float *d = x->d + m * G;
+        int64_t g = 0;
+        for (; g + 1 < G; g += 2) {
+            acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + g), q8_dot(q + g * BLOCK, a + g * BLOCK), acc[0]);
+            acc[1] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + g + 1), q8_dot(q + g * BLOCK + BLOCK, a + g * BLOCK + BLOCK), acc[1]);
+        }
+        if (g < G) acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + g), q8_dot(q + g * BLOCK, a + g * BLOCK), acc[0]);
+        y[m * N] = scale * hsum(_mm256_add_ps(acc[0], acc[1]));
+        return;
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int r = 0; r < rows; r++) {
+            const int64_t mb = (m + r) * G + g;
+            acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x->d + mb), q8_dot(q + g * BLOCK, x->a + mb * BLOCK), acc[r]);
+        }
+    for (int r = 0; r < rows; r++) y[(m + r) * N] = scale * hsum(acc[r]);
 #else
     float acc[ROWS] = {0.0f};
-#endif
-    for (int64_t g = 0; g < G; g++) {
+    for (int64_t g = 0; g < G; g++)
         for (int r = 0; r < rows; r++) {
             const int64_t mb = (m + r) * G + g;
-#if DOT_AVX2
-            const __m256i act = _mm256_loadu_si256((const __m256i *)(x->a + mb * BLOCK));
-            const __m256 d = _mm256_set1_ps(x->d[mb]);
-            for (int c = 0; c < cols; c++)
-                acc[r * cols + c] = _mm256_fmadd_ps(d, q8_dot(codes + (n + c) * K + g * BLOCK, act), acc[r * cols + c]);
-#else
-            const int8_t *act = x->a + mb * BLOCK;
-            for (int c = 0; c < cols; c++) acc[r * cols + c] += x->d[mb] * q8_dot(codes + (n + c) * K + g * BLOCK, act);
-#endif
+            acc[r] += x->d[mb] * q8_dot(q + g * BLOCK, x->a + mb * BLOCK);
         }
-    }
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) {
-#if DOT_AVX2
-            const float dot = hsum(acc[r * cols + c]);
-#else
-            const float dot = acc[r * cols + c];
+    for (int r = 0; r < rows; r++) y[(m + r) * N] = scale * acc[r];
 #endif
-            y[(m + r) * N + n + c] = scales[n + c] * dot;
-        }
 }
-
-#if DOT_AVX2
-/* Decode: one row of x, one weight row, read in a single stream; two accumulators (even and odd blocks) so that
-   each multiply-add waits on the one two blocks back, not the one before. */
-INLINE float q4_decode(const int8_t *a, const float *d, const float *sums, const float *shift, const q4_block *b,
-                       int64_t G) {
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    float extra = 0.0f;
-    int64_t g = 0;
-    for (; g + 1 < G; g += 2) {
-        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + g * BLOCK));
-        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(a + (g + 1) * BLOCK));
-        const float s0 = half_to_float(b[g].scale), s1 = half_to_float(b[g + 1].scale);
-        even = _mm256_fmadd_ps(_mm256_set1_ps(s0 * d[g]), q4_dot(b + g, a0), even);
-        odd = _mm256_fmadd_ps(_mm256_set1_ps(s1 * d[g + 1]), q4_dot(b + g + 1, a1), odd);
-        extra += s0 * shift[g] + (half_to_float(b[g].min) + 8.0f * s0) * sums[g];
-        extra += s1 * shift[g + 1] + (half_to_float(b[g + 1].min) + 8.0f * s1) * sums[g + 1];
-    }
-    for (; g < G; g++) {
-        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + g * BLOCK));
-        const float s0 = half_to_float(b[g].scale);
-        even = _mm256_fmadd_ps(_mm256_set1_ps(s0 * d[g]), q4_dot(b + g, a0), even);
-        extra += s0 * shift[g] + (half_to_float(b[g].min) + 8.0f * s0) * sums[g];
-    }
-    return hsum(_mm256_add_ps(even, odd)) + extra;
-}
-#endif
 
 /* Quantizes the M rows of x into freshly allocated activations; 0, or -1 if out of memory. */
 static int quantize(const float *x, int64_t M, int64_t K, int threads, activations *act) {
@@ -272,30 +286,26 @@ static int quantize(const float *x, int64_t M, int64_t K, int threads, activatio
     if (!mem) return -1;
     *act = (activations){(int8_t *)(mem + 3 * M * G), mem, mem + M * G, mem + 2 * M * G, K, G};
 #pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, act->a + m * K, act->d + m * G, act->sums + m * G, act->shift + m * G);
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, act->a + m * K, act->d + m * G, act->sums + m * G, act->shift + m * G);
     return 0;
 }
 
-/* y (M, N) = x (M, K) @ W.T for int4 W: N rows of K / 32 `q4_block`s. K must be a multiple of 32.
-   Returns 0, or -1 if out of memory. */
-int dot_q4(const float *x, int64_t M, int64_t K, const q4_block *blocks, int64_t N, float *y, int threads) {
+/* y (M, N) = x (M, K) @ W.T for int4 W: N rows as `q4_row_at` reads them (K / 32 * 20 bytes each). K must be a
+   multiple of 32 and at most dot_max_inputs(). Returns 0, or -1 if out of memory. */
+int dot_q4(const float *x, int64_t M, int64_t K, const uint8_t *rows, int64_t N, float *y, int threads) {
     activations act;
     if (quantize(x, M, K, threads, &act)) return -1;
-    if (M == 1) {
+    const int64_t tiled = M / ROWS * ROWS;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++)
-#if DOT_AVX2
-            y[n] = q4_decode(act.a, act.d, act.sums, act.shift, blocks + n * act.G, act.G);
-#else
-            q4_tile(&act, 0, 1, blocks, n, 1, N, y);
-#endif
-    } else {
-        const int64_t tiled = M / ROWS * ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t m = 0; m < tiled; m += ROWS) q4_tile(&act, m, ROWS, blocks, n, 1, N, y);
-            for (int64_t m = tiled; m < M; m++) q4_tile(&act, m, 1, blocks, n, 1, N, y);
+    for (int64_t n = 0; n < N; n++) {
+        const q4_row w = q4_row_at(rows, n, act.G);
+        if (M == 1) {
+            y[n] = q4_decode(&act, 0, w);
+            continue;
         }
+        for (int64_t m = 0; m < tiled; m += ROWS) q4_rows(&act, m, ROWS, w, y + n, N);
+        for (int64_t m = tiled; m < M; m++) q4_rows(&act, m, 1, w, y + n, N);
     }
     free(act.d);
     return 0;
@@ -307,16 +317,11 @@ int dot_q8(const float *x, int64_t M, int64_t K, const int8_t *codes, const floa
            int threads) {
     activations act;
     if (quantize(x, M, K, threads, &act)) return -1;
-    if (M == 1) {
+    const int64_t tiled = M / ROWS * ROWS;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) q8_tile(&act, 0, 1, codes, scales, n, 1, N, y);
-    } else {
-        const int64_t tiled = M / ROWS * ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t m = 0; m < tiled; m += ROWS) q8_tile(&act, m, ROWS, codes, scales, n, 1, N, y);
-            for (int64_t m = tiled; m < M; m++) q8_tile(&act, m, 1, codes, scales, n, 1, N, y);
-        }
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < tiled; m += ROWS) q8_rows(&act, m, ROWS, codes + n * K, scales[n], y + n, N);
+        for (int64_t m = tiled; m < M; m++) q8_rows(&act, m, 1, codes + n * K, scales[n], y + n, N);
     }
     free(act.d);
     return 0;

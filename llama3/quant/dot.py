@@ -109,26 +109,26 @@ def available() -> bool:
     return True
 
 
-BLOCK_BYTES = 20  # an int4 block as dot.c reads it (`q4_block`, GGUF's Q4_1): scale, min (float16), 16 bytes of codes
+MAX_INPUTS = 65536  # dot.c's MAX_BLOCKS * BLOCK: a row's per-block scales live on the stack
 
 
-def to_blocks(codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+def to_rows(codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
     """int4 codes (N, K) in 0..15 with a float16 scale and min per block of 32 (N, K / 32), as dot.c reads them:
-    (N, K / 32 * 20) bytes, each block its scale, its min, then its codes, byte j holding element j in its low
-    nibble and element j + 16 in its high one (GGUF's order)."""
+    (N, K / 32 * 20) bytes, each row its codes (16 bytes a block, byte j holding element j in its low nibble and
+    element j + 16 in its high one, GGUF's order), then its scales, then its minimums."""
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n, k // BLOCK, BLOCK)
-    packed = c[..., :16] | (c[..., 16:] << 4)
-    halves = [t.to(torch.float16).contiguous().view(torch.uint8).view(n, k // BLOCK, 2) for t in (scales, mins)]
-    return torch.cat([*halves, packed], dim=-1).reshape(n, -1).contiguous()
+    packed = (c[..., :16] | (c[..., 16:] << 4)).reshape(n, -1)
+    halves = [t.to(torch.float16).contiguous().view(torch.uint8).view(n, -1) for t in (scales, mins)]
+    return torch.cat([packed, *halves], dim=-1).contiguous()
 
 
-def from_blocks(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(codes (N, K), scales, mins (N, K / 32), float32): the inverse of `to_blocks`."""
-    n = blocks.shape[0]
-    b = blocks.view(n, -1, BLOCK_BYTES)
-    scales, mins = (b[..., i : i + 2].contiguous().view(torch.float16).view(n, -1).float() for i in (0, 2))
-    packed = b[..., 4:]
+def from_rows(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes (N, K), scales, mins (N, K / 32), float32): the inverse of `to_rows`."""
+    n, groups = rows.shape[0], rows.shape[1] // 20
+    packed, scales, mins = rows.split([16 * groups, 2 * groups, 2 * groups], dim=1)
+    scales, mins = (t.contiguous().view(torch.float16).float() for t in (scales, mins))
+    packed = packed.reshape(n, groups, 16)
     codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(n, -1)
     return codes, scales, mins
 
@@ -149,7 +149,7 @@ def half_scales(q: QuantizedWeight, name: str = "weight") -> tuple[Tensor, Tenso
 class DotLinear(nn.Module):
     """x @ W.T for a quantized W (int4 per group, or int8 per row) through dot.c: float32 in, float32 out.
 
-    Its buffers, plain tensors: int4 `blocks` (N, K / 32 * 20) bytes (`to_blocks`, `half_scales`: a group larger
+    Its buffers, plain tensors: int4 `rows` (N, K / 32 * 20) bytes (`to_rows`, `half_scales`: a group larger
     than 32 has its scale repeated per block of 32); int8 `codes` (N, K) int8 and `scales` (N,) float32. `code` is which
     build of dot.c runs it ("avx2" or "generic")."""
 
@@ -160,13 +160,14 @@ class DotLinear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.mode = q.mode
         self.code = code or default_isa()
-        if self.in_features % BLOCK:
+        if self.in_features % BLOCK or self.in_features > MAX_INPUTS:
             raise QuantizeError(
-                f"the dot-product kernels take inputs in blocks of {BLOCK}; this weight has {self.in_features}"
+                f"the dot-product kernels take inputs in blocks of {BLOCK}, at most {MAX_INPUTS}; this weight has "
+                f"{self.in_features}"
             )
         library(self.code)  # built (or its error raised) before the codes are laid out
         if q.mode == "int4":
-            self.register_buffer("blocks", to_blocks(q.codes, *half_scales(q)))
+            self.register_buffer("rows", to_rows(q.codes, *half_scales(q)))
         else:
             self.register_buffer("codes", q.codes.contiguous())
             self.register_buffer("scales", q.scales.float().contiguous())
@@ -182,7 +183,7 @@ class DotLinear(nn.Module):
         y = torch.empty(rows, self.out_features)
         buffers, lib, threads = self._buffers, library(self.code), torch.get_num_threads()
         if self.mode == "int4":
-            weight = (buffers["blocks"].data_ptr(),)
+            weight = (buffers["rows"].data_ptr(),)
             status = lib.dot_q4(x.data_ptr(), rows, self.in_features, *weight, self.out_features, y.data_ptr(), threads)
         else:
             weight = (buffers["codes"].data_ptr(), buffers["scales"].data_ptr())
@@ -204,14 +205,14 @@ class DotLinear(nn.Module):
     def weight_codes(self) -> QuantizedWeight:
         """The codes and scales this layer holds (int4: per block of 32, the zero m + 8 s rounded to float32)."""
         if self.mode == "int4":
-            codes, scales, mins = from_blocks(self.blocks)
+            codes, scales, mins = from_rows(self.rows)
             return QuantizedWeight("int4", codes, scales, mins + 8 * scales, BLOCK)
         return QuantizedWeight("int8", self.codes, self.scales)
 
     def dequantize(self) -> Tensor:
         """The float32 weight the codes stand for: q * s + m (int4), q * scale (int8)."""
         if self.mode == "int4":
-            codes, scales, mins = from_blocks(self.blocks)
+            codes, scales, mins = from_rows(self.rows)
             blocks = codes.view(codes.shape[0], -1, BLOCK).float() * scales[..., None] + mins[..., None]
             return blocks.reshape(codes.shape)
         return self.weight_codes().dequantize()
