@@ -558,7 +558,7 @@ def test_default_model_is_the_embedded_smollm2():
     assert "Paris" in r.stdout
     # -v: the kernel plan measured for this machine (llama3.quant.choice), and why
     assert re.search(
-        r"llama3: kernel (int4|int4-fbgemm|int8): .* \(per call, 1 row: int4 projection [\d.]+ us", r.stderr
+        r"llama3: kernel (int4|int4-fbgemm|int8|int4-dot): .* \(per call, 1 row: int4 projection [\d.]+ us", r.stderr
     )
     assert "; CPU " in r.stderr and "ATen dispatch" in r.stderr
 
