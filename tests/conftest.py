@@ -80,6 +80,13 @@ CHAT_DIALOGS = [
 ]
 
 
+# llama3's C dot-product kernels (llama3/quant/dot.c) are built by the machine's C compiler: without one they are
+# no candidate, and the tests that run them are skipped, saying so
+needs_cc = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC") or "cc") is None, reason="the dot-product kernels need a C compiler (cc)"
+)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules of tiny models (a few ms of small ops a step): with the 2 CI cores shared, a second OpenMP

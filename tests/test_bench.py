@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import run_main
+from conftest import needs_cc, run_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,6 +139,7 @@ def test_an_unknown_random_preset_is_named_as_typed(monkeypatch, capsys):
     assert err.strip().startswith("llama3: error: --model random:nope: unknown model name 'nope'; known: ")
 
 
+@needs_cc
 def test_bench_times_kernel_plans_side_by_side(tiny_llama3, tmp_path, monkeypatch, capsys):
     """--kernel a,b: one row set per CPU kernel plan, each model loaded with that plan's layers."""
     d, _ = tiny_llama3

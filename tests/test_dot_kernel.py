@@ -4,22 +4,19 @@ from the integer sums), against the rounding rule they claim, and in a model; ho
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 
 import pytest
 import torch
+from conftest import needs_cc
 
 from llama3 import Transformer
 from llama3.quant import choice, dot
 from llama3.quant.dot import DotKernelError, DotLinear, quantize_activations, reference
 from llama3.quant.weight_only import QuantizedWeight, QuantizeError, quantize
 
-pytestmark = [
-    pytest.mark.usefixtures("one_torch_thread"),
-    pytest.mark.skipif(shutil.which("cc") is None, reason="the dot-product kernels need a C compiler (cc)"),
-]
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), needs_cc]
 
 # the builds a machine can run: the plain C one everywhere, the AVX2 one where the CPU has AVX2 and FMA
 CODES = ["generic"] + (["avx2"] if dot.default_isa() == "avx2" else [])

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, needs_cc
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 from test_gguf import gguf_name, permute_like_llama_cpp, tiny_llama, write_llama_gguf
@@ -70,7 +70,7 @@ def assert_same_model(got: Transformer, want: Transformer) -> None:
         assert torch.equal(got(TOKENS), want(TOKENS))
 
 
-@pytest.mark.parametrize("kernel", ["int4-fbgemm", "int8", "int4-dot"])  # Int4 + DynInt8; Int8; DotLinear
+@pytest.mark.parametrize("kernel", ["int4-fbgemm", "int8", pytest.param("int4-dot", marks=needs_cc)])
 def test_a_warm_load_gives_the_fresh_model_bit_for_bit(tmp_path, cache_dir, monkeypatch, kernel):
     path = write_q4_gguf(tmp_path / "tiny.gguf")
     want = fresh(path, kernel, monkeypatch)
