@@ -77,7 +77,8 @@ class KernelChoice:
 
 
 def plan_settings(plan: str) -> tuple[str, str]:
-    """(quantize, the kernel of its int8 layers) for a plan name (`KERNELS`)."""
+    """(quantize, the kernel of its quantized layers on the CPU: "torch", "fbgemm" for int8 ones, "dot" for all) for
+    a plan name (`KERNELS`)."""
     settings = {"int4": ("int4", "torch"), "int4-fbgemm": ("int4", "fbgemm"), "int8": ("int8", "torch"),
                 "int4-dot": ("int4", "dot"), "fbgemm": ("int8", "fbgemm")}  # fmt: skip
     if plan not in settings:
