@@ -312,10 +312,11 @@ def load(args: argparse.Namespace):
 def weights_note(model) -> str:
     """ ", int4 weights" when the projections are quantized (asked for, or as the checkpoint stores them)."""
     w2 = model.layers[0].feed_forward.w2
-    kind = type(getattr(w2, "base", w2)).__name__  # under a LoRA adapter (--adapter), its frozen base
+    w2 = getattr(w2, "base", w2)  # under a LoRA adapter (--adapter), its frozen base
+    kind = type(w2).__name__
     note = {"Int8Linear": ", int8 weights", "Int4Linear": ", int4 weights", "DynInt8Linear": ", int8 weights"}
     if kind == "DotLinear":
-        note[kind] = f", {getattr(w2, 'base', w2).mode} weights"
+        note[kind] = f", {w2.mode} weights"
     choice = getattr(model, "kernel_choice", None)
     return note.get(kind, "") + (f", kernel {choice.plan}" if choice else "")
 

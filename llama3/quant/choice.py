@@ -203,8 +203,8 @@ def _measure() -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     body, out = (torch.randn(shape, generator=gen) for shape in (BODY_SHAPE, OUTPUT_SHAPE))
     x_body, x_out = torch.randn(1, body.shape[1], generator=gen), torch.randn(1, out.shape[1], generator=gen)
-    q8_out = quantize(out, "int8")
-    int4 = Int4Linear(quantize(body, "int4"), torch.bfloat16)
+    q8_out, q4_body = quantize(out, "int8"), quantize(body, "int4")
+    int4 = Int4Linear(q4_body, torch.bfloat16)
     int8_body, int8_out = Int8Linear(quantize(body, "int8"), torch.bfloat16), Int8Linear(q8_out, torch.bfloat16)
     x_body16, x_out16 = x_body.bfloat16(), x_out.bfloat16()
     times = {}
@@ -216,7 +216,7 @@ def _measure() -> dict[str, float]:
             fbgemm = DynInt8Linear(q8_out)
             times["fbgemm output"] = _time_us(lambda: fbgemm(x_out))
         if dot.available():  # a C compiler is here
-            dot_body, dot_out = dot.DotLinear(quantize(body, "int4")), dot.DotLinear(q8_out)
+            dot_body, dot_out = dot.DotLinear(q4_body), dot.DotLinear(q8_out)
             times["dot projection"] = _time_us(_by_turns(dot_body, x_body), calls=5) / COPIES
             times["dot output"] = _time_us(lambda: dot_out(x_out))
     return times

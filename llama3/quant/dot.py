@@ -2,7 +2,7 @@
 
 PyTorch ships no such CPU kernel: its int4 kernel (`_weight_int4pack_mm_for_cpu`) converts the codes to float
 and multiplies them by bfloat16 activations, which costs 3x as long with its AVX2 code as with its AVX-512 code
-(96 against 34 us for a 3072x576 call on a Xeon, 2 threads: docs/quantization.md), and fbgemm's int8 kernel has
+(96 against 34 us for a 3072x576 call on an AMD EPYC, 2 threads: docs/quantization.md), and fbgemm's int8 kernel has
 no 4-bit weights and no per-block scales. So the kernels are written here, in C (dot.c, about 300 lines, with
 the math in its header comment), compiled on first use by the machine's C compiler (`$CC`, else `cc`), kept in
 `~/.cache/llama3/kernels/` and loaded with ctypes. They run in PyTorch's OpenMP thread pool, and the kernel
@@ -41,6 +41,7 @@ from llama3.quant.weight_only import QuantizedWeight, QuantizeError
 
 SOURCE = Path(__file__).with_name("dot.c")
 BLOCK = 32  # inputs per activation scale, and per weight scale of int4 codes
+MAX_INPUTS = 65536  # dot.c's MAX_BLOCKS * BLOCK: a row's per-block scales live on the stack
 FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}  # by the code dot.c compiles to
 
 
@@ -55,8 +56,10 @@ def default_isa() -> str:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llama3" / "kernels"
+    """Beside the kernel choice's cache (`$XDG_CACHE_HOME/llama3/`): `kernels/`."""
+    from llama3.quant.choice import cache_path
+
+    return cache_path().parent / "kernels"
 
 
 @functools.cache
@@ -107,9 +110,6 @@ def available() -> bool:
     except (DotKernelError, OSError):
         return False
     return True
-
-
-MAX_INPUTS = 65536  # dot.c's MAX_BLOCKS * BLOCK: a row's per-block scales live on the stack
 
 
 def to_rows(codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
