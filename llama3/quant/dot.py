@@ -56,10 +56,10 @@ def default_isa() -> str:
 
 
 def cache_dir() -> Path:
-    """Beside the kernel choice's cache (`$XDG_CACHE_HOME/llama3/`): `kernels/`."""
-    from llama3.quant.choice import cache_path
-
-    return cache_path().parent / "kernels"
+    """Beside the kernel choice's cache (`llama3.quant.choice.cache_path`, not imported: choice imports this module
+    to time the kernels): `$XDG_CACHE_HOME/llama3/kernels/`."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llama3" / "kernels"
 
 
 @functools.cache
